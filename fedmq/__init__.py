@@ -1,0 +1,1 @@
+"""fedmq fedmq package."""
