@@ -1,0 +1,112 @@
+"""The aggregator's settings: one frozen dataclass, validated once, recorded in history.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aggregator.strategies import STRATEGIES
+from shared.errors import ConfigError
+from shared.trainer import DEFAULT_TRAINER
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    test_data: str
+    out: str
+    mode: str = "sync"
+    strategy: str | None = None  # default: fedavg for sync, fedbuff for async
+    rounds: int | None = None  # sync: default 20
+    max_updates: int | None = None  # async: default 200 when nothing else stops the run
+    target_accuracy: float | None = None
+    time_limit: float | None = None
+    workers_per_round: int | None = None  # default: every live worker
+    min_workers: int = 1
+    round_timeout: float = 60.0
+    concurrency: int | None = None  # async tasks outstanding; default: live workers
+    buffer_size: int = 3
+    mixing: float = 0.6
+    staleness: str = "polynomial"
+    staleness_a: float | None = None
+    staleness_b: float | None = None
+    max_staleness: int | None = None
+    server_lr: float = 1.0
+    hidden: tuple[int, ...] = (64,)
+    activation: str = "relu"
+    loss: str = "cross-entropy"
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    proximal_mu: float = 0.0
+    seed: int = 0
+    trainer: str = DEFAULT_TRAINER
+    resume: bool = False
+    checkpoint_every: int = 10
+    checkpoint_interval: float = 5.0
+    task_timeout: float = 300.0
+    drain_timeout: float = 10.0
+    max_update_bytes: int | None = None
+    presence_timeout: float = 20.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy or ("fedavg" if self.mode == "sync" else "fedbuff")
+
+    @property
+    def synchronous(self) -> bool:
+        return self.mode == "sync"
+
+    def validate(self) -> AggregatorConfig:
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.strategy_name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy_name!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.synchronous != (self.strategy_name == "fedavg"):
+            raise ConfigError(
+                f"strategy {self.strategy_name} does not run in {self.mode} mode "
+                "(fedavg is synchronous; fedasync and fedbuff are asynchronous)"
+            )
+        positive = {
+            "rounds": self.rounds, "max_updates": self.max_updates, "time_limit": self.time_limit,
+            "workers_per_round": self.workers_per_round, "concurrency": self.concurrency,
+            "buffer_size": self.buffer_size, "epochs": self.epochs, "batch_size": self.batch_size,
+            "lr": self.lr, "min_workers": self.min_workers, "round_timeout": self.round_timeout,
+            "checkpoint_every": self.checkpoint_every, "server_lr": self.server_lr,
+        }
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ConfigError(f"--max-staleness must be >= 0, got {self.max_staleness}")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"--hidden must be positive layer sizes, got {self.hidden}")
+        if self.workers_per_round is not None and self.workers_per_round < self.min_workers:
+            raise ConfigError("--workers-per-round must be at least --min-workers")
+        return self
+
+    @property
+    def effective_rounds(self) -> int | None:
+        if self.rounds is not None:
+            return self.rounds
+        if self.synchronous and not (self.max_updates or self.target_accuracy or self.time_limit):
+            return 20
+        return None
+
+    @property
+    def effective_max_updates(self) -> int | None:
+        if self.max_updates is not None:
+            return self.max_updates
+        if not self.synchronous and not (self.rounds or self.target_accuracy or self.time_limit):
+            return 200
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["hidden"] = list(self.hidden)
+        doc["strategy"] = self.strategy_name
+        return doc

@@ -1,0 +1,119 @@
+"""Crash-safe files: atomic writes (temp file, fsync, rename), the checkpoint and the ledger.
+
+The aggregator acks an update only after the state that contains it is on disk, and that
+state is always one complete file: a reader sees the old checkpoint or the new one, never a
+torn mix. ``updates.jsonl`` is append-only; the checkpoint records its committed length, and
+``--resume`` truncates anything written after it (those updates come back from the queue).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import ConfigError
+
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.npz"
+_META = "__meta__"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write a file by calling ``write(fileobj)`` on a temp file, fsync it, rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    data = json.dumps(doc, indent=2, default=_json_default).encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def save_params(path: Path, params: Mapping[str, np.ndarray]) -> None:
+    """Write parameters as a plain .npz (loadable with allow_pickle=False)."""
+    atomic_write_bytes(path, lambda f: np.savez(f, **params))
+
+
+def save_checkpoint(run_dir: Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    blob = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
+    atomic_write_bytes(
+        run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE,
+        lambda f: np.savez(f, **{_META: blob}, **arrays),
+    )
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    path = run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop(_META).tobytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"checkpoint {path} is unreadable: {exc}") from None
+    return meta, arrays
+
+
+def split_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+class Ledger:
+    """``updates.jsonl``: one line per update message received, with its fate."""
+
+    def __init__(self, path: Path, truncate_to: int | None = None) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_to is not None and path.exists():
+            with open(path, "r+b") as f:
+                f.truncate(truncate_to)
+        elif truncate_to is None and path.exists():
+            path.unlink()
+        self._f: io.BufferedWriter = open(path, "ab")  # noqa: SIM115 (held open for the run)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        self._f.write(json.dumps(entry, default=_json_default).encode() + b"\n")
+
+    def commit(self) -> int:
+        """Flush and fsync; return the committed length in bytes."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._f.tell()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

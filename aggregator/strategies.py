@@ -1,0 +1,197 @@
+"""Aggregation strategies: pure functions of numpy arrays (no pika, no click).
+
+* FedAvg — McMahan et al., "Communication-Efficient Learning of Deep Networks from
+  Decentralized Data", AISTATS 2017: w = Σ n_k w_k / Σ n_k over a round's updates.
+* FedAsync — Xie, Koyejo and Gupta, "Asynchronous Federated Optimization", 2019:
+  α_t = α·s(τ), x ← (1 − α_t)·x + α_t·x_new, with s constant, polynomial (τ+1)^−a or hinge.
+* FedBuff — Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
+  AISTATS 2022: buffer K deltas, x ← x + η·(1/K)·Σ s(τ_i)·Δ_i with s(τ) = 1/√(1+τ).
+
+τ (staleness) is the current model version minus the version an update was trained from.
+Strategies never mutate the arrays they are given; FedBuff keeps its buffer as a running
+weighted sum (one model-sized accumulator, not K copies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.errors import ConfigError
+
+Params = dict[str, np.ndarray]
+Staleness = Callable[[int], float]
+
+
+# ------------------------------------------------------------------ staleness functions
+def constant_staleness() -> Staleness:
+    return lambda tau: 1.0
+
+
+def polynomial_staleness(a: float = 0.5) -> Staleness:
+    return lambda tau: float((tau + 1) ** -a)
+
+
+def hinge_staleness(a: float = 10.0, b: float = 4.0) -> Staleness:
+    return lambda tau: 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
+
+
+def fedbuff_staleness() -> Staleness:
+    return lambda tau: 1.0 / math.sqrt(1.0 + tau)
+
+
+STALENESS_DEFAULT_A = {"constant": None, "polynomial": 0.5, "hinge": 10.0}
+
+
+def make_staleness(name: str, a: float | None = None, b: float | None = None) -> Staleness:
+    """Build a staleness function by name (``constant``, ``polynomial``, ``hinge``)."""
+    if name == "constant":
+        return constant_staleness()
+    if name == "polynomial":
+        return polynomial_staleness(0.5 if a is None else a)
+    if name == "hinge":
+        return hinge_staleness(10.0 if a is None else a, 4.0 if b is None else b)
+    raise ConfigError(f"unknown staleness function {name!r}; choose constant, polynomial or hinge")
+
+
+# ------------------------------------------------------------------ FedAvg
+def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Params:
+    """Σ w_k·p_k / Σ w_k, accumulated in float64 in the given order, returned as float32."""
+    if not updates:
+        raise ValueError("weighted_average needs at least one update")
+    total = float(sum(w for _, w in updates))
+    if total <= 0:
+        raise ValueError("weighted_average needs a positive total weight")
+    names = list(updates[0][0])
+    out: Params = {}
+    for name in names:
+        acc = np.zeros(updates[0][0][name].shape, dtype=np.float64)
+        for params, weight in updates:
+            acc += np.multiply(params[name], weight, dtype=np.float64)
+        out[name] = (acc / total).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Synchronous FedAvg: average a round's full weights by sample count."""
+
+    name: str = field(default="fedavg", init=False)
+    synchronous: bool = field(default=True, init=False)
+    update_kind: str = field(default="weights", init=False)
+
+    def aggregate(self, updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Params:
+        return weighted_average([(p, float(n)) for p, n in updates])
+
+
+# ------------------------------------------------------------------ asynchronous strategies
+@dataclass(frozen=True)
+class Applied:
+    """The outcome of offering one update to an asynchronous strategy."""
+
+    params: Params | None  # the new model, or None when the model did not change yet
+    weight: float  # the weight the update received
+
+
+@dataclass
+class FedAsync:
+    """FedAsync: mix every update into the model as it arrives."""
+
+    mixing: float = 0.6
+    staleness: Staleness = field(default_factory=polynomial_staleness)
+    name: str = field(default="fedasync", init=False)
+    synchronous: bool = field(default=False, init=False)
+    update_kind: str = field(default="weights", init=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mixing <= 1.0:
+            raise ConfigError(f"--mixing must be in (0, 1], got {self.mixing}")
+
+    def apply(self, current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], num_samples: int, tau: int) -> Applied:
+        alpha = self.mixing * self.staleness(tau)
+        new = {k: ((1.0 - alpha) * v + alpha * update[k]).astype(np.float32, copy=False) for k, v in current.items()}
+        return Applied(new, alpha)
+
+    def state(self) -> tuple[dict[str, object], Params]:
+        return {}, {}
+
+    def restore(self, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+        del meta, arrays
+
+
+@dataclass
+class FedBuff:
+    """FedBuff: accumulate staleness-weighted deltas, step the model every K of them."""
+
+    buffer_size: int = 3
+    server_lr: float = 1.0
+    staleness: Staleness = field(default_factory=fedbuff_staleness)
+    name: str = field(default="fedbuff", init=False)
+    synchronous: bool = field(default=False, init=False)
+    update_kind: str = field(default="delta", init=False)
+    count: int = field(default=0, init=False)
+    _acc: Params = field(default_factory=dict, init=False, repr=False)
+    _scratch: Params = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1:
+            raise ConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+        if self.server_lr <= 0:
+            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
+
+    def apply(self, current: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], num_samples: int, tau: int) -> Applied:
+        weight = self.staleness(tau)
+        if not self._acc:
+            self._acc = {k: np.zeros_like(v, dtype=np.float32) for k, v in current.items()}
+            self._scratch = {k: np.empty_like(v, dtype=np.float32) for k, v in current.items()}
+        for name, acc in self._acc.items():
+            scratch = self._scratch[name]
+            np.multiply(delta[name], np.float32(weight), out=scratch)
+            acc += scratch
+        self.count += 1
+        if self.count < self.buffer_size:
+            return Applied(None, weight)
+        step = np.float32(self.server_lr / self.buffer_size)
+        new = {}
+        for name, value in current.items():
+            acc = self._acc[name]
+            acc *= step
+            new[name] = value + acc
+            acc.fill(0.0)
+        self.count = 0
+        return Applied(new, weight)
+
+    def state(self) -> tuple[dict[str, object], Params]:
+        return {"count": self.count}, dict(self._acc) if self.count else {}
+
+    def restore(self, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+        self.count = int(meta.get("count", 0))  # type: ignore[call-overload]
+        if self.count:
+            self._acc = {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
+            self._scratch = {k: np.empty_like(v) for k, v in self._acc.items()}
+
+
+AsyncStrategy = FedAsync | FedBuff
+STRATEGIES = ("fedavg", "fedasync", "fedbuff")
+
+
+def make_strategy(
+    name: str,
+    *,
+    mixing: float = 0.6,
+    staleness: str = "polynomial",
+    staleness_a: float | None = None,
+    staleness_b: float | None = None,
+    buffer_size: int = 3,
+    server_lr: float = 1.0,
+) -> FedAvg | FedAsync | FedBuff:
+    if name == "fedavg":
+        return FedAvg()
+    if name == "fedasync":
+        return FedAsync(mixing, make_staleness(staleness, staleness_a, staleness_b))
+    if name == "fedbuff":
+        return FedBuff(buffer_size, server_lr)
+    raise ConfigError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")

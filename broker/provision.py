@@ -1,0 +1,218 @@
+"""Finding or starting a RabbitMQ for ``fedmq run`` and the test suite.
+
+Order (``fedmq run``): the broker at the given URL if it answers; a throwaway container where a
+Docker engine answers (testcontainers); a private ``rabbitmq-server`` node in a temp dir where
+the binary exists; otherwise one clear error that says how to get a broker. A broker we
+started, we stop. A private node can also be stopped and started again with its data intact,
+which is how the fault-injection tests restart "the broker" without touching a shared one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.client import open_connection
+from broker.settings import BrokerSettings, mask_url
+from shared.errors import BrokerError
+
+log = logging.getLogger("fedmq.broker.provision")
+
+HOW_TO_GET_A_BROKER = (
+    "no RabbitMQ found: start one (e.g. `docker run -d -p 5672:5672 rabbitmq:3.13-management`, "
+    "or install the rabbitmq-server package) and pass --amqp-url / FEDMQ_AMQP_URL"
+)
+
+
+def broker_answers(url: str, timeout: float = 3.0) -> bool:
+    """True if an AMQP handshake with ``url`` succeeds within ``timeout`` seconds."""
+    settings = BrokerSettings.from_url(url, connect_timeout_s=timeout)
+    try:
+        conn = open_connection(settings, "fedmq-probe")
+    except BrokerError:
+        return False
+    with contextlib.suppress(Exception):
+        conn.close()
+    return True
+
+
+def wait_until_answers(url: str, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise BrokerError(f"the broker process exited with code {proc.returncode} while starting")
+        if _port_open(url) and broker_answers(url, timeout=2.0):
+            return
+        time.sleep(0.25)  # waiting for an external process: nothing to block on
+    raise BrokerError(f"RabbitMQ at {mask_url(url)} did not answer within {deadline_s:.0f} s")
+
+
+def _port_open(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with contextlib.suppress(OSError), socket.create_connection((parts.hostname, parts.port or 5672), 0.5):
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker_available() -> bool:
+    """A Docker engine answers (not only the client binary)."""
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:  # noqa: BLE001 (any failure means: no engine)
+        return False
+
+
+@dataclass
+class PrivateNode:
+    """A RabbitMQ node of our own, in a temp dir, on ports away from 5672/25672."""
+
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedmq-rabbit-")))
+    name: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"fedmq{self.port}@localhost"
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("rabbitmq-server") is not None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+        }
+
+    def _prepare(self) -> None:
+        for sub in ("mnesia", "log"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {self.port}\nloopback_users = none\n"
+            "consumer_timeout = 3600000\n"
+        )
+        if os.geteuid() == 0:  # the Debian wrapper runs the node as user rabbitmq
+            with contextlib.suppress(KeyError, OSError):
+                shutil.chown(self.base, "rabbitmq", "rabbitmq")
+                for path in self.base.rglob("*"):
+                    shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def start(self, timeout: float = 60.0) -> PrivateNode:
+        self._prepare()
+        logf = open(self.base / "server.out", "ab")  # noqa: SIM115 (owned by the child)
+        self.proc = subprocess.Popen(
+            ["rabbitmq-server"], env=self._env(), stdout=logf, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.info("starting a private RabbitMQ node %s on port %d", self.name, self.port)
+        wait_until_answers(self.url, timeout, self.proc)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the node (its data stays in the temp dir, so :meth:`start` brings it back)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], env=self._env(), timeout=timeout,
+                           capture_output=True, check=False)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                self.proc.wait(timeout=10)
+        # the wrapper's children run as another user in the same session
+        subprocess.run(["pkill", "-9", "-f", f"-sname {self.name}|{self.name}"], check=False, capture_output=True)
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@dataclass
+class ProvidedBroker:
+    url: str
+    kind: str  # "given" | "container" | "private-node"
+    handle: Any = None
+
+    def close(self) -> None:
+        if self.kind == "container":
+            with contextlib.suppress(Exception):
+                self.handle.stop()
+        elif self.kind == "private-node":
+            self.handle.remove()
+
+
+def start_container() -> ProvidedBroker:
+    from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+
+    container = RabbitMqContainer("rabbitmq:3.13-management")
+    container.start()
+    host = container.get_container_host_ip()
+    port = container.get_exposed_port(5672)
+    url = f"amqp://guest:guest@{host}:{port}/"
+    wait_until_answers(url, 60)
+    return ProvidedBroker(url, "container", container)
+
+
+@contextlib.contextmanager
+def provide_broker(url: str | None, *, try_given_first: bool = True) -> Iterator[ProvidedBroker]:
+    """Yield a broker per the module's order, and stop it afterwards if we started it."""
+    provided: ProvidedBroker | None = None
+    if url and try_given_first and broker_answers(url):
+        provided = ProvidedBroker(url, "given")
+    elif docker_available():
+        log.info("starting a throwaway RabbitMQ container")
+        provided = start_container()
+    elif PrivateNode.available():
+        provided = ProvidedBroker("", "private-node", PrivateNode())
+        provided.handle.start()
+        provided.url = provided.handle.url
+    else:
+        raise BrokerError(HOW_TO_GET_A_BROKER if not url else f"RabbitMQ at {mask_url(url)} does not answer; {HOW_TO_GET_A_BROKER}")
+    try:
+        yield provided
+    finally:
+        provided.close()

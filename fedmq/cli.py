@@ -1,0 +1,388 @@
+"""The ``fedmq`` command line: a thin click layer over the settings dataclasses.
+
+Every command turns a :class:`~shared.errors.FedmqError` into one line on stderr and exit
+code 1 (2 for usage errors, as click does); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from fedmq.options import (
+    broker_from,
+    broker_options,
+    config_option,
+    logging_options,
+    parse_int_list,
+    start_logging,
+)
+from shared.errors import FedmqError
+from shared.trainer import DEFAULT_TRAINER
+
+log = logging.getLogger("fedmq.cli")
+
+
+def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Report a FedmqError as one line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FedmqError as exc:
+            click.echo(f"fedmq: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def on_signals(handler: Callable[[], None]) -> None:
+    """Call ``handler`` on SIGTERM and SIGINT (the second SIGINT interrupts for real)."""
+
+    def _handle(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        handler()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _handle)
+        signal.signal(signal.SIGINT, _handle)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "FEDMQ", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fedmq")
+def main() -> None:
+    """fedmq: federated learning over RabbitMQ (FedAvg, FedAsync, FedBuff)."""
+
+
+# ====================================================================== data
+@main.group()
+def data() -> None:
+    """Prepare datasets: split one into per-worker shards."""
+
+
+@data.command("split")
+@config_option
+@click.option("--dataset", help="Built-in dataset: digits, breast_cancer, wine, iris, xor.")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Your own .npz or .csv file.")
+@click.option("--label-column", default="-1", show_default=True, help="CSV label column (name or index).")
+@click.option("--workers", type=click.IntRange(min=1), required=True, help="Number of shards.")
+@click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="iid", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration.")
+@click.option("--shards-per-worker", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the shards to.")
+@logging_options
+@fails_cleanly
+def data_split(dataset: str | None, data_file: str | None, label_column: str, workers: int, partition: str,
+               alpha: float, shards_per_worker: int, test_fraction: float, seed: int, out: str,
+               log_level: str, log_format: str) -> None:
+    """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
+    start_logging(log_level, log_format)
+    from shared.data import load_dataset
+    from shared.split import format_table, split_dataset
+
+    if bool(dataset) == bool(data_file):
+        raise click.UsageError("give exactly one of --dataset NAME or --data FILE")
+    column: str | int = int(label_column) if label_column.lstrip("-").isdigit() else label_column
+    ds = load_dataset(dataset, data_file, test_fraction=test_fraction, seed=seed, label_column=column)
+    manifest = split_dataset(ds, out, num_workers=workers, method=partition, alpha=alpha,
+                             shards_per_worker=shards_per_worker, seed=seed)
+    click.echo(format_table(manifest))
+    click.echo(f"wrote {workers} shards, test.npz and manifest.json to {out}")
+
+
+# ====================================================================== broker
+@main.group()
+def broker() -> None:
+    """Declare, inspect and clean a namespace on RabbitMQ."""
+
+
+def _admin(amqp_url: str, namespace: str) -> Any:
+    from broker.admin import Admin
+
+    settings, topology = broker_from(amqp_url, namespace)
+    return Admin(settings, topology)
+
+
+@broker.command("setup")
+@broker_options
+@logging_options
+@fails_cleanly
+def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+    """Declare the namespace's streams, queues and exchanges (idempotent)."""
+    start_logging(log_level, log_format)
+    with _admin(amqp_url, namespace) as admin:
+        admin.setup()
+        click.echo(f"namespace {namespace!r} declared: " + ", ".join(admin.topology.queues))
+
+
+@broker.command("status")
+@broker_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--window", type=float, default=120.0, show_default=True, help="Seconds of worker presence to show.")
+@logging_options
+@fails_cleanly
+def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, log_level: str, log_format: str) -> None:
+    """Queues (ready, unacked, consumers), dead-lettered counts and workers heard from."""
+    start_logging(log_level, log_format)
+    from broker.admin import as_json as rows_json
+
+    with _admin(amqp_url, namespace) as admin:
+        queues = admin.queue_status()
+        workers = admin.workers_seen(window_s=window)
+        dlq = {q.name: q.ready for q in queues if q.name in admin.topology.dead_letter_queues.values()}
+    if as_json:
+        click.echo(json.dumps({"namespace": namespace, "queues": rows_json(queues),
+                               "dead_lettered": dlq, "workers": rows_json(workers)}, indent=2))
+        return
+    click.echo(f"namespace {namespace}")
+    click.echo(f"  {'queue':<32} {'type':<8} {'ready':>7} {'unacked':>8} {'consumers':>9}")
+    for q in queues:
+        if not q.exists:
+            click.echo(f"  {q.name:<32} (not declared: run `fedmq broker setup`)")
+            continue
+        ready = "-" if q.ready is None else str(q.ready)
+        unacked = "-" if q.unacked is None else str(q.unacked)
+        click.echo(f"  {q.name:<32} {q.kind:<8} {ready:>7} {unacked:>8} {q.consumers!s:>9}")
+    click.echo("  dead-lettered: " + ", ".join(f"{k} {v}" for k, v in dlq.items()))
+    if workers:
+        click.echo(f"  workers heard from in the last {window:.0f} s:")
+        for w in workers:
+            click.echo(f"    {w.worker_id:<24} {w.last_kind:<10} {w.last_seen_s_ago:>6.1f} s ago")
+    else:
+        click.echo(f"  no worker heard from in the last {window:.0f} s")
+
+
+@broker.command("dlq")
+@broker_options
+@click.option("--show", is_flag=True, help="List dead-lettered messages with their reasons.")
+@click.option("--purge", is_flag=True, help="Delete every dead-lettered message.")
+@click.option("--json", "as_json", is_flag=True)
+@logging_options
+@fails_cleanly
+def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: bool, log_level: str, log_format: str) -> None:
+    """Inspect or empty the dead-letter queues."""
+    start_logging(log_level, log_format)
+    from broker.admin import as_json as rows_json
+
+    if not (show or purge):
+        show = True
+    with _admin(amqp_url, namespace) as admin:
+        if show:
+            rows = admin.dead_letters()
+            if as_json:
+                click.echo(json.dumps(rows_json(rows), indent=2))
+            else:
+                click.echo(f"{len(rows)} dead-lettered message(s)")
+                for r in rows:
+                    detail = f": {r.detail}" if r.detail else ""
+                    click.echo(f"  {r.queue}  {r.message_id or '-'}  {r.reason}{detail}")
+        if purge:
+            counts = admin.purge_dead_letters()
+            click.echo("purged " + ", ".join(f"{n} from {q}" for q, n in counts.items()))
+
+
+@broker.command("delete")
+@broker_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@logging_options
+@fails_cleanly
+def broker_delete(amqp_url: str, namespace: str, yes: bool, log_level: str, log_format: str) -> None:
+    """Delete every queue and exchange of the namespace (streams hold disk)."""
+    start_logging(log_level, log_format)
+    if not yes and not click.confirm(f"delete every queue of namespace {namespace!r}?"):
+        return
+    with _admin(amqp_url, namespace) as admin:
+        admin.delete()
+    click.echo(f"namespace {namespace!r} deleted")
+
+
+# ====================================================================== worker
+def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--trainer", default=DEFAULT_TRAINER, show_default=True,
+                      help="Trainer factory MODULE:ATTR (see README, 'Bring your own model').")(fn)
+    fn = click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
+                      help="Be F times slower than the real training (straggler simulation).")(fn)
+    fn = click.option("--heartbeat", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+                      help="Seconds between presence heartbeats.")(fn)
+    fn = click.option("--amqp-heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
+                      help="AMQP connection heartbeat in seconds.")(fn)
+    return fn
+
+
+@main.command()
+@config_option
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), required=True, help="This worker's shard (.npz with X, y).")
+@click.option("--worker-id", default=None, help="Stable id (default: host-pid). Reuse it when restarting a worker.")
+@worker_options
+@broker_options
+@logging_options
+@fails_cleanly
+def worker(data_file: str, worker_id: str | None, trainer: str, slowdown: float, heartbeat: float,
+           amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+    """Train on a local shard for the federation."""
+    start_logging(log_level, log_format)
+    from worker.service import Worker, WorkerConfig, default_worker_id
+
+    settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
+    cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
+                       trainer=trainer, heartbeat_s=heartbeat)
+    w = Worker(cfg, settings, topology)
+    on_signals(w.request_stop)
+    sys.exit(w.run())
+
+
+@main.command()
+@config_option
+@click.option("--shards", type=click.Path(file_okay=False, exists=True), required=True,
+              help="Directory written by `fedmq data split`: one worker per worker-<i>.npz.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Run only the first N shards.")
+@click.option("--id-prefix", default="w", show_default=True, help="Worker ids are <prefix><i>.")
+@click.option("--slow", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Make the last N workers stragglers (with --slowdown).")
+@worker_options
+@broker_options
+@logging_options
+@fails_cleanly
+def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
+            heartbeat: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+    """Run many workers in one process, each with its own connection and thread."""
+    start_logging(log_level, log_format)
+    from worker.pool import run_pool
+
+    settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
+    stop = threading.Event()
+    on_signals(stop.set)
+    sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
+                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat))
+
+
+# ====================================================================== aggregator
+def aggregator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True),
+        click.option("--strategy", type=click.Choice(["fedavg", "fedasync", "fedbuff"]), default=None,
+                     help="Default: fedavg for sync, fedbuff for async."),
+        click.option("--rounds", type=click.IntRange(min=1), default=None, help="Sync rounds (default 20 if nothing else stops the run)."),
+        click.option("--max-updates", type=click.IntRange(min=1), default=None, help="Stop after this many applied updates."),
+        click.option("--target-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None),
+        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds."),
+        click.option("--workers-per-round", type=click.IntRange(min=1), default=None, help="Sync: C (default: every live worker)."),
+        click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True),
+        click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True),
+        click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Async: tasks outstanding (default: live workers)."),
+        click.option("--buffer-size", type=click.IntRange(min=1), default=3, show_default=True, help="FedBuff K."),
+        click.option("--mixing", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True, help="FedAsync α."),
+        click.option("--staleness", type=click.Choice(["constant", "polynomial", "hinge"]), default="polynomial", show_default=True),
+        click.option("--staleness-a", type=float, default=None, help="polynomial a (0.5) or hinge a (10)."),
+        click.option("--staleness-b", type=float, default=None, help="hinge b (4)."),
+        click.option("--max-staleness", type=click.IntRange(min=0), default=None, help="Record older updates as stale."),
+        click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="FedBuff η."),
+        click.option("--hidden", default="64", show_default=True, callback=parse_int_list, help="Hidden layer sizes, e.g. 64,32."),
+        click.option("--activation", type=click.Choice(["relu", "tanh", "sigmoid"]), default="relu", show_default=True),
+        click.option("--loss", type=click.Choice(["cross-entropy", "mse"]), default="cross-entropy", show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
+        click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True, help="FedProx μ."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--trainer", default=DEFAULT_TRAINER, show_default=True, help="Trainer factory MODULE:ATTR."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True, help="Checkpoint after N updates."),
+        click.option("--checkpoint-interval", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True, help="...or after T seconds."),
+        click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+                     help="Async: reissue a task not answered in this many seconds."),
+        click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+                     help="Seconds to wait for workers' last updates after stopping."),
+        click.option("--max-update-bytes", type=click.IntRange(min=1), default=None, help="Reject larger updates (default: model size + 5%)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+AGGREGATOR_KEYS = (
+    "mode strategy rounds max_updates target_accuracy time_limit workers_per_round min_workers round_timeout "
+    "concurrency buffer_size mixing staleness staleness_a staleness_b max_staleness server_lr hidden activation "
+    "loss epochs batch_size lr proximal_mu seed trainer checkpoint_every checkpoint_interval task_timeout "
+    "drain_timeout max_update_bytes"
+).split()
+
+
+@main.command()
+@config_option
+@click.option("--test-data", type=click.Path(dir_okay=False), required=True, help="Held-out .npz (X, y) to evaluate every version on.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@aggregator_options
+@broker_options
+@logging_options
+@fails_cleanly
+def aggregator(test_data: str, out: str, resume: bool, amqp_url: str, namespace: str, log_level: str,
+               log_format: str, **options: Any) -> None:
+    """Coordinate the federation: publish versions and tasks, aggregate, evaluate, checkpoint."""
+    start_logging(log_level, log_format)
+    from aggregator.config import AggregatorConfig
+    from aggregator.service import Aggregator
+
+    cfg = AggregatorConfig(test_data=test_data, out=out, resume=resume, **options).validate()
+    settings, topology = broker_from(amqp_url, namespace)
+    agg = Aggregator(cfg, settings, topology)
+    on_signals(agg.request_stop)
+    final = agg.run()
+    click.echo(json.dumps(final), err=False)
+    sys.exit(130 if final.get("interrupted") else 0)
+
+
+# ====================================================================== run and plot
+@main.command()
+@config_option
+@click.option("--workers", "num_workers", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--dataset", default=None, help="Built-in dataset (default digits when --data is not given).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="dirichlet", show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("--shards-per-worker", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--slow-workers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of stragglers.")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=10.0, show_default=True, help="How much slower stragglers are.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option("--in-process-workers", is_flag=True, help="Host the workers as threads of one process.")
+@click.option("--display", type=click.Choice(["auto", "live", "plain"]), default="auto", show_default=True)
+@aggregator_options
+@broker_options
+@logging_options
+@fails_cleanly
+def run(**options: Any) -> None:
+    """Run a whole federation on this machine: split, broker, aggregator, workers, plot."""
+    from fedmq.runner import run_federation
+
+    namespace_given = os.environ.get("FEDMQ_NAMESPACE") is not None or options["namespace"] != "fedmq"
+    sys.exit(run_federation(options, namespace_given=namespace_given))
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="curves.png", show_default=True)
+@click.option("--target", type=float, default=0.9, show_default=True, help="Accuracy line to draw.")
+@fails_cleanly
+def plot(run_dirs: tuple[str, ...], output: str, target: float) -> None:
+    """Plot accuracy and loss against wall time and updates for one or more runs."""
+    from fedmq.plot import plot_runs
+
+    plot_runs(list(run_dirs), output, target=target)
+    click.echo(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Many workers in one process: each with its own broker connection and training thread.
+
+Simulating a large federation on a small machine needs more workers than it has cores for
+processes. Training threads share the interpreter (numpy releases the GIL in its kernels),
+while each worker keeps its own connection, task consumer and delivery guarantees.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from broker.settings import BrokerSettings
+from broker.topology import Topology
+from shared.errors import DataError
+from worker.service import Worker, WorkerConfig
+
+log = logging.getLogger("fedmq.worker.pool")
+
+
+def shard_files(shards_dir: str) -> list[Path]:
+    files = sorted(Path(shards_dir).glob("worker-*.npz"), key=lambda p: int(p.stem.split("-")[1]))
+    if not files:
+        raise DataError(f"{shards_dir} holds no worker-<i>.npz shards (write them with `fedmq data split`)")
+    return files
+
+
+def run_pool(
+    shards_dir: str,
+    settings: BrokerSettings,
+    topology: Topology,
+    *,
+    stop: threading.Event,
+    count: int | None = None,
+    id_prefix: str = "w",
+    trainer: str,
+    slowdown: float = 1.0,
+    slow: int = 0,
+    heartbeat_s: float = 5.0,
+) -> int:
+    """Run one worker per shard until ``stop`` is set or every worker stopped; 0 if all ended well."""
+    files = shard_files(shards_dir)[:count]
+    workers = []
+    for i, path in enumerate(files):
+        straggler = i >= len(files) - slow
+        cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
+                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s)
+        workers.append(Worker(cfg, settings, topology))
+    codes: dict[str, int] = {}
+
+    def body(w: Worker) -> None:
+        try:
+            codes[w.config.worker_id] = w.run()
+        except Exception:
+            log.exception("worker %s failed", w.config.worker_id)
+            codes[w.config.worker_id] = 1
+
+    threads = [threading.Thread(target=body, args=(w,), name=w.config.worker_id, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    log.info("running %d workers in this process", len(threads))
+    watcher = threading.Thread(target=lambda: (stop.wait(), [w.request_stop() for w in workers]), daemon=True)
+    watcher.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=1.0)
+    return 0 if all(c == 0 for c in codes.values()) and len(codes) == len(workers) else 1
