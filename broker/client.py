@@ -352,9 +352,12 @@ class Client:
             try:
                 sub.handler(delivery)
             except Exception:
-                log.exception("handler for %s failed; returning the message", sub.queue)
-                ch.basic_reject(method.delivery_tag, requeue=True)
-                return
+                if sub.settle_on_return:  # streams cannot reject: skip the message
+                    log.exception("handler for %s failed; skipping the message", sub.queue)
+                else:
+                    log.exception("handler for %s failed; returning the message", sub.queue)
+                    ch.basic_reject(method.delivery_tag, requeue=True)
+                    return
             if sub.settle_on_return:
                 ch.basic_ack(method.delivery_tag)
 

@@ -296,9 +296,10 @@ class Worker:
         if sync:
             client.pause(self.topology.tasks)  # before the ack: no second task for this version
         body = messages.encode(update)
+        message_id = uuid.uuid4().hex
         try:
             client.publish(
-                self.topology.updates, body, message_id=uuid.uuid4().hex,
+                self.topology.updates, body, message_id=message_id,
                 headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": cfg.worker_id},
             )
         except FedmqError as exc:
@@ -309,7 +310,7 @@ class Worker:
         log.info(
             "worker %s: task %s on version %d done in %.2fs (loss %.4f); update confirmed",
             cfg.worker_id, task.task_id, model.version, time.monotonic() - started, result.loss,
-            extra={"event": "update_confirmed", "task_id": task.task_id, "worker_id": cfg.worker_id},
+            extra={"event": "update_confirmed", "task_id": task.task_id, "worker_id": cfg.worker_id, "message_id": message_id},
         )
         client.ack(delivery)
         self.tasks_done += 1

@@ -1,0 +1,78 @@
+"""Test fixtures: a real RabbitMQ for every broker test, one namespace per test.
+
+The broker comes from, in order: ``FEDMQ_TEST_AMQP_URL``; a testcontainers RabbitMQ where a
+Docker engine answers; a broker already listening on 127.0.0.1:5672; a private
+``rabbitmq-server`` node started in a temp dir. Fault tests that stop the broker always get a
+private node (``private_broker``), never the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from broker.admin import Admin
+from broker.provision import PrivateNode, broker_answers, docker_available, start_container
+from broker.settings import BrokerSettings
+from broker.topology import Topology
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    url = os.environ.get("FEDMQ_TEST_AMQP_URL")
+    if url:
+        yield url
+        return
+    if docker_available():
+        provided = start_container()
+        try:
+            yield provided.url
+        finally:
+            provided.close()
+        return
+    if broker_answers(LOCAL_URL):
+        yield LOCAL_URL
+        return
+    if not PrivateNode.available():
+        pytest.skip("no RabbitMQ: set FEDMQ_TEST_AMQP_URL, start Docker, or install rabbitmq-server")
+    node = PrivateNode().start()
+    try:
+        yield node.url
+    finally:
+        node.remove()
+
+
+def new_namespace(prefix: str = "t") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def delete_namespace(url: str, namespace: str) -> None:
+    try:
+        with Admin(BrokerSettings.from_url(url), Topology(namespace)) as admin:
+            admin.delete()
+    except Exception:  # noqa: BLE001 (the broker may be gone in a fault test)
+        pass
+
+
+@pytest.fixture
+def namespace(amqp_url: str) -> Iterator[str]:
+    ns = new_namespace()
+    yield ns
+    delete_namespace(amqp_url, ns)
+
+
+@pytest.fixture
+def private_broker() -> Iterator[PrivateNode]:
+    """A RabbitMQ node of this test's own, which the test may stop and start."""
+    if not PrivateNode.available():
+        pytest.skip("rabbitmq-server is not installed: fault tests need a private node")
+    node = PrivateNode().start()
+    try:
+        yield node
+    finally:
+        node.remove()
