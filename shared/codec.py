@@ -566,7 +566,7 @@ def _to_array(name: Any, shape: Any, data: memoryview) -> np.ndarray:
         return flat
     try:
         return flat.reshape(shape)
-    except ValueError as exc:  # e.g. a zero-size shape with a dimension beyond intp
+    except (ValueError, OverflowError) as exc:  # a zero-size shape with a dimension beyond intp
         raise _Bad(f"the shape {shape} is not a valid numpy shape: {exc}") from None
 
 

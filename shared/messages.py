@@ -330,7 +330,7 @@ def _envelope(doc: dict[str, Any]) -> type:
     if schema != SCHEMA_VERSION:
         raise DecodeError(f"unknown schema version {schema}; this fedmq speaks {SCHEMA_VERSION}")
     name = doc.get("type")
-    if name not in _TYPES_BY_NAME:
+    if type(name) is not str or name not in _TYPES_BY_NAME:
         raise DecodeError(
             f"unknown message type {_brief(name)}; expected one of {', '.join(_TYPES_BY_NAME)}"
         )

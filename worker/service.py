@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import os
+import queue
+import signal
 import socket
 import threading
 import time
@@ -151,6 +152,9 @@ class Worker:
         self.tasks_done = 0
         self.client: Client | None = None
         self._trainers: dict[str, Trainer] = {}
+        self._failures = 0
+        # fault injection for the crash-safety tests: SIGKILL ourselves at a named point
+        self._crash_point = os.environ.get("FEDMQ_FAULT_CRASH", "")
 
     # ------------------------------------------------------------------ I/O-thread handlers
     def _on_task(self, delivery: Delivery) -> None:
@@ -268,6 +272,8 @@ class Worker:
             client.reject(delivery, requeue=True)
             return
         started = time.monotonic()
+        log.info("worker %s: task %s started on version %d", cfg.worker_id, task.task_id, model.version,
+                 extra={"event": "task_started", "task_id": task.task_id, "worker_id": cfg.worker_id})
         try:
             trainer = self._trainer(model.spec, factory)
             result = trainer.fit(
@@ -276,9 +282,18 @@ class Worker:
                 seed=derive_seed(task.seed, cfg.worker_id),
             )
         except Exception as exc:  # a user trainer may raise anything
-            log.error("worker %s: trainer failed on task %s: %s: %s", cfg.worker_id, task.task_id, type(exc).__name__, exc)
-            client.reject(delivery, requeue=True)  # redelivered; dead-lettered past the delivery limit
+            self._failures += 1
+            backoff = min(2.0 ** (self._failures - 1), 30.0)
+            log.error("worker %s: trainer failed on task %s: %s: %s; returning it and pausing %.0f s",
+                      cfg.worker_id, task.task_id, type(exc).__name__, exc, backoff)
+            # pause first so that the returned task goes to another worker if there is one;
+            # a task that fails everywhere is dead-lettered by the broker past the delivery limit
+            client.pause(self.topology.tasks)
+            client.reject(delivery, requeue=True)
+            if not self.stop.wait(backoff):
+                client.resume(self.topology.tasks)
             return
+        self._failures = 0
         compute = time.monotonic() - started
         if cfg.slowdown > 1 and self.stop.wait((cfg.slowdown - 1) * compute):
             log.info("worker %s: stopping; returning task %s", cfg.worker_id, task.task_id)
@@ -312,6 +327,8 @@ class Worker:
             cfg.worker_id, task.task_id, model.version, time.monotonic() - started, result.loss,
             extra={"event": "update_confirmed", "task_id": task.task_id, "worker_id": cfg.worker_id, "message_id": message_id},
         )
+        if self._crash_point == "after-confirm":
+            os.kill(os.getpid(), signal.SIGKILL)
         client.ack(delivery)
         self.tasks_done += 1
         if sync:

@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs
+# what it needs (python3 with venv, and a RabbitMQ: local, Docker, or the rabbitmq-server package).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FEDMQ  := $(VENV)/bin/fedmq
+
+.PHONY: demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(FEDMQ) run --workers 6 --dataset digits --partition dirichlet --alpha 0.5 \
+		--mode async --strategy fedbuff --buffer-size 3 --target-accuracy 0.92 --time-limit 90 --out runs/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+bench: $(VENV)/.installed
+	$(PY) bench/codec.py
+	$(PY) bench/update_path.py
+	$(PY) bench/round_time.py
+	$(PY) bench/stragglers.py
+	$(PY) bench/scale.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
