@@ -287,17 +287,17 @@ class Aggregator:
     def _run_sync(self) -> None:
         cfg, st = self.cfg, self.state
         while not self._done():
+            # updates for this round may arrive before it (re)starts: redelivered after a resume
+            self.current_round = r = st.round + 1
             self._wait_for_workers()
             if self.stop.is_set():
                 return
             self._start_clock()
             wanted = cfg.workers_per_round or max(self._live_workers(), cfg.min_workers)
-            self.current_round = r = st.round + 1
             self._publish_model()
             for i in range(wanted):
                 self._task(f"r{r:05d}-{i:03d}", version=st.version, round_=r, seed=cfg.seed * 1_000_003 + r)
             log.debug("round %d: %d tasks on version %d", r, wanted, st.version)
-            self.round_updates = {}
             deadline = time.monotonic() + cfg.round_timeout
             while not self.stop.is_set():
                 got = len(self.round_updates)

@@ -15,6 +15,7 @@ Run from a checkout: ``python bench/codec.py [--repeat N] [--json OUT]``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -45,7 +46,7 @@ def mlp_params(widths: list[int], seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights and biases of an MLP with the given layer widths."""
     rng = np.random.default_rng(seed)
     params: dict[str, np.ndarray] = {}
-    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         params[f"dense_{i}/W"] = rng.standard_normal((n_in, n_out), dtype=np.float32)
         params[f"dense_{i}/b"] = rng.standard_normal(n_out, dtype=np.float32)
     return params

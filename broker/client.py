@@ -48,6 +48,10 @@ _CONNECTION_ERRORS = (
 )
 
 
+class SetupError(BrokerError):
+    """Connected, but declaring the topology or subscribing failed."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A message handed to a consumer handler."""
@@ -178,9 +182,22 @@ class Client:
             self._submit(lambda: self._consume(sub))
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> Client:
-        """Connect (raising :class:`BrokerError` if the broker is unreachable), then run."""
-        self._connect()
+    def start(self, setup_attempts: int = 5) -> Client:
+        """Connect (raising :class:`BrokerError` if the broker is unreachable), then run.
+
+        Setting up can fail transiently while queues are being created by other processes
+        (RabbitMQ 3.10 answers a consume on a quorum queue whose replica is not up yet with an
+        internal error); that part is retried a few times.
+        """
+        for attempt in range(setup_attempts):
+            try:
+                self._connect()
+                break
+            except SetupError as exc:
+                if attempt == setup_attempts - 1:
+                    raise
+                log.info("%s; retrying", exc)
+                time.sleep(0.2 * 2**attempt)  # backing off before reconnecting: nothing to wait on
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-io", daemon=True)
         self._thread.start()
         return self
@@ -320,16 +337,17 @@ class Client:
             chan.confirm_delivery()
             if self.declare:
                 self.topology.declare(chan)
+            self._generation += 1
+            self._conn, self._chan = conn, chan
+            for sub in self._subs.values():
+                sub.consumer_tag = None
+                if not sub.paused:
+                    self._consume(sub)
         except (pex.AMQPError, OSError) as exc:
+            self._conn = self._chan = None
             with contextlib.suppress(Exception):
                 conn.close()
-            raise BrokerError(f"cannot set up the topology: {mask_text(str(exc))}") from None
-        self._generation += 1
-        self._conn, self._chan = conn, chan
-        for sub in self._subs.values():
-            sub.consumer_tag = None
-            if not sub.paused:
-                self._consume(sub)
+            raise SetupError(f"cannot set up the topology or consumers: {mask_text(str(exc) or type(exc).__name__)}") from None
         self._connected.set()
 
     def _consume(self, sub: _Subscription) -> None:

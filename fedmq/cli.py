@@ -217,6 +217,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Be F times slower than the real training (straggler simulation).")(fn)
     fn = click.option("--heartbeat", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
                       help="Seconds between presence heartbeats.")(fn)
+    fn = click.option("--failure-backoff", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                      help="Seconds to pause after a trainer failure (doubling up to 32x).")(fn)
     fn = click.option("--amqp-heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
                       help="AMQP connection heartbeat in seconds.")(fn)
     return fn
@@ -231,14 +233,15 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @logging_options
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, trainer: str, slowdown: float, heartbeat: float,
-           amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+           failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str,
+           log_format: str) -> None:
     """Train on a local shard for the federation."""
     start_logging(log_level, log_format)
     from worker.service import Worker, WorkerConfig, default_worker_id
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
-                       trainer=trainer, heartbeat_s=heartbeat)
+                       trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -257,7 +260,7 @@ def worker(data_file: str, worker_id: str | None, trainer: str, slowdown: float,
 @logging_options
 @fails_cleanly
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
-            heartbeat: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     start_logging(log_level, log_format)
     from worker.pool import run_pool

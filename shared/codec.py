@@ -440,6 +440,17 @@ class _Reader:
                 self.pos = pos + 9
                 doc[key] = _F64.unpack_from(data, pos + 1)[0]
                 continue
+            if code == 0x83 and depth < MAX_DEPTH:  # maybe an array map as pack() writes it
+                self.pos = pos + 1
+                try:
+                    arr = self.packed_array()
+                except _Bad as exc:
+                    exc.path.append(key)
+                    raise
+                if arr is not None:
+                    doc[key] = arr
+                    continue
+                self.pos = pos
             stop = pos + 1 + (code & 0x1F)
             if 0xA0 <= code < 0xC0 and stop <= end:  # and fixstr
                 self.pos = stop

@@ -5,8 +5,21 @@ On the wire every message is one msgpack map (see :mod:`shared.codec`) with ``sc
 and exactly the dataclass's fields. ``Params`` travel as a map name -> array map, in order.
 
 Constructors are plain and check nothing; :func:`encode` only refuses what has no wire
-form. All validation lives in :func:`decode`, which raises only
-:class:`~shared.errors.DecodeError`, with a message naming the message type and field.
+form (TypeError/ValueError). All validation lives in :func:`decode`, which raises only
+:class:`~shared.errors.DecodeError`, with a message naming the message type and field
+(e.g. ``task.epochs must be >= 1, got 0``). It enforces, beyond the codec's rules:
+
+* every field present, no other field; ``schema == SCHEMA_VERSION``; a known ``type``;
+* ints are ints (not bool, not float); floats are finite, ints accepted and converted;
+  None only for Optional fields;
+* versions, ``round``, ``seed`` and ``num_samples`` >= 0; ``epochs``, ``batch_size`` >= 1;
+  ``lr`` > 0; ``mu``, ``duration_s``, ``created_s``, ``sent_s`` >= 0;
+* ``mode``, ``kind``, ``update_kind`` from :data:`MODES`, :data:`UPDATE_KINDS`,
+  :data:`CONTROL_KINDS`; ``task_id`` and ``Update.worker_id`` non-empty;
+* ``params`` a map of name -> array (dtype, shape, byte count, finiteness checked by
+  :mod:`shared.codec`); ``spec`` and ``info`` JSON-like maps (no bytes, arrays or
+  non-finite floats).
+
 Decoded params are read-only numpy views into the received buffer (see
 :mod:`shared.codec`); copy an array before changing it.
 """

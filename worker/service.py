@@ -57,6 +57,7 @@ class WorkerConfig:
     trainer: str = DEFAULT_TRAINER
     heartbeat_s: float = 5.0
     model_wait_s: float = 60.0
+    failure_backoff_s: float = 1.0
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -283,7 +284,7 @@ class Worker:
             )
         except Exception as exc:  # a user trainer may raise anything
             self._failures += 1
-            backoff = min(2.0 ** (self._failures - 1), 30.0)
+            backoff = min(cfg.failure_backoff_s * 2.0 ** min(self._failures - 1, 5), 30.0)
             log.error("worker %s: trainer failed on task %s: %s: %s; returning it and pausing %.0f s",
                       cfg.worker_id, task.task_id, type(exc).__name__, exc, backoff)
             # pause first so that the returned task goes to another worker if there is one;

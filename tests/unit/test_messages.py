@@ -133,7 +133,7 @@ def test_round_trip(name):
     "msg",
     [
         _model(round=None, created_s=0, params={}, spec={}),
-        _task(version=None, round=None, mode="async", mu=0, lr=1),
+        _task(version=None, round=None, mode="async", mu=0, lr=1, update_kind="delta"),
         _update(round=None, kind="weights", num_samples=0, params={}, train_loss=-1.0),
         Control(kind="stop"),
         Control(kind="bye", info={"nested": {"deep": [1, [2, {"x": None}]]}, "": ""}),
@@ -328,6 +328,8 @@ def test_rejects_bad_envelopes_and_field_sets(doc, match):
         (_task(), "mode", "semi", "task.mode must be one of sync, async; got 'semi'"),
         (_task(), "mode", None, "task.mode must be a str, got None"),
         (_update(), "kind", "diff", "update.kind must be one of weights, delta; got 'diff'"),
+        (_task(), "update_kind", "full", "task.update_kind must be one of weights, delta"),
+        (_task(), "update_kind", None, "task.update_kind must be a str, got None"),
         (_control(), "kind", "pause", "control.kind must be one of stop, hello, heartbeat, bye"),
         (_task(), "task_id", "", "task.task_id must not be empty"),
         (_task(), "task_id", 17, "task.task_id must be a str, got int 17"),

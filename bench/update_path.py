@@ -1,0 +1,361 @@
+"""Throughput of the update path (worker -> updates queue -> aggregator) against a raw pika floor.
+
+For MLP 784->h->10 models of ~100k, ~1M and ~10M float32 parameters it measures, on the same
+broker in the same run, end to end from the first publish to the last update consumed:
+
+* ``floor``: raw pika. A publisher *process* publishes M payloads of the same byte size as an
+  encoded fedmq Update with confirms (``confirm_delivery``), ``mandatory`` and
+  ``delivery_mode=2`` to a quorum queue; a consumer (this process, its own connection) acks
+  each message manually (prefetch 12, the aggregator's async prefetch).
+* ``aggregator`` (the headline, the real code path): the real ``fedmq aggregator --mode async
+  --strategy fedbuff --buffer-size 3`` process (NoiseTrainer spec, so evaluation is free) and
+  a publisher process acting as the worker: it says hello on the presence stream, then
+  encodes M ``Update(kind="delta")`` with ``shared.messages.encode`` and publishes each
+  through ``broker.client.Client.publish`` (confirmed) to ``<ns>.updates``. The aggregator
+  decodes, validates, applies with FedBuff, republishes the model every K=3 updates,
+  writes its ledger and checkpoints every 10 updates (acking after the fsync), exactly as in
+  a federation. The end time is the ``ts`` of its JSON ``evaluated`` log event for the
+  M-th applied update. (Task dispatch is left out: ``--concurrency 1``; in a federation
+  each applied update also costs one small confirmed task publish.)
+* ``pipeline`` (diagnostic): the same publisher, and an in-script consumer doing only the
+  aggregator's per-update work: ``broker.client.Client`` subscription -> ``messages.decode``
+  -> ``aggregator.validate.check_update`` -> ``FedBuff.apply`` (K=3) -> ``client.ack`` per
+  update. The gap between ``pipeline`` and ``aggregator`` is what model republishing,
+  the ledger and checkpoints cost.
+
+Reports updates/s and ratio = fedmq / floor (goal >= 0.7 for the aggregator at every size).
+Run: ``python bench/update_path.py [--quick] [--repeat N] [--profile DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from bench._common import (  # noqa: E402
+    AMQP_URL,
+    MODEL_SIZES,
+    Children,
+    JsonLogReader,
+    broker_settings,
+    cpu_seconds,
+    delete_namespace,
+    fedmq_argv,
+    mlp_param_count,
+    mlp_shapes,
+    new_namespace,
+    table,
+    write_result,
+    write_synthetic,
+)
+
+GOAL = 0.7
+K = 3
+PREFETCH = 12  # the aggregator's async prefetch: checkpoint_every (10) + 2
+COUNTS = {"100k": 201, "1M": 99, "10M": 30}  # multiples of K
+QUICK_COUNTS = {"100k": 60, "1M": 30, "10M": 9}
+
+
+# ====================================================================== publisher roles
+def make_update(hidden: int, i: int, params: dict[str, np.ndarray]) -> Any:
+    from shared.messages import Update
+
+    return Update(
+        task_id=f"bench-{i:06d}", worker_id="bench-w0", base_version=0, num_samples=32,
+        params=params, kind="delta", train_loss=0.5, train_accuracy=0.5, duration_s=0.01,
+    )
+
+
+def random_params(hidden: int, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(s, dtype=np.float32) * np.float32(1e-3) for k, s in mlp_shapes(hidden).items()}
+
+
+def role_floor_pub(queue_name: str, size: int, count: int) -> dict[str, float]:
+    import pika
+
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    body = os.urandom(size)
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    t0 = time.time()
+    for i in range(count):
+        props.message_id = f"m{i}"
+        ch.basic_publish("", queue_name, body, properties=props, mandatory=True)
+    t1 = time.time()
+    conn.close()
+    return {"t0": t0, "t1": t1}
+
+
+def role_fedmq_pub(namespace: str, hidden: int, count: int, hello: bool) -> dict[str, float]:
+    from broker.client import Client
+    from shared import messages
+
+    settings, topology = broker_settings(namespace)
+    client = Client(settings, topology, name="bench-worker").start()
+    params = random_params(hidden)
+    try:
+        if hello:
+            msg = messages.Control(kind="hello", worker_id="bench-w0", sent_s=time.time(), info={"samples": 32})
+            client.publish(topology.presence, messages.encode(msg))
+        t0 = time.time()
+        for i in range(count):
+            body = messages.encode(make_update(hidden, i, params))  # a worker encodes every update
+            client.publish(topology.updates, body, message_id=f"u{i}",
+                           headers={"x-fedmq-task": f"bench-{i:06d}", "x-fedmq-worker": "bench-w0"})
+        t1 = time.time()
+    finally:
+        client.close()
+    return {"t0": t0, "t1": t1}
+
+
+def run_role(args: argparse.Namespace) -> int:
+    if args.role == "floor-pub":
+        out = role_floor_pub(args.queue, args.size, args.count)
+    else:
+        out = role_fedmq_pub(args.namespace, args.hidden, args.count, args.hello)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def publisher(children: Children, name: str, *role_args: str) -> Any:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--role", *role_args]
+    return children.spawn(name, argv, pipe_stdout=True)
+
+
+def publisher_result(proc: Any, timeout: float) -> dict[str, float]:
+    out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"publisher exited with {proc.returncode} (see its log)")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+# ====================================================================== the three paths
+def measure_floor(children: Children, namespace: str, size: int, count: int, timeout: float) -> dict[str, Any]:
+    import pika
+
+    qname = f"{namespace}.floor"
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        ch = conn.channel()
+        ch.queue_declare(qname, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.basic_qos(prefetch_count=PREFETCH)
+        state: dict[str, Any] = {"n": 0, "t_end": None}
+
+        def on_message(chan: Any, method: Any, _props: Any, _body: bytes) -> None:
+            chan.basic_ack(method.delivery_tag)
+            state["n"] += 1
+            if state["n"] == count:
+                state["t_end"] = time.time()
+
+        ch.basic_consume(qname, on_message, auto_ack=False)
+        pub = publisher(children, "floor-pub", "floor-pub", "--queue", qname, "--size", str(size), "--count", str(count))
+        deadline = time.monotonic() + timeout
+        while state["n"] < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"floor: {state['n']}/{count} messages in {timeout:.0f} s")
+            if pub.poll() not in (None, 0):
+                raise RuntimeError("floor publisher failed")
+            conn.process_data_events(time_limit=0.2)
+        times = publisher_result(pub, 30)
+        ch.queue_delete(qname)
+    finally:
+        conn.close()
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": state["t_end"]}
+
+
+def measure_pipeline(children: Children, namespace: str, hidden: int, count: int, timeout: float) -> dict[str, Any]:
+    from aggregator.strategies import FedBuff
+    from aggregator.validate import check_update, expected_update_bytes
+    from broker.client import Client
+    from shared import messages
+
+    settings, topology = broker_settings(namespace)
+    inbox: queue.Queue[Any] = queue.Queue()
+    client = Client(settings, topology, name="bench-aggregator")
+    client.subscribe(topology.updates, inbox.put, prefetch=PREFETCH)
+    client.start()
+    try:
+        params = random_params(hidden, seed=2)
+        shapes = {k: v.shape for k, v in params.items()}
+        max_bytes = expected_update_bytes(params)
+        strategy = FedBuff(K, 1.0)
+        version = 0
+        pub = publisher(children, "pipeline-pub", "fedmq-pub", "--namespace", namespace, "--hidden", str(hidden),
+                        "--count", str(count))
+        deadline = time.monotonic() + timeout
+        n = 0
+        cpu0 = time.process_time()
+        while n < count:
+            try:
+                delivery = inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"pipeline: {n}/{count} updates in {timeout:.0f} s") from None
+            update = messages.decode(delivery.body, expect=messages.Update, max_bytes=max_bytes)
+            check_update(update, shapes, expected_kind="delta", current_version=version)
+            result = strategy.apply(params, update.params, update.num_samples, version - update.base_version)
+            if result.params is not None:
+                params = result.params
+                version += 1
+            client.ack(delivery)
+            n += 1
+        t_end = time.time()
+        cpu = time.process_time() - cpu0
+        times = publisher_result(pub, 30)
+    finally:
+        client.close()
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": t_end, "consumer_cpu_s": cpu}
+
+
+def measure_aggregator(children: Children, namespace: str, hidden: int, count: int, timeout: float,
+                       work: Path, profile: Path | None, label: str) -> dict[str, Any]:
+    test = work / "test.npz"
+    run_dir = work / f"agg-{label}-{namespace}"
+    argv = fedmq_argv(
+        "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
+        "--max-updates", str(count), "--min-workers", "1", "--concurrency", "1", "--drain-timeout", "0",
+        "--hidden", str(hidden), "--trainer", "shared.standin:NoiseTrainer",
+        "--test-data", str(test), "--out", str(run_dir), "--namespace", namespace, "--amqp-url", AMQP_URL,
+        "--log-format", "json",
+    )
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+        argv = [spy, "record", "--rate", "200", "--format", "raw", "--threads",
+                "--output", str(profile / f"update_path-{label}.txt"), "--", *argv]
+    agg = children.spawn(f"aggregator-{label}", argv, pipe_stderr=True)
+    cpu_marks: list[tuple[int, float | None]] = []
+
+    def on_event(doc: dict[str, Any], _now: float) -> None:
+        if doc.get("event") == "evaluated":
+            cpu_marks.append((int(doc["updates_applied"]), cpu_seconds(agg.pid)))
+
+    reader = JsonLogReader(agg.stderr, work / f"aggregator-{label}.jsonl", on_event)
+    reader.wait_for(lambda d: "waiting for" in str(d.get("msg", "")), timeout=60)
+    pub = publisher(children, f"aggregator-pub-{label}", "fedmq-pub", "--namespace", namespace, "--hidden", str(hidden),
+                    "--count", str(count), "--hello")
+    last = reader.wait_for(
+        lambda d: d.get("event") == "evaluated" and int(d.get("updates_applied", 0)) >= count, timeout=timeout
+    )
+    times = publisher_result(pub, 30)
+    agg.wait(120)
+    reader.join()
+    ledger = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines() if line.strip()]
+    fates: dict[str, int] = {}
+    for entry in ledger:
+        fates[entry["fate"]] = fates.get(entry["fate"], 0) + 1
+    if fates.get("applied") != count:
+        raise RuntimeError(f"aggregator applied {fates} instead of {count}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    marks = [m for m in cpu_marks if m[1] is not None]
+    cpu_per_update = None
+    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+        cpu_per_update = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])  # type: ignore[operator]
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": float(last["ts"]), "fates": fates,
+            "aggregator_cpu_s_per_update": cpu_per_update}
+
+
+# ====================================================================== main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages (well under a minute)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per path and size (the best is kept)")
+    parser.add_argument("--sizes", default="100k,1M,10M", help="comma-separated subset of 100k,1M,10M")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the aggregator with py-spy (raw stacks) into this directory")
+    parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/update_path.json)")
+    parser.add_argument("--role", choices=["floor-pub", "fedmq-pub"], help=argparse.SUPPRESS)
+    parser.add_argument("--queue", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--namespace", help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--hello", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role:
+        return run_role(args)
+
+    from shared.messages import encode
+
+    counts = QUICK_COUNTS if args.quick else COUNTS
+    sizes = [s for s in args.sizes.split(",") if s]
+    namespace = new_namespace("update-path")
+    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-update-path-"))
+    write_synthetic(work, shards=0)
+    children = Children(work / "logs")
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        for label in sizes:
+            hidden = MODEL_SIZES[label]
+            params = mlp_param_count(hidden)
+            wire = len(encode(make_update(hidden, 0, random_params(hidden))))
+            count = counts[label]
+            timeout = 60 + count * wire / 5e6  # generous: 5 MB/s
+            best: dict[str, dict[str, Any]] = {}
+            for _ in range(args.repeat):
+                for path in ("floor", "pipeline", "aggregator"):
+                    ns = f"{namespace}-{label}-{path}"
+                    try:
+                        if path == "floor":
+                            res = measure_floor(children, ns, wire, count, timeout)
+                        elif path == "pipeline":
+                            res = measure_pipeline(children, ns, hidden, count, timeout)
+                        else:
+                            res = measure_aggregator(children, ns, hidden, count, timeout, work, args.profile, label)
+                    finally:
+                        children.stop_all()
+                        delete_namespace(ns, extra_queues=[f"{ns}.floor"])
+                    res["rate"] = count / (res["t_end"] - res["t0"])
+                    res["publish_rate"] = count / (res["t_pub_end"] - res["t0"])
+                    if path not in best or res["rate"] > best[path]["rate"]:
+                        best[path] = res
+            floor = best["floor"]["rate"]
+            for path in ("floor", "pipeline", "aggregator"):
+                r = best[path]
+                rows.append({
+                    "model": label, "params": params, "wire_bytes": wire, "messages": count, "path": path,
+                    "updates_per_s": r["rate"], "mb_per_s": r["rate"] * wire / 1e6,
+                    "publisher_per_s": r["publish_rate"], "ratio": r["rate"] / floor,
+                    "goal": GOAL if path == "aggregator" else None,
+                    "pass": (r["rate"] / floor >= GOAL) if path == "aggregator" else None,
+                    **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates")},
+                })
+            print(f"  {label}: floor {floor:.1f}/s, pipeline {best['pipeline']['rate']:.1f}/s, "
+                  f"aggregator {best['aggregator']['rate']:.1f}/s", file=sys.stderr)
+    finally:
+        children.stop_all()
+        delete_namespace(namespace)
+        shutil.rmtree(work, ignore_errors=True)
+
+    headers = ["model", "params", "wire MB", "msgs", "path", "upd/s", "MB/s", "pub/s", "ratio", "goal", "result"]
+    body = [
+        [r["model"], r["params"], r["wire_bytes"] / 1e6, r["messages"], r["path"], r["updates_per_s"], r["mb_per_s"],
+         r["publisher_per_s"], r["ratio"], "-" if r["goal"] is None else f">= {r['goal']}",
+         "-" if r["pass"] is None else ("PASS" if r["pass"] else "MISS")]
+        for r in rows
+    ]
+    print(table(headers, body))
+    out = write_result("update_path", {"quick": args.quick, "repeat": args.repeat, "k": K, "prefetch": PREFETCH,
+                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
+    print(f"wrote {out}")
+    return 0 if all(r["pass"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
