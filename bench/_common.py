@@ -87,6 +87,23 @@ def fedmq_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedmq.cli", *args]
 
 
+def pyspy_argv(argv: Sequence[str], output: Path, rate: int = 200) -> list[str]:
+    """Wrap ``argv`` in ``py-spy record`` (raw collapsed stacks, one line per thread stack)."""
+    import shutil
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or "py-spy"
+    return [spy, "record", "--rate", str(rate), "--format", "raw", "--threads", "--output", str(output), "--", *argv]
+
+
+def loadavg() -> float:
+    """The 1-minute load average (other users of the machine add noise to timings)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 class Children:
     """Start child processes and make sure every one of them is gone at the end."""
 
@@ -295,7 +312,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain text table (also valid as the body of a Markdown table when ``md``)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [" ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines = [" ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 

@@ -139,8 +139,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['model']:>5} {r['params']:>10,} {r['op']:>6} {r['floor_s'] * 1e3:9.2f} "
-            f"{r['floor_gbps']:10.2f} {r['ours_s'] * 1e3:8.2f} {r['ours_gbps']:9.2f} "
+            f"{r['model']:>5} {r['params']:>10,} {r['op']:>6} {r['floor_s'] * 1e3:9.3f} "
+            f"{r['floor_gbps']:10.2f} {r['ours_s'] * 1e3:8.3f} {r['ours_gbps']:9.2f} "
             f"{r['ratio']:6.2f} {r['goal']:5.1f} {'PASS' if r['pass'] else 'MISS'}"
         )
 

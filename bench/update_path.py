@@ -55,9 +55,11 @@ from bench._common import (  # noqa: E402
     cpu_seconds,
     delete_namespace,
     fedmq_argv,
+    loadavg,
     mlp_param_count,
     mlp_shapes,
     new_namespace,
+    pyspy_argv,
     table,
     write_result,
     write_synthetic,
@@ -223,7 +225,7 @@ def measure_pipeline(children: Children, namespace: str, hidden: int, count: int
 
 
 def measure_aggregator(children: Children, namespace: str, hidden: int, count: int, timeout: float,
-                       work: Path, profile: Path | None, label: str) -> dict[str, Any]:
+                       work: Path, profile: Path | None, label: str, extra: list[str]) -> dict[str, Any]:
     test = work / "test.npz"
     run_dir = work / f"agg-{label}-{namespace}"
     argv = fedmq_argv(
@@ -231,13 +233,10 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
         "--max-updates", str(count), "--min-workers", "1", "--concurrency", "1", "--drain-timeout", "0",
         "--hidden", str(hidden), "--trainer", "shared.standin:NoiseTrainer",
         "--test-data", str(test), "--out", str(run_dir), "--namespace", namespace, "--amqp-url", AMQP_URL,
-        "--log-format", "json",
+        "--log-format", "json", *extra,
     )
     if profile is not None:
-        profile.mkdir(parents=True, exist_ok=True)
-        spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
-        argv = [spy, "record", "--rate", "200", "--format", "raw", "--threads",
-                "--output", str(profile / f"update_path-{label}.txt"), "--", *argv]
+        argv = pyspy_argv(argv, profile / f"update_path-{label}.txt")
     agg = children.spawn(f"aggregator-{label}", argv, pipe_stderr=True)
     cpu_marks: list[tuple[int, float | None]] = []
 
@@ -274,11 +273,14 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (well under a minute)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per path and size (the best is kept)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of (floor, pipeline, aggregator) per size; the best rate per path is kept")
     parser.add_argument("--sizes", default="100k,1M,10M", help="comma-separated subset of 100k,1M,10M")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the aggregator with py-spy (raw stacks) into this directory")
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/update_path.json)")
+    parser.add_argument("--paths", default="floor,pipeline,aggregator", help="subset of floor,pipeline,aggregator")
+    parser.add_argument("--aggregator-args", default="", help="extra `fedmq aggregator` options (experiments)")
     parser.add_argument("--role", choices=["floor-pub", "fedmq-pub"], help=argparse.SUPPRESS)
     parser.add_argument("--queue", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     from shared.messages import encode
 
     counts = QUICK_COUNTS if args.quick else COUNTS
+    paths = [p for p in args.paths.split(",") if p]
+    if "floor" not in paths:
+        parser.error("--paths must include floor (ratios are to the floor)")
     sizes = [s for s in args.sizes.split(",") if s]
     namespace = new_namespace("update-path")
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-update-path-"))
@@ -308,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             count = counts[label]
             timeout = 60 + count * wire / 5e6  # generous: 5 MB/s
             best: dict[str, dict[str, Any]] = {}
+            runs: list[dict[str, float]] = []
             for _ in range(args.repeat):
-                for path in ("floor", "pipeline", "aggregator"):
+                runs.append({"loadavg": loadavg()})
+                for path in paths:
                     ns = f"{namespace}-{label}-{path}"
                     try:
                         if path == "floor":
@@ -317,16 +324,18 @@ def main(argv: list[str] | None = None) -> int:
                         elif path == "pipeline":
                             res = measure_pipeline(children, ns, hidden, count, timeout)
                         else:
-                            res = measure_aggregator(children, ns, hidden, count, timeout, work, args.profile, label)
+                            res = measure_aggregator(children, ns, hidden, count, timeout, work, args.profile, label,
+                                                     args.aggregator_args.split())
                     finally:
                         children.stop_all()
                         delete_namespace(ns, extra_queues=[f"{ns}.floor"])
                     res["rate"] = count / (res["t_end"] - res["t0"])
                     res["publish_rate"] = count / (res["t_pub_end"] - res["t0"])
+                    runs[-1][path] = res["rate"]
                     if path not in best or res["rate"] > best[path]["rate"]:
                         best[path] = res
             floor = best["floor"]["rate"]
-            for path in ("floor", "pipeline", "aggregator"):
+            for path in paths:
                 r = best[path]
                 rows.append({
                     "model": label, "params": params, "wire_bytes": wire, "messages": count, "path": path,
@@ -335,9 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                     "goal": GOAL if path == "aggregator" else None,
                     "pass": (r["rate"] / floor >= GOAL) if path == "aggregator" else None,
                     **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates")},
+                    "runs": [run.get(path) for run in runs],
+                    "run_ratios": [run[path] / run["floor"] for run in runs if path in run],
+                    "loadavg": [run["loadavg"] for run in runs],
                 })
-            print(f"  {label}: floor {floor:.1f}/s, pipeline {best['pipeline']['rate']:.1f}/s, "
-                  f"aggregator {best['aggregator']['rate']:.1f}/s", file=sys.stderr)
+            print(f"  {label}: " + ", ".join(f"{p} {best[p]['rate']:.1f}/s" for p in paths), file=sys.stderr)
     finally:
         children.stop_all()
         delete_namespace(namespace)

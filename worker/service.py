@@ -303,8 +303,11 @@ class Worker:
         params = result.params
         if task.update_kind == "delta":
             params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
+        # In a synchronous round a task is only a ticket to contribute; the unit of work (and the
+        # dedupe key) is "this worker's contribution to round r", whichever ticket it drew.
+        work_id = f"r{task.round:05d}:{cfg.worker_id}" if sync and task.round is not None else task.task_id
         update = messages.Update(
-            task_id=task.task_id, worker_id=cfg.worker_id, base_version=model.version,
+            task_id=work_id, worker_id=cfg.worker_id, base_version=model.version,
             num_samples=int(result.num_samples), params=params, kind=task.update_kind,
             train_loss=float(result.loss), train_accuracy=float(result.accuracy),
             duration_s=time.monotonic() - started, round=task.round,
@@ -326,7 +329,8 @@ class Worker:
         log.info(
             "worker %s: task %s on version %d done in %.2fs (loss %.4f); update confirmed",
             cfg.worker_id, task.task_id, model.version, time.monotonic() - started, result.loss,
-            extra={"event": "update_confirmed", "task_id": task.task_id, "worker_id": cfg.worker_id, "message_id": message_id},
+            extra={"event": "update_confirmed", "task_id": work_id, "ticket": task.task_id, "worker_id": cfg.worker_id,
+                   "message_id": message_id},
         )
         if self._crash_point == "after-confirm":
             os.kill(os.getpid(), signal.SIGKILL)
