@@ -25,7 +25,7 @@ from aggregator import durable
 from aggregator.config import AggregatorConfig
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
 from aggregator.validate import check_update, expected_update_bytes
-from broker.client import Client, Delivery
+from broker.client import Client, Delivery, SetupError
 from broker.settings import BrokerSettings
 from broker.topology import Topology
 from shared import messages
@@ -174,7 +174,17 @@ class Aggregator:
             arguments=lambda: {"x-stream-offset": _stream_timestamp(since)},
         )
         client.subscribe(self.topology.updates, self._on_update, prefetch=prefetch)
-        self.client = client.start()
+        # one aggregator per namespace: a second one is refused instead of racing the first
+        client.subscribe(self.topology.lock, lambda d: None, prefetch=1, exclusive=True)
+        try:
+            self.client = client.start()
+        except SetupError as exc:
+            if "exclusive" in str(exc).lower() or "ACCESS_REFUSED" in str(exc):
+                raise BrokerError(
+                    f"another aggregator is running on namespace {self.topology.namespace!r}; "
+                    "stop it first, or use another --namespace"
+                ) from None
+            raise
         log.info("aggregator connected to %s, namespace %s, %s/%s", self.settings.masked_url,
                  self.topology.namespace, self.cfg.mode, self.cfg.strategy_name)
 

@@ -7,6 +7,7 @@
 ``<ns>.updates``       quorum queue, single active consumer, dead-lettered to ``<ns>.updates.dlq``
 ``<ns>.dlx``           direct exchange feeding the two dead-letter queues
 ``<ns>.control``       fanout exchange: stop messages to every worker
+``<ns>.lock``          classic queue; the running aggregator holds an exclusive consumer on it
 =====================  ======================================================================
 
 Declaring is idempotent; see the handbook (GUIDE.md §2) for the measured behaviour behind it.
@@ -74,8 +75,13 @@ class Topology:
         return f"{self.namespace}.control"
 
     @property
+    def lock(self) -> str:
+        return f"{self.namespace}.lock"
+
+    @property
     def queues(self) -> tuple[str, ...]:
         return (
+            self.lock,
             self.models,
             self.presence,
             self.tasks,
@@ -104,6 +110,7 @@ class Topology:
         """(queue name, arguments) for every durable queue, in declaration order."""
         stream = {"x-queue-type": "stream"}
         return [
+            (self.lock, {"x-queue-type": "classic"}),
             (
                 self.models,
                 {

@@ -150,7 +150,7 @@ def parse_fedmq(args: list[str], env: dict[str, str], monkeypatch: pytest.Monkey
     rest = list(args)
     cmd: click.Command = main
     ctx = main.context_class(main, info_name="fedmq", **main.context_settings)
-    path = []
+    path: list[str] = []
     while isinstance(cmd, click.Group):
         assert rest, f"`fedmq {' '.join(path)}` needs a subcommand"
         name = rest.pop(0)
@@ -350,8 +350,8 @@ def test_worker_entrypoint_gives_each_replica_its_own_shard(tmp_path: Path) -> N
     assert ids == ["worker-0", "worker-1"]
     for argv in ran.values():
         assert argv[:1] == ["worker"] and argv[-2:] == ["--slowdown", "2"]
-        i = argv[argv.index("--worker-id") + 1].split("-")[1]
-        assert argv[argv.index("--data") + 1] == f"{shards}/worker-{i}.npz"
+        index = argv[argv.index("--worker-id") + 1].split("-")[1]
+        assert argv[argv.index("--data") + 1] == f"{shards}/worker-{index}.npz"
     # the same replica, restarted, takes back the shard it had
     first = next(iter(ran))
     (out / first).unlink()
@@ -402,6 +402,7 @@ def _required(role: str) -> dict[str, set[str]]:
     t = Topology(NAMESPACE)
     private = f"{t.control}.worker-0.0123abcd"  # worker/service.py: <control>.<worker id>.<8 hex>
     declared = set(t.queues) | {t.dlx, t.control}
+    lock = {t.lock} if hasattr(t, "lock") else set()
     topology_binds_write = {t.tasks_dlq, t.updates_dlq}
     if role == "aggregator":
         return {
@@ -411,8 +412,9 @@ def _required(role: str) -> dict[str, set[str]]:
             # stop to the control fanout; creating the DLX'd queues; binding the DLQs
             "write": {"amq.default", t.dlx, t.control} | topology_binds_write,
             # consume presence and updates; purge tasks; DLX'd queue creation (tasks, updates);
-            # `fedmq broker dlq` gets and purges the DLQs; binding the DLQs reads the DLX
-            "read": {t.presence, t.updates, t.tasks, t.tasks_dlq, t.updates_dlq, t.dlx},
+            # `fedmq broker dlq` gets and purges the DLQs; binding the DLQs reads the DLX;
+            # the exclusive consumer on the lock queue (one aggregator per namespace)
+            "read": {t.presence, t.updates, t.tasks, t.tasks_dlq, t.updates_dlq, t.dlx} | lock,
         }
     return {
         # Topology.declare on connect (the queues already exist: definitions.json declares
@@ -452,7 +454,9 @@ def test_workers_cannot_forge_or_snoop(definitions: dict[str, Any]) -> None:
     perms = _perms(definitions, WORKER_USER)
     for name in (t.models, t.tasks, t.control, t.dlx, t.presence, t.updates):
         assert not allowed(perms["write"], name), f"worker write allows {name}"
-    for name in (t.updates, t.presence, t.tasks_dlq, t.updates_dlq):
+    # nor hold the aggregator's lock (an exclusive consumer on it would lock the aggregator out)
+    lock = (t.lock,) if hasattr(t, "lock") else ()
+    for name in (t.updates, t.presence, t.tasks_dlq, t.updates_dlq, *lock):
         assert not allowed(perms["read"], name), f"worker read allows {name}"
 
 

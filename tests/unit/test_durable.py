@@ -1,0 +1,75 @@
+"""Crash-safe files: atomic checkpoints and a ledger that rewinds to the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator import durable
+from shared.errors import ConfigError
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    arrays = {"model/dense_0/W": np.arange(6, dtype=np.float32).reshape(2, 3), "strategy/dense_0/W": np.ones((2, 3), np.float32)}
+    durable.save_checkpoint(tmp_path, {"state": {"version": 3}, "x": [1, 2]}, arrays)
+    loaded = durable.load_checkpoint(tmp_path)
+    assert loaded is not None
+    meta, back = loaded
+    assert meta == {"state": {"version": 3}, "x": [1, 2]}
+    assert durable.split_prefix(back, "model/").keys() == {"dense_0/W"}
+    assert np.array_equal(back["model/dense_0/W"], arrays["model/dense_0/W"])
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    durable.save_checkpoint(tmp_path, {"v": 1}, {"a": np.zeros(3)})
+
+    def explode(f: object) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        durable.atomic_write_bytes(tmp_path / durable.CHECKPOINT_DIR / durable.CHECKPOINT_FILE, explode)
+    loaded = durable.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded[0] == {"v": 1}
+
+
+def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / durable.CHECKPOINT_DIR / durable.CHECKPOINT_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="unreadable"):
+        durable.load_checkpoint(tmp_path)
+
+
+def test_no_checkpoint_is_none(tmp_path: Path) -> None:
+    assert durable.load_checkpoint(tmp_path) is None
+
+
+def test_ledger_truncates_to_the_committed_offset(tmp_path: Path) -> None:
+    path = tmp_path / "updates.jsonl"
+    ledger = durable.Ledger(path)
+    ledger.record({"task_id": "a", "fate": "applied"})
+    offset = ledger.commit()
+    ledger.record({"task_id": "b", "fate": "applied"})  # written after the checkpoint
+    ledger.commit()
+    ledger.close()
+    resumed = durable.Ledger(path, truncate_to=offset)
+    resumed.record({"task_id": "b", "fate": "applied"})
+    resumed.commit()
+    resumed.close()
+    assert [e["task_id"] for e in durable.read_ledger(path)] == ["a", "b"]
+
+
+def test_a_new_run_starts_a_new_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "updates.jsonl"
+    path.write_text(json.dumps({"old": True}) + "\n")
+    durable.Ledger(path).close()
+    assert durable.read_ledger(path) == []
+
+
+def test_saved_params_load_without_pickle(tmp_path: Path) -> None:
+    durable.save_params(tmp_path / "model.npz", {"dense_0/W": np.ones((2, 2), np.float32)})
+    with np.load(tmp_path / "model.npz", allow_pickle=False) as z:
+        assert z.files == ["dense_0/W"]
