@@ -240,6 +240,52 @@ def status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+def system_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(values[:8])  # guest time is already in user
+    idle = values[3] + values[4]
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def broker_pid() -> int | None:
+    """The pid of the local RabbitMQ node (beam.smp), to read its CPU time."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    return int(entry.name)
+    return None
+
+
+class CpuSnapshots:
+    """CPU seconds of groups of processes (and of the machine), taken at chosen moments."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[int]] = {}
+        pid = broker_pid()
+        if pid is not None:
+            self.groups["rabbitmq"] = [pid]
+
+    def watch(self, group: str, pid: int) -> None:
+        self.groups.setdefault(group, []).append(pid)
+
+    def snapshot(self) -> dict[str, float]:
+        snap = {g: sum(cpu_seconds(p) or 0.0 for p in pids) for g, pids in self.groups.items()}
+        snap["machine_busy"], snap["machine_total"] = system_cpu()
+        snap["wall"] = time.time()
+        return snap
+
+    @staticmethod
+    def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        """CPU seconds per group between two snapshots; ``other`` = machine busy minus the groups."""
+        d = {k: b[k] - a[k] for k in a if k in b}
+        mine = sum(v for k, v in d.items() if k not in ("machine_busy", "machine_total", "wall"))
+        d["other"] = d["machine_busy"] - mine
+        d["cores"] = d["machine_total"] / d["wall"] if d["wall"] > 0 else float("nan")
+        return d
+
+
 # ------------------------------------------------------------------ data
 def write_synthetic(out: Path, *, shards: int, per_shard: int = 32, test: int = 64, features: int = 784,
                     classes: int = 10, seed: int = 0) -> Path:

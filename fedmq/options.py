@@ -112,7 +112,7 @@ def parse_int_list(_ctx: click.Context | None, _param: click.Parameter | None, v
     if isinstance(value, list | tuple):
         items = [str(v) for v in value]
     else:
-        items = [v for v in str(value).replace(" ", "").split(",") if v]
+        items = [v for v in str(value).strip("[]() ").replace(" ", "").split(",") if v]
     try:
         out = tuple(int(v) for v in items)
     except ValueError:
