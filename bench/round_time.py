@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,8 @@ from bench._common import (  # noqa: E402
     MODEL_SIZES,
     SINGLE_THREAD_ENV,
     Children,
+    CpuSnapshots,
+    JsonLogReader,
     delete_namespace,
     fedmq_argv,
     loadavg,
@@ -71,17 +74,27 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     if profile is not None:
         argv = pyspy_argv(argv, profile / f"round_time-n{n}-{label}.txt")
     load = loadavg()
-    agg = children.spawn(f"aggregator-n{n}-{label}", argv)
+    cpu = CpuSnapshots()
+    marks: dict[int, dict[str, float]] = {}
+
+    def on_event(doc: dict[str, Any], _now: float) -> None:
+        if doc.get("event") == "evaluated" and doc.get("round") in (1, rounds):
+            marks[int(doc["round"])] = cpu.snapshot()
+
+    agg = children.spawn(f"aggregator-n{n}-{label}", argv, pipe_stderr=True)
+    cpu.watch("aggregator", agg.pid)
+    reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-n{n}-{label}.jsonl", on_event)
     for i in range(n):
         wargv = fedmq_argv("worker", "--data", str(work / "data" / f"worker-{i}.npz"), "--worker-id", f"w{i}",
                            "--trainer", "shared.standin:NoiseTrainer", "--namespace", namespace,
                            "--amqp-url", AMQP_URL, "--log-format", "json")
         if profile is not None and i == 0:
             wargv = pyspy_argv(wargv, profile / f"round_time-n{n}-{label}-worker0.txt")
-        children.spawn(f"worker-n{n}-{label}-{i}", wargv, env=SINGLE_THREAD_ENV)
+        cpu.watch("workers", children.spawn(f"worker-n{n}-{label}-{i}", wargv, env=SINGLE_THREAD_ENV).pid)
     started = time.monotonic()
     code = agg.wait(timeout=60 + rounds * (5 + n * mlp_param_count(hidden) * 4 / 20e6))
     wall = time.monotonic() - started
+    reader.join()
     if code != 0:
         raise RuntimeError(f"aggregator exited with {code}; see {children.log_dir}")
     doc = json.loads((run_dir / "history.json").read_text())
@@ -105,15 +118,20 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     steady = per_round[1:]  # rounds 2..R
     s_round = median(steady)
     dep, sim = DEPLOYMENT[n][label], SIMULATION[n][label]
+    cpu_per_round: dict[str, float] = {}
+    if 1 in marks and rounds in marks:
+        d = CpuSnapshots.delta(marks[1], marks[rounds])
+        cpu_per_round = {k: v / (rounds - 1) for k, v in d.items() if k not in ("machine_total", "wall", "cores")}
     return {
         "workers": n, "model": label, "hidden": hidden, "params": mlp_param_count(hidden), "model_bytes": model_bytes,
-        "rounds": rounds, "per_round_s": per_round, "median_s": s_round,
+        "rounds": rounds, "per_round_s": per_round, "median_s": s_round, "mean_s": sum(steady) / len(steady),
         "collect_median_s": median(collect[1:]), "close_median_s": median(close[1:]),
         "mb_per_s": 2 * n * model_bytes / s_round / 1e6,
         "deployment_s": dep, "speedup_vs_deployment": dep / s_round, "simulation_s": sim,
         "ratio_to_simulation": s_round / sim,
         "pass_deployment": dep / s_round >= SPEEDUP_GOAL, "pass_simulation": s_round <= sim,
         "fates": fates, "aggregator_wall_s": wall, "loadavg": load,
+        "cpu_s_per_round": cpu_per_round,
     }
 
 
@@ -168,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
     ]
     print(table(headers, body))
+    print("\nCPU seconds per round (rounds 2..R), by process group; machine = 2 cores x s/round available")
+    cpu_headers = ["N", "model", "s/round", "aggregator", "workers", "rabbitmq", "other", "machine busy", "busy %"]
+    cpu_body = []
+    for r in rows:
+        c = r["cpu_s_per_round"]
+        if c:
+            cpu_body.append([r["workers"], r["model"], r["median_s"], c.get("aggregator", 0.0), c.get("workers", 0.0),
+                             c.get("rabbitmq", float("nan")), c["other"], c["machine_busy"],
+                             100 * c["machine_busy"] / (r["mean_s"] * (os.cpu_count() or 1))])
+    print(table(cpu_headers, cpu_body))
     out = write_result("round_time", {"quick": args.quick, "rounds": rounds, "worker_hosting": "processes",
                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")

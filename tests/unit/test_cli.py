@@ -29,7 +29,8 @@ def _aggregator_ctx(args: list[str], env: dict[str, str] | None = None) -> dict:
     cmd = main.commands["aggregator"]
     runner = CliRunner(env=env or {})
     with runner.isolation(env=env or {}):
-        ctx = cmd.make_context("aggregator", args, obj=None, auto_envvar_prefix="FEDMQ")
+        # the prefix the `fedmq` group gives this subcommand (FEDMQ + _AGGREGATOR)
+        ctx = cmd.make_context("aggregator", list(args), obj=None, auto_envvar_prefix="FEDMQ_AGGREGATOR")
     return ctx.params
 
 
