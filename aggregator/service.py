@@ -143,6 +143,10 @@ class Aggregator:
             int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
         )
         self.trainer: Trainer = load_trainer_factory(cfg.trainer)(self.spec)
+
+    def _restore(self) -> None:
+        """Open the run directory: only once we hold the namespace's aggregator lock."""
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         restored = durable.load_checkpoint(self.out) if cfg.resume else None
         if cfg.resume and restored is None:
@@ -192,6 +196,12 @@ class Aggregator:
     def run(self) -> dict[str, Any]:
         self._setup()
         self._connect()
+        try:
+            self._restore()
+        except BaseException:
+            assert self.client is not None
+            self.client.close()
+            raise
         try:
             self._publish_model()
             if self.cfg.synchronous:

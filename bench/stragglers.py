@@ -44,6 +44,7 @@ from bench._common import (  # noqa: E402
     loadavg,
     median,
     new_namespace,
+    pyspy_argv,
     table,
     write_result,
 )
@@ -61,17 +62,18 @@ STRATEGIES: dict[str, list[str]] = {
 }
 
 
-def run_one(children: Children, work: Path, namespace: str, name: str, rounds: int, tag: str) -> dict[str, Any]:
+def run_one(children: Children, work: Path, namespace: str, name: str, rounds: int, tag: str,
+            profile: Path | None = None) -> dict[str, Any]:
     run_dir = work / f"run-{name}-{tag}"
     budget = ["--rounds", str(rounds), "--workers-per-round", str(WORKERS)] if name.startswith("sync") else [
         "--max-updates", str(rounds * WORKERS)]
     load = loadavg()
-    agg = children.spawn(
-        f"aggregator-{name}-{tag}",
-        fedmq_argv("aggregator", *STRATEGIES[name], *budget, "--min-workers", str(WORKERS),
-                   "--test-data", str(work / "shards" / "test.npz"), "--out", str(run_dir),
-                   "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json"),
-    )
+    argv = fedmq_argv("aggregator", *STRATEGIES[name], *budget, "--min-workers", str(WORKERS),
+                      "--test-data", str(work / "shards" / "test.npz"), "--out", str(run_dir),
+                      "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json")
+    if profile is not None:
+        argv = pyspy_argv(argv, profile / f"stragglers-{name}-{tag}.txt")
+    agg = children.spawn(f"aggregator-{name}-{tag}", argv)
     for i in range(WORKERS):
         slow = i >= WORKERS - SLOW
         children.spawn(
@@ -107,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 rounds (200 updates), one run each")
     parser.add_argument("--rounds", type=int, default=None, help="sync rounds; async gets rounds x 10 updates (default 40)")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per strategy, medians reported (default 2; quick 1)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per strategy, medians reported (default 3; quick 1)")
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/stragglers.json)")
+    parser.add_argument("--profile", type=Path, default=None, help="record each aggregator with py-spy into DIR")
     args = parser.parse_args(argv)
     rounds = args.rounds or (20 if args.quick else 40)
-    repeat = args.repeat or (1 if args.quick else 2)
+    repeat = args.repeat or (1 if args.quick else 3)
 
     namespace = new_namespace("stragglers")
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-stragglers-"))
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in STRATEGIES:
                 ns = f"{namespace}-{name}-{rep}"
                 try:
-                    res = run_one(children, work, ns, name, rounds, str(rep))
+                    res = run_one(children, work, ns, name, rounds, str(rep), args.profile)
                 finally:
                     children.stop_all()
                     delete_namespace(ns)
