@@ -59,14 +59,14 @@ def _json_default(value: Any) -> Any:
 
 def save_params(path: Path, params: Mapping[str, np.ndarray]) -> None:
     """Write parameters as a plain .npz (loadable with allow_pickle=False)."""
-    atomic_write_bytes(path, lambda f: np.savez(f, **params))
+    atomic_write_bytes(path, lambda f: np.savez(f, **params))  # type: ignore[arg-type]
 
 
 def save_checkpoint(run_dir: Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     blob = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
     atomic_write_bytes(
         run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE,
-        lambda f: np.savez(f, **{_META: blob}, **arrays),
+        lambda f: np.savez(f, **{_META: blob}, **arrays),  # type: ignore[arg-type]
     )
 
 

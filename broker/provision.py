@@ -76,7 +76,7 @@ def free_port() -> int:
 def docker_available() -> bool:
     """A Docker engine answers (not only the client binary)."""
     try:
-        import docker  # type: ignore[import-untyped]
+        import docker
 
         client = docker.from_env(timeout=3)
         client.ping()
@@ -186,7 +186,7 @@ class ProvidedBroker:
 
 
 def start_container() -> ProvidedBroker:
-    from testcontainers.rabbitmq import RabbitMqContainer  # type: ignore[import-untyped]
+    from testcontainers.rabbitmq import RabbitMqContainer
 
     container = RabbitMqContainer("rabbitmq:3.13-management")
     container.start()

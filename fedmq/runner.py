@@ -31,12 +31,7 @@ from shared.errors import FedmqError
 
 log = logging.getLogger("fedmq.run")
 
-AGGREGATOR_FLAGS = (
-    "mode strategy rounds max_updates target_accuracy time_limit workers_per_round min_workers round_timeout "
-    "concurrency buffer_size mixing staleness staleness_a staleness_b max_staleness server_lr hidden activation "
-    "loss epochs batch_size lr proximal_mu seed trainer checkpoint_every checkpoint_interval task_timeout "
-    "drain_timeout max_update_bytes"
-).split()
+AGGREGATOR_FLAGS = ["mode", "strategy", "rounds", "max_updates", "target_accuracy", "time_limit", "workers_per_round", "min_workers", "round_timeout", "concurrency", "buffer_size", "mixing", "staleness", "staleness_a", "staleness_b", "max_staleness", "server_lr", "hidden", "activation", "loss", "epochs", "batch_size", "lr", "proximal_mu", "seed", "trainer", "checkpoint_every", "checkpoint_interval", "task_timeout", "drain_timeout", "max_update_bytes"]
 
 
 def _fedmq(*args: str) -> list[str]:

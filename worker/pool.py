@@ -60,7 +60,12 @@ def run_pool(
     for t in threads:
         t.start()
     log.info("running %d workers in this process", len(threads))
-    watcher = threading.Thread(target=lambda: (stop.wait(), [w.request_stop() for w in workers]), daemon=True)
+    def stop_all() -> None:
+        stop.wait()
+        for w in workers:
+            w.request_stop()
+
+    watcher = threading.Thread(target=stop_all, daemon=True)
     watcher.start()
     for t in threads:
         while t.is_alive():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from aggregator.strategies import (
+    STRATEGIES,
     FedAsync,
     FedAvg,
     FedBuff,
-    STRATEGIES,
     fedbuff_staleness,
     make_staleness,
     make_strategy,
