@@ -100,8 +100,22 @@ def translate_connect_error(settings: BrokerSettings, exc: BaseException) -> Bro
         )
     if isinstance(exc, pex.IncompatibleProtocolError):
         return BrokerError(f"{where} did not answer AMQP 0-9-1 (is it a RabbitMQ port?)")
-    detail = mask_text(str(exc) or type(exc).__name__)
-    return BrokerError(f"cannot reach RabbitMQ at {where}: {detail}")
+    return BrokerError(f"cannot reach RabbitMQ at {where}: {_root_cause(exc)}")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason pika wrapped (e.g. 'Connection refused'), passwords masked."""
+    inner: object = exc
+    while isinstance(inner, BaseException) and inner.args and isinstance(inner.args[0], BaseException):
+        inner = inner.args[0]
+    text = repr(inner) if isinstance(inner, BaseException) else str(inner)
+    if "ConnectionRefusedError" in text:
+        return "connection refused (is RabbitMQ running and listening there?)"
+    if "gaierror" in text or "Name or service not known" in text:
+        return "unknown host"
+    if "timed out" in text.lower() or "Timeout" in text:
+        return "timed out"
+    return mask_text(text or type(exc).__name__)
 
 
 def connection_parameters(settings: BrokerSettings, name: str) -> pika.URLParameters:
