@@ -88,12 +88,14 @@ def fedmq_argv(*args: str) -> list[str]:
 
 
 def pyspy_argv(argv: Sequence[str], output: Path, rate: int = 200) -> list[str]:
-    """Wrap ``argv`` in ``py-spy record`` (raw collapsed stacks, one line per thread stack)."""
+    """Wrap ``argv`` in ``py-spy record`` (raw collapsed stacks per thread; $FEDMQ_BENCH_PYSPY_ARGS adds options)."""
     import shutil
 
     output.parent.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or "py-spy"
-    return [spy, "record", "--rate", str(rate), "--format", "raw", "--threads", "--output", str(output), "--", *argv]
+    extra = os.environ.get("FEDMQ_BENCH_PYSPY_ARGS", "").split()  # e.g. "--gil" or "--native"
+    return [spy, "record", "--rate", str(rate), "--format", "raw", "--threads", *extra, "--output", str(output),
+            "--", *argv]
 
 
 def loadavg() -> float:

@@ -46,6 +46,7 @@ from bench._common import (  # noqa: E402
     MODEL_SIZES,
     SINGLE_THREAD_ENV,
     Children,
+    CpuSnapshots,
     JsonLogReader,
     cpu_seconds,
     delete_namespace,
@@ -81,11 +82,13 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         argv = pyspy_argv(argv, profile / f"scale-{tag}.txt")
     load = loadavg()
     agg = children.spawn(f"aggregator-{tag}", argv, pipe_stderr=True)
-    marks: list[tuple[int, float, float | None]] = []
+    cpu = CpuSnapshots()
+    cpu.watch("aggregator", agg.pid)
+    marks: list[tuple[int, float, float | None, dict[str, float]]] = []
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
         if doc.get("event") == "evaluated":
-            marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid)))
+            marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid), cpu.snapshot()))
 
     reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-{tag}.jsonl", on_event)
     pool = children.spawn(
@@ -95,6 +98,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )
+    cpu.watch("workers", pool.pid)
     hwm_kb = 0
     maxrss_kb = 0
     deadline = time.monotonic() + 120 + updates * mlp_param_count(hidden) * 4 / 2e6
@@ -120,12 +124,16 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     first, last = valid[0], valid[-1]
     span = last[0] - first[0]
     peak_kb = max(hwm_kb, maxrss_kb)
+    system = CpuSnapshots.delta(first[3], last[3])
     return {
         "workers": n, "model": label, "hidden": hidden, "params": mlp_param_count(hidden),
         "model_bytes": mlp_param_count(hidden) * 4, "extra_args": extra, "updates_applied": applied,
         "window_updates": span, "cpu_ms_per_update": 1e3 * (last[2] - first[2]) / span,  # type: ignore[operator]
         "updates_per_s": span / (last[1] - first[1]), "peak_mb": peak_kb / 1024,
         "vmhwm_polled_mb": hwm_kb / 1024, "ru_maxrss_mb": maxrss_kb / 1024, "loadavg": load,
+        "system_cpu_ms_per_update": {k: 1e3 * system[k] / span for k in ("workers", "rabbitmq", "other", "machine_busy")
+                                     if k in system},
+        "machine_busy_pct": 100 * system["machine_busy"] / system["machine_total"],
     }
 
 
@@ -205,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(headers, body))
     print(f"base (N=4, 100k) = {base_mb:.1f} MB")
+    print("\nthe rest of the machine per applied update (CPU ms), for context")
+    print(table(["sweep", "N", "model", "aggregator", "worker pool", "rabbitmq", "other", "machine busy %"],
+                [[r["sweep"], r["workers"], r["model"], r["cpu_ms_per_update"],
+                  r["system_cpu_ms_per_update"].get("workers", float("nan")),
+                  r["system_cpu_ms_per_update"].get("rabbitmq", float("nan")),
+                  r["system_cpu_ms_per_update"].get("other", float("nan")), r["machine_busy_pct"]] for r in rows]))
     out = write_result("scale", {"quick": args.quick, "k": K, "base_mb": base_mb, "worker_hosting": "in-process pool",
                                  "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")

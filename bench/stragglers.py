@@ -39,6 +39,8 @@ from bench._common import (  # noqa: E402
     AMQP_URL,
     SINGLE_THREAD_ENV,
     Children,
+    CpuSnapshots,
+    JsonLogReader,
     delete_namespace,
     fedmq_argv,
     loadavg,
@@ -63,7 +65,7 @@ STRATEGIES: dict[str, list[str]] = {
 
 
 def run_one(children: Children, work: Path, namespace: str, name: str, rounds: int, tag: str,
-            profile: Path | None = None) -> dict[str, Any]:
+            profile: Path | None = None, aggregator_env: dict[str, str] | None = None) -> dict[str, Any]:
     run_dir = work / f"run-{name}-{tag}"
     budget = ["--rounds", str(rounds), "--workers-per-round", str(WORKERS)] if name.startswith("sync") else [
         "--max-updates", str(rounds * WORKERS)]
@@ -73,17 +75,28 @@ def run_one(children: Children, work: Path, namespace: str, name: str, rounds: i
                       "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json")
     if profile is not None:
         argv = pyspy_argv(argv, profile / f"stragglers-{name}-{tag}.txt")
-    agg = children.spawn(f"aggregator-{name}-{tag}", argv)
+    cpu = CpuSnapshots()
+    marks: list[tuple[int, dict[str, float]]] = []
+
+    def on_event(doc: dict[str, Any], _now: float) -> None:
+        if doc.get("event") == "evaluated":
+            marks.append((int(doc["updates_applied"]), cpu.snapshot()))
+
+    agg = children.spawn(f"aggregator-{name}-{tag}", argv, pipe_stderr=True, env=aggregator_env)
+    cpu.watch("aggregator", agg.pid)
+    reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-{name}-{tag}.jsonl", on_event)
     for i in range(WORKERS):
         slow = i >= WORKERS - SLOW
-        children.spawn(
+        worker = children.spawn(
             f"worker-{name}-{tag}-{i}",
             fedmq_argv("worker", "--data", str(work / "shards" / f"worker-{i}.npz"), "--worker-id", f"w{i}",
                        "--slowdown", str(SLOWDOWN if slow else 1.0), "--namespace", namespace,
                        "--amqp-url", AMQP_URL, "--log-format", "json"),
             env=SINGLE_THREAD_ENV,
         )
+        cpu.watch("workers", worker.pid)
     code = agg.wait(timeout=600)
+    reader.join()
     if code != 0:
         raise RuntimeError(f"{name}: aggregator exited with {code}; see {children.log_dir}")
     doc = json.loads((run_dir / "history.json").read_text())
@@ -94,6 +107,13 @@ def run_one(children: Children, work: Path, namespace: str, name: str, rounds: i
     t90 = next((float(h["time_s"]) for h in history if h["accuracy"] >= TARGET), float("nan"))
     updates90 = next((int(h["updates_applied"]) for h in history if h["accuracy"] >= TARGET), None)
     shutil.rmtree(run_dir, ignore_errors=True)
+    cpu_per_update: dict[str, float] = {}
+    if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+        d = CpuSnapshots.delta(marks[0][1], marks[-1][1])
+        n = marks[-1][0] - marks[0][0]
+        cpu_per_update = {k: 1e3 * v / n for k, v in d.items() if k not in ("machine_total", "wall", "cores")}
+        cpu_per_update["machine_busy_pct"] = 100 * d["machine_busy"] / d["machine_total"]
+        cpu_per_update["wall_ms"] = 1e3 * d["wall"] / n
     return {
         "strategy": name, "t90_s": t90, "updates_at_90": updates90, "final_accuracy": float(history[-1]["accuracy"]),
         "best_accuracy": max(float(h["accuracy"]) for h in history), "wall_s": float(doc["final"]["time_s"]),
@@ -101,6 +121,7 @@ def run_one(children: Children, work: Path, namespace: str, name: str, rounds: i
         "straggler_share": sum(by_worker[f"w{i}"] for i in range(WORKERS - SLOW, WORKERS)) / max(1, len(applied)),
         "mean_staleness": (sum(e.get("staleness", 0) for e in applied) / len(applied)) if applied else 0.0,
         "fates": dict(Counter(e["fate"] for e in ledger)), "loadavg": load,
+        "cpu_ms_per_update": cpu_per_update,
         "curve": [(h["time_s"], h["updates_applied"], round(h["accuracy"], 4)) for h in history],
     }
 
@@ -112,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="runs per strategy, medians reported (default 3; quick 1)")
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/stragglers.json)")
     parser.add_argument("--profile", type=Path, default=None, help="record each aggregator with py-spy into DIR")
+    parser.add_argument("--single-thread-aggregator", action="store_true",
+                        help="diagnostic: run the aggregator with one BLAS thread too (workers always have one)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (20 if args.quick else 40)
     repeat = args.repeat or (1 if args.quick else 3)
@@ -131,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in STRATEGIES:
                 ns = f"{namespace}-{name}-{rep}"
                 try:
-                    res = run_one(children, work, ns, name, rounds, str(rep), args.profile)
+                    res = run_one(children, work, ns, name, rounds, str(rep), args.profile,
+                                  SINGLE_THREAD_ENV if args.single_thread_aggregator else None)
                 finally:
                     children.stop_all()
                     delete_namespace(ns)
@@ -158,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             "straggler_share": median([r["straggler_share"] for r in mine]),
             "mean_staleness": median([r["mean_staleness"] for r in mine]),
             "t90_runs": [r["t90_s"] for r in mine],
+            "cpu_ms_per_update": {k: median([r["cpu_ms_per_update"].get(k, float("nan")) for r in mine])
+                                  for k in ("wall_ms", "aggregator", "workers", "rabbitmq", "other", "machine_busy",
+                                            "machine_busy_pct")},
         }
     sync = summary["sync-fedavg"]
     rows = []
@@ -172,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                      "-" if ok is None else ("PASS" if ok else "MISS")])
     print(table(["strategy", "t90 s", "upd@90", "t90/sync", "final acc", "diff pts", "wall s", "slow share",
                  "staleness", "result"], rows))
+    print("\nper applied update (first to last evaluation): wall ms and CPU ms by process group")
+    print(table(["strategy", "wall ms", "aggregator", "workers", "rabbitmq", "other", "machine busy", "busy %"],
+                [[name, c["wall_ms"], c["aggregator"], c["workers"], c["rabbitmq"], c["other"], c["machine_busy"],
+                  c["machine_busy_pct"]] for name, c in ((n, s["cpu_ms_per_update"]) for n, s in summary.items())]))
     out = write_result("stragglers", {
         "quick": args.quick, "rounds": rounds, "updates_budget": rounds * WORKERS, "repeat": repeat,
         "workers": WORKERS, "slow": SLOW, "slowdown": SLOWDOWN, "worker_hosting": "processes",
         "stop_rule": "same number of applied updates as sync (rounds x workers)",
+        "single_thread_aggregator": args.single_thread_aggregator,
         "wall_s": time.monotonic() - started, "summary": summary, "runs": runs,
     }, args.json)
     print(f"wrote {out}")

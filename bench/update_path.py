@@ -273,8 +273,8 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (well under a minute)")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of (floor, pipeline, aggregator) per size; the best rate per path is kept")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="rounds of (floor, pipeline, aggregator) per size, best rate per path kept (default 3; quick 1)")
     parser.add_argument("--sizes", default="100k,1M,10M", help="comma-separated subset of 100k,1M,10M")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the aggregator with py-spy (raw stacks) into this directory")
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from shared.messages import encode
 
     counts = QUICK_COUNTS if args.quick else COUNTS
+    args.repeat = args.repeat or (1 if args.quick else 3)
     paths = [p for p in args.paths.split(",") if p]
     if "floor" not in paths:
         parser.error("--paths must include floor (ratios are to the floor)")

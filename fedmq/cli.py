@@ -228,11 +228,13 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @config_option
 @click.option("--data", "data_file", type=click.Path(dir_okay=False), required=True, help="This worker's shard (.npz with X, y).")
 @click.option("--worker-id", default=None, help="Stable id (default: host-pid). Reuse it when restarting a worker.")
+@click.option("--declare/--no-declare", default=True, show_default=True,
+              help="Declare the namespace's queues on connect (--no-declare: a least-privilege user).")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def worker(data_file: str, worker_id: str | None, trainer: str, slowdown: float, heartbeat: float,
+def worker(data_file: str, worker_id: str | None, declare: bool, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str,
            log_format: str) -> None:
     """Train on a local shard for the federation."""
@@ -241,7 +243,7 @@ def worker(data_file: str, worker_id: str | None, trainer: str, slowdown: float,
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
-                       trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff)
+                       trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())

@@ -58,6 +58,7 @@ class WorkerConfig:
     heartbeat_s: float = 5.0
     model_wait_s: float = 60.0
     failure_backoff_s: float = 1.0
+    declare: bool = True  # declare the namespace's topology on connect (needs configure rights)
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
 
 
@@ -181,7 +182,7 @@ class Worker:
         cfg = self.config
         X, y = load_shard(cfg.data)
         factory = load_trainer_factory(cfg.trainer)
-        client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}")
+        client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}", declare=cfg.declare)
         self.client = client
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
         client.subscribe(

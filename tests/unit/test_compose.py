@@ -417,15 +417,13 @@ def _required(role: str) -> dict[str, set[str]]:
             "read": {t.presence, t.updates, t.tasks, t.tasks_dlq, t.updates_dlq, t.dlx} | lock,
         }
     return {
-        # Topology.declare on connect (the queues already exist: definitions.json declares
-        # them, so no DLX write/read for creating them), plus its private control queue
-        "configure": declared | {private},
-        # publish updates and presence via the default exchange; bind the DLQs (declare) and
-        # its private queue
-        "write": {"amq.default", private} | topology_binds_write,
-        # consume models and tasks and its private queue; bind to the control fanout and
-        # (Topology.declare) the DLQs to the DLX
-        "read": {t.models, t.tasks, t.control, t.dlx, private},
+        # workers run with --no-declare (the topology comes from definitions.json): they
+        # configure only their private control queue
+        "configure": {private},
+        # publish updates and presence via the default exchange; bind their private queue
+        "write": {"amq.default", private},
+        # consume models and tasks and the private queue; bind it to the control fanout
+        "read": {t.models, t.tasks, t.control, private},
     }
 
 
@@ -456,8 +454,15 @@ def test_workers_cannot_forge_or_snoop(definitions: dict[str, Any]) -> None:
         assert not allowed(perms["write"], name), f"worker write allows {name}"
     # nor hold the aggregator's lock (an exclusive consumer on it would lock the aggregator out)
     lock = (t.lock,) if hasattr(t, "lock") else ()
-    for name in (t.updates, t.presence, t.tasks_dlq, t.updates_dlq, *lock):
+    for name in (t.updates, t.presence, t.tasks_dlq, t.updates_dlq, t.dlx, *lock):
         assert not allowed(perms["read"], name), f"worker read allows {name}"
+    # nor declare, delete or purge anything shared
+    for name in (*t.queues, t.dlx, t.control):
+        assert not allowed(perms["configure"], name), f"worker configure allows {name}"
+
+
+def test_compose_workers_do_not_declare(services: dict[str, dict[str, Any]]) -> None:
+    assert "--no-declare" in command(services["worker"])
 
 
 def test_definitions_declare_the_topology_exactly(definitions: dict[str, Any]) -> None:
