@@ -291,7 +291,7 @@ class Aggregator:
         )
         self.client.publish(
             self.topology.models, messages.encode(msg), message_id=f"model-{st.version}",
-            headers={"x-fedmq-version": st.version},
+            headers={"x-fedmq-version": st.version}, sign=True,
         )
 
     def _task(self, task_id: str, *, version: int | None, round_: int | None, seed: int) -> None:
@@ -301,7 +301,7 @@ class Aggregator:
             task_id=task_id, version=version, mode=cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.strategy.update_kind,
         )
-        self.client.publish(self.topology.tasks, messages.encode(task), message_id=task_id)
+        self.client.publish(self.topology.tasks, messages.encode(task), message_id=task_id, sign=True)
 
     # ------------------------------------------------------------------ synchronous FedAvg
     def _run_sync(self) -> None:
@@ -553,7 +553,7 @@ class Aggregator:
         self._finishing = True
         stop = messages.Control(kind="stop", worker_id="", sent_s=time.time(), info={"version": self.state.version})
         try:
-            self.client.publish("", messages.encode(stop), exchange=self.topology.control, mandatory=False)
+            self.client.publish("", messages.encode(stop), exchange=self.topology.control, mandatory=False, sign=True)
         except BrokerError as exc:
             log.warning("could not broadcast stop: %s", exc)
         deadline = time.monotonic() + self.cfg.drain_timeout

@@ -64,6 +64,7 @@ class Delivery:
     message_id: str | None
     headers: Mapping[str, Any]
     timestamp: int | None = None
+    user_id: str | None = None  # validated by RabbitMQ: the publisher's user name, when it set one
 
 
 @dataclass
@@ -251,8 +252,12 @@ class Client:
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = True,
         timeout: float | None = None,
+        sign: bool = False,
     ) -> None:
         """Publish persistently and return once the broker confirmed it.
+
+        With ``sign`` the message carries ``user_id`` = our user name, which RabbitMQ checks
+        against the connection's user: consumers can trust who sent it.
 
         Raises :class:`BrokerError` if the broker returned (unroutable) or nacked it, or if
         it is not confirmed within ``timeout`` seconds. Never call from a handler.
@@ -263,6 +268,7 @@ class Client:
             headers=dict(headers) if headers else None,
             timestamp=int(time.time()),
             content_type="application/msgpack",
+            user_id=self.settings.username if sign else None,
         )
         pub = _Publish(exchange, routing_key, body, props, mandatory)
         with self._lock:
@@ -380,6 +386,7 @@ class Client:
                 message_id=props.message_id,
                 headers=props.headers or {},
                 timestamp=props.timestamp,
+                user_id=props.user_id,
             )
             try:
                 sub.handler(delivery)

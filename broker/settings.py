@@ -56,4 +56,6 @@ class BrokerSettings:
 
     @property
     def username(self) -> str:
-        return urlsplit(self.url).username or "guest"
+        from urllib.parse import unquote
+
+        return unquote(urlsplit(self.url).username or "guest")

@@ -230,11 +230,14 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--worker-id", default=None, help="Stable id (default: host-pid). Reuse it when restarting a worker.")
 @click.option("--declare/--no-declare", default=True, show_default=True,
               help="Declare the namespace's queues on connect (--no-declare: a least-privilege user).")
+@click.option("--trust-user", default=None,
+              help="Accept models, tasks and stop only when RabbitMQ vouches they come from this user "
+                   "(the aggregator's); others are ignored or dead-lettered.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def worker(data_file: str, worker_id: str | None, declare: bool, trainer: str, slowdown: float, heartbeat: float,
+def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str,
            log_format: str) -> None:
     """Train on a local shard for the federation."""
@@ -243,7 +246,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trainer: str, s
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
-                       trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare)
+                       trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
+                       trust_user=trust_user)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())

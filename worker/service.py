@@ -59,15 +59,18 @@ class WorkerConfig:
     model_wait_s: float = 60.0
     failure_backoff_s: float = 1.0
     declare: bool = True  # declare the namespace's topology on connect (needs configure rights)
+    trust_user: str | None = None  # accept models, tasks and stops only from this broker user
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
 
 
 class ModelBox:
     """The newest model versions read from the stream, kept as raw bytes, decoded on demand."""
 
-    def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
+                 trust_user: str | None = None) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
+        self.trust_user = trust_user
         self._raw: dict[int, bytes] = {}
         self._decoded: tuple[int, messages.ModelVersion] | None = None
         self._cond = threading.Condition()
@@ -80,6 +83,9 @@ class ModelBox:
 
     def offer(self, delivery: Delivery) -> None:
         """I/O thread: remember a version read from the stream."""
+        if self.trust_user is not None and delivery.user_id != self.trust_user:
+            log.warning("ignoring a model version not published by %r (user_id %r)", self.trust_user, delivery.user_id)
+            return
         version = delivery.headers.get("x-fedmq-version")
         if not isinstance(version, int):
             try:
@@ -149,7 +155,7 @@ class Worker:
         self.settings = settings
         self.topology = topology
         self.stop = stop or threading.Event()
-        self.models = ModelBox(max_bytes=config.max_model_bytes)
+        self.models = ModelBox(max_bytes=config.max_model_bytes, trust_user=config.trust_user)
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.tasks_done = 0
         self.client: Client | None = None
@@ -169,6 +175,9 @@ class Worker:
             log.warning("ignoring a bad control message: %s", exc)
             return
         assert isinstance(msg, messages.Control)
+        if self.config.trust_user is not None and delivery.user_id != self.config.trust_user:
+            log.warning("ignoring a %s message not sent by %r", msg.kind, self.config.trust_user)
+            return
         if msg.kind == "stop":
             log.info("worker %s: stop requested by the aggregator", self.config.worker_id)
             self.request_stop()
@@ -254,6 +263,11 @@ class Worker:
         cfg = self.config
         client = self.client
         assert client is not None
+        if cfg.trust_user is not None and delivery.user_id != cfg.trust_user:
+            log.warning("worker %s: dead-lettering a task not published by %r (user_id %r)",
+                        cfg.worker_id, cfg.trust_user, delivery.user_id)
+            client.reject(delivery, requeue=False)
+            return
         try:
             task = messages.decode(delivery.body, expect=messages.Task, max_bytes=MAX_TASK_BYTES)
         except DecodeError as exc:

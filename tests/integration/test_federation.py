@@ -123,3 +123,41 @@ def test_long_task_survives_short_heartbeat(amqp_url: str, namespace: str, shard
     assert len(confirmed_updates(log)) == 2
     assert procs.wait("w0", 30) == 0
     assert read_history(run)["final"]["updates_applied"] == 2
+
+
+def test_worker_trusting_the_aggregator_ignores_forged_models_and_tasks(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
+    import pika
+
+    from broker.admin import Admin
+    from broker.settings import BrokerSettings
+    from broker.topology import Topology
+    from shared import messages
+
+    topology = Topology(namespace)
+    with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
+        admin.setup()
+    forged_params = {"dense_0/W": np.zeros((64, 64), np.float32), "dense_0/b": np.zeros(64, np.float32),
+                     "dense_1/W": np.zeros((64, 10), np.float32), "dense_1/b": np.zeros(10, np.float32)}
+    forged_model = messages.ModelVersion(version=999, params=forged_params, spec={"input_dim": 64, "num_classes": 10})
+    forged_task = messages.Task(task_id="forged-1", version=None, mode="async", epochs=1, batch_size=32, lr=0.1, mu=0.0, seed=1)
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    ch = conn.channel()
+    ch.confirm_delivery()
+    props = pika.BasicProperties(delivery_mode=2, headers={"x-fedmq-version": 999}, message_id="forged-model")
+    ch.basic_publish("", topology.models, messages.encode(forged_model), properties=props, mandatory=True)
+    ch.basic_publish("", topology.tasks, messages.encode(forged_task),
+                     properties=pika.BasicProperties(delivery_mode=2, message_id="forged-1"), mandatory=True)
+    conn.close()
+    run = tmp_path / "run"
+    common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    procs.start("w0", "worker", "--data", str(shards / "worker-0.npz"), "--worker-id", "w0", "--trust-user", "guest",
+                "--log-format", "json", *common)
+    procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
+                "--strategy", "fedasync", "--max-updates", "10", *common)
+    assert procs.wait("agg", 90) == 0, procs.dump()
+    ledger = read_ledger(run)
+    assert sum(e["fate"] == "applied" for e in ledger) >= 10
+    assert not any(e["fate"] == "rejected" for e in ledger), "the worker trained on the forged model"
+    with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
+        dead = admin.dead_letters()
+    assert [d.message_id for d in dead if d.queue == topology.tasks_dlq] == ["forged-1"]
