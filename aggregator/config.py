@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aggregator.strategies import STRATEGIES
+from shared.defaults import DEFAULT_TRAINER
 from shared.errors import ConfigError
-from shared.trainer import DEFAULT_TRAINER
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ truncated back to the checkpoint on ``--resume``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import secrets
@@ -34,6 +35,8 @@ from shared.errors import BrokerError, ConfigError, DecodeError, ValidationError
 from shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
+
+IN_FLIGHT_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -143,6 +146,12 @@ class Aggregator:
             int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
         )
         self.trainer: Trainer = load_trainer_factory(cfg.trainer)(self.spec)
+        model_bytes = sum(int(v.nbytes) for v in self.trainer.init_params().values())
+        if cfg.synchronous:  # a round's updates stay unacked until it closes
+            self.prefetch = (cfg.workers_per_round or 64) + 8
+        else:  # bound the update bodies in flight to ~256 MiB, and checkpoint before the window fills
+            self.prefetch = max(2, min(cfg.checkpoint_every + 2, IN_FLIGHT_BYTES // max(1, model_bytes)))
+        self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
 
     def _restore(self) -> None:
         """Open the run directory: only once we hold the namespace's aggregator lock."""
@@ -170,7 +179,7 @@ class Aggregator:
             self.strategy.restore(meta, arrays)
 
     def _connect(self) -> None:
-        prefetch = (self.cfg.workers_per_round or 64) + 8 if self.cfg.synchronous else self.cfg.checkpoint_every + 2
+        prefetch = self.prefetch
         client = Client(self.settings, self.topology, name="fedmq-aggregator")
         since = time.time() - self.cfg.presence_timeout
         client.subscribe(
@@ -203,7 +212,8 @@ class Aggregator:
             self.client.close()
             raise
         try:
-            self._publish_model()
+            if not self.cfg.synchronous:  # a sync round publishes its model when it starts
+                self._publish_model()
             if self.cfg.synchronous:
                 self._run_sync()
             else:
@@ -265,6 +275,8 @@ class Aggregator:
                 self._receive(item)
             elif kind == "presence":
                 self._presence(item)
+            if self._done() and not self._finishing:
+                break  # what is left in the inbox is recorded as late by _finish
             try:
                 kind, item = self.inbox.get_nowait()
             except queue.Empty:
@@ -344,7 +356,7 @@ class Aggregator:
             ru.entry.update(fate="applied", weight=ru.update.num_samples / total)
             self.ledger.record(ru.entry)
             st.applied_tasks.add(ru.update.task_id)
-            self.pending.append(ru.delivery)
+            self.pending.append(_ack_handle(ru.delivery))
         st.counts["applied"] += len(ordered)
         st.staleness_since_version = [0] * len(ordered)
         st.version += 1
@@ -359,7 +371,7 @@ class Aggregator:
             ru.entry.update(fate="late", reason="the run stopped before the round closed")
             self.state.counts["late"] += 1
             self.ledger.record(ru.entry)
-            self.pending.append(ru.delivery)
+            self.pending.append(_ack_handle(ru.delivery))
         self.round_updates = {}
 
     # ------------------------------------------------------------------ asynchronous
@@ -459,7 +471,7 @@ class Aggregator:
         if count:
             self.state.counts[fate] += 1
         self.ledger.record(entry)
-        self.pending.append(delivery)
+        self.pending.append(_ack_handle(delivery))
         if fate != "applied":
             log.info("update %s from %s: %s (%s)", entry.get("task_id", "?"), entry.get("worker_id", "?"), fate, reason)
 
@@ -503,7 +515,7 @@ class Aggregator:
             return
         due = (
             force
-            or len(self.pending) >= self.cfg.checkpoint_every
+            or len(self.pending) >= self.checkpoint_every
             or time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
         )
         if not due:
@@ -567,6 +579,11 @@ class Aggregator:
         log.info("finished: version %d, accuracy %s, %d applied, %d rejected, %d stale, %d duplicate",
                  st.version, st.history[-1]["accuracy"] if st.history else None, st.counts["applied"],
                  st.counts["rejected"], st.counts["stale"], st.counts["duplicate"])
+
+
+def _ack_handle(delivery: Delivery) -> Delivery:
+    """The delivery without its body: all an ack needs, so bodies are freed once applied."""
+    return dataclasses.replace(delivery, body=b"")
 
 
 def _stream_timestamp(epoch_s: float) -> Any:

@@ -68,10 +68,14 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
     names = list(updates[0][0])
     out: Params = {}
     for name in names:
-        acc = np.zeros(updates[0][0][name].shape, dtype=np.float64)
+        shape = updates[0][0][name].shape
+        acc = np.zeros(shape, dtype=np.float64)
+        tmp = np.empty(shape, dtype=np.float64)
         for params, weight in updates:
-            acc += np.multiply(params[name], weight, dtype=np.float64)
-        out[name] = (acc / total).astype(np.float32)
+            np.multiply(params[name], weight, out=tmp, dtype=np.float64)
+            acc += tmp
+        acc /= total
+        out[name] = acc.astype(np.float32)
     return out
 
 
@@ -135,6 +139,10 @@ class FedBuff:
     count: int = field(default=0, init=False)
     _acc: Params = field(default_factory=dict, init=False, repr=False)
     _scratch: Params = field(default_factory=dict, init=False, repr=False)
+    # Models this strategy returned. A step writes into the older one unless it is the model
+    # being stepped from: a returned model stays valid until the flush after the next one,
+    # which saves a fresh model-sized allocation (and its page faults) per step.
+    _owned: list[Params] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:
@@ -155,14 +163,22 @@ class FedBuff:
         if self.count < self.buffer_size:
             return Applied(None, weight)
         step = np.float32(self.server_lr / self.buffer_size)
-        new = {}
+        new = self._spare(current)
         for name, value in current.items():
             acc = self._acc[name]
             acc *= step
-            new[name] = value + acc
+            np.add(value, acc, out=new[name])
             acc.fill(0.0)
         self.count = 0
+        self._owned = [*self._owned[-1:], new]
         return Applied(new, weight)
+
+    def _spare(self, current: Mapping[str, np.ndarray]) -> Params:
+        if len(self._owned) == 2 and self._owned[0] is not current and not any(
+            np.may_share_memory(self._owned[0][k], v) for k, v in current.items()
+        ):
+            return self._owned[0]
+        return {k: np.empty_like(v, dtype=np.float32) for k, v in current.items()}
 
     def state(self) -> tuple[dict[str, object], Params]:
         return {"count": self.count}, dict(self._acc) if self.count else {}

@@ -21,10 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from shared.defaults import DEFAULT_TRAINER  # noqa: E402  (re-exported)
 from shared.errors import ConfigError
 from shared.nn import MLP, check_activation, check_loss
-
-DEFAULT_TRAINER = "shared.trainer:MLPTrainer"
 
 
 @dataclass(frozen=True)
@@ -178,13 +177,18 @@ class MLPTrainer:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
         self.config = parse_mlp_spec(spec)
+        self._mlp: MLP | None = None
 
     def _model(self) -> MLP:
-        c = self.config
-        return MLP(c.layer_sizes, c.activation, c.loss, c.seed)
+        """One MLP per trainer, built on first use: set_params replaces its weights each call."""
+        if self._mlp is None:
+            c = self.config
+            self._mlp = MLP(c.layer_sizes, c.activation, c.loss, c.seed)
+        return self._mlp
 
     def init_params(self) -> dict[str, np.ndarray]:
-        return self._model().get_params()
+        c = self.config
+        return MLP(c.layer_sizes, c.activation, c.loss, c.seed).get_params()
 
     def fit(
         self,

@@ -78,8 +78,10 @@ def test_late_worker_joins_and_contributes(amqp_url: str, namespace: str, shards
     run = tmp_path / "run"
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run),
-                "--mode", "async", "--strategy", "fedasync", "--min-workers", "2", "--max-updates", "60", *common)
-    start_workers(procs, shards, common, n=2, extra={0: ["--slowdown", "3"], 1: ["--slowdown", "3"]})
+                "--mode", "async", "--strategy", "fedasync", "--min-workers", "2", "--max-updates", "40",
+                "--checkpoint-every", "1", *common)
+    # slow early workers: the run is still young when the late one arrives
+    start_workers(procs, shards, common, n=2, extra={0: ["--slowdown", "30"], 1: ["--slowdown", "30"]})
     wait_for(lambda: history_len(run) >= 5, 60, "five versions before the late worker starts")
     procs.start("w3", "worker", "--data", str(shards / "worker-3.npz"), "--worker-id", "w3", "--log-format", "json", *common)
     assert procs.wait("agg", 120) == 0, procs.dump()

@@ -1,0 +1,3 @@
+"""Defaults that the command line needs without importing numpy."""
+
+DEFAULT_TRAINER = "shared.trainer:MLPTrainer"
