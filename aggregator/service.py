@@ -26,7 +26,7 @@ from aggregator import durable
 from aggregator.config import AggregatorConfig
 from aggregator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
 from aggregator.validate import check_update, expected_update_bytes
-from broker.client import Client, Delivery, SetupError
+from broker.client import Client, Delivery, PendingPublish, SetupError
 from broker.settings import BrokerSettings
 from broker.topology import Topology
 from shared import messages
@@ -114,6 +114,9 @@ class Aggregator:
         self._last_checkpoint = time.monotonic()
         self._finishing = False
         self.interrupted = False
+        # model and task publishes whose confirms we have not waited for yet: the next
+        # checkpoint waits for them before it acks anything
+        self._unconfirmed: list[PendingPublish] = []
 
     # ------------------------------------------------------------------ I/O-thread handlers
     def _on_update(self, delivery: Delivery) -> None:
@@ -301,10 +304,10 @@ class Aggregator:
             version=st.version, params=self.params, spec=self.spec,
             round=self.current_round if self.cfg.synchronous else None, created_s=time.time(),
         )
-        self.client.publish(
+        self._unconfirmed.append(self.client.publish_nowait(
             self.topology.models, messages.encode(msg), message_id=f"model-{st.version}",
             headers={"x-fedmq-version": st.version}, sign=True,
-        )
+        ))
 
     def _task(self, task_id: str, *, version: int | None, round_: int | None, seed: int) -> None:
         assert self.client is not None
@@ -313,7 +316,9 @@ class Aggregator:
             task_id=task_id, version=version, mode=cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.strategy.update_kind,
         )
-        self.client.publish(self.topology.tasks, messages.encode(task), message_id=task_id, sign=True)
+        self._unconfirmed.append(
+            self.client.publish_nowait(self.topology.tasks, messages.encode(task), message_id=task_id, sign=True)
+        )
 
     # ------------------------------------------------------------------ synchronous FedAvg
     def _run_sync(self) -> None:
@@ -521,6 +526,7 @@ class Aggregator:
         if not due:
             return
         st = self.state
+        self._confirm_publishes()
         st.ledger_offset = self.ledger.commit()
         elapsed = self.elapsed()
         strat_meta: dict[str, Any] = {}
@@ -536,6 +542,12 @@ class Aggregator:
             self.client.ack(delivery)
         self.pending = []
         self._last_checkpoint = time.monotonic()
+
+    def _confirm_publishes(self) -> None:
+        """Wait for every outstanding model and task publish (before acking anything)."""
+        pending, self._unconfirmed = self._unconfirmed, []
+        for pub in pending:
+            pub.wait()
 
     def final(self) -> dict[str, Any]:
         st = self.state

@@ -91,6 +91,31 @@ class _Publish:
     error: BaseException | None = None
 
 
+class PendingPublish:
+    """A publish handed to the I/O thread; :meth:`wait` returns once the broker confirmed it."""
+
+    def __init__(self, pub: _Publish, closing: threading.Event) -> None:
+        self._pub = pub
+        self._closing = closing
+
+    @property
+    def done(self) -> bool:
+        return self._pub.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        pub = self._pub
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not pub.done.wait(0.5 if deadline is None else max(0.0, deadline - time.monotonic())):
+            if self._closing.is_set():
+                raise BrokerError("client closed before the broker confirmed the publish")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BrokerError(
+                    f"publish to {pub.exchange or pub.routing_key!r} not confirmed within {timeout:.0f} s"
+                )
+        if pub.error is not None:
+            raise pub.error if isinstance(pub.error, BrokerError) else BrokerError(str(pub.error))
+
+
 def translate_connect_error(settings: BrokerSettings, exc: BaseException) -> BrokerError:
     """Turn a pika connection failure into one clear sentence."""
     where = settings.masked_url
@@ -262,6 +287,27 @@ class Client:
         Raises :class:`BrokerError` if the broker returned (unroutable) or nacked it, or if
         it is not confirmed within ``timeout`` seconds. Never call from a handler.
         """
+        self.publish_nowait(
+            routing_key, body, exchange=exchange, message_id=message_id, headers=headers,
+            mandatory=mandatory, sign=sign,
+        ).wait(timeout)
+
+    def publish_nowait(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        exchange: str = "",
+        message_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        mandatory: bool = True,
+        sign: bool = False,
+    ) -> PendingPublish:
+        """Queue a publish and return at once; ``.wait()`` on the result for its confirm.
+
+        Lets a caller overlap its own work with the broker's confirm (the aggregator waits
+        for its model and task publishes only before it acks, at the next checkpoint).
+        """
         props = pika.BasicProperties(
             delivery_mode=2,
             message_id=message_id,
@@ -274,16 +320,7 @@ class Client:
         with self._lock:
             self._publishes.append(pub)
         self._wake()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not pub.done.wait(0.5 if deadline is None else max(0.0, deadline - time.monotonic())):
-            if self._closing.is_set():
-                raise BrokerError("client closed before the broker confirmed the publish")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise BrokerError(
-                    f"publish to {exchange or routing_key!r} not confirmed within {timeout:.0f} s"
-                )
-        if pub.error is not None:
-            raise pub.error if isinstance(pub.error, BrokerError) else BrokerError(str(pub.error))
+        return PendingPublish(pub, self._closing)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, lambda ch: ch.basic_ack(delivery.delivery_tag))
@@ -450,6 +487,7 @@ class Client:
             # a connection error propagates: the publish stays queued and is sent again
             with self._lock:
                 self._publishes.popleft()
+            pub.body = b""  # confirmed (or refused): free it even if a handle outlives it
             pub.done.set()
 
     def _run(self) -> None:

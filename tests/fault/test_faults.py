@@ -222,7 +222,7 @@ def test_hostile_updates_are_rejected_with_reasons(amqp_url: str, namespace: str
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
                 "--strategy", "fedasync", "--min-workers", "4", "--target-accuracy", "0.9", "--time-limit", "120", *common)
     for i in range(WORKERS):
-        worker(procs, shards, i, common, "--slowdown", "4")
+        worker(procs, shards, i, common, "--slowdown", "20")  # a run long enough to see every hostile message
     wait_for(lambda: any(e["fate"] == "applied" for e in read_ledger(run)), 60, "a first applied update")
     applied = next(e for e in read_ledger(run) if e["fate"] == "applied")
     good = {"dense_0/W": np.zeros((64, 64), np.float32), "dense_0/b": np.zeros(64, np.float32),
