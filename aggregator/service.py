@@ -36,7 +36,7 @@ from shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
 
-IN_FLIGHT_BYTES = 256 * 1024 * 1024
+IN_FLIGHT_BYTES = 128 * 1024 * 1024
 
 
 @dataclass
@@ -152,7 +152,7 @@ class Aggregator:
         model_bytes = sum(int(v.nbytes) for v in self.trainer.init_params().values())
         if cfg.synchronous:  # a round's updates stay unacked until it closes
             self.prefetch = (cfg.workers_per_round or 64) + 8
-        else:  # bound the update bodies in flight to ~256 MiB, and checkpoint before the window fills
+        else:  # bound the update bodies in flight to ~128 MiB, and checkpoint before the window fills
             self.prefetch = max(2, min(cfg.checkpoint_every + 2, IN_FLIGHT_BYTES // max(1, model_bytes)))
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
 

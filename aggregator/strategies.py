@@ -151,14 +151,11 @@ class FedBuff:
             raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
 
     def apply(self, current: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], num_samples: int, tau: int) -> Applied:
-        weight = self.staleness(tau)
+        weight = np.float32(self.staleness(tau))
         if not self._acc:
             self._acc = {k: np.zeros_like(v, dtype=np.float32) for k, v in current.items()}
-            self._scratch = {k: np.empty_like(v, dtype=np.float32) for k, v in current.items()}
         for name, acc in self._acc.items():
-            scratch = self._scratch[name]
-            np.multiply(delta[name], np.float32(weight), out=scratch)
-            acc += scratch
+            _accumulate(acc, delta[name], weight, self._chunk(acc.size))
         self.count += 1
         if self.count < self.buffer_size:
             return Applied(None, weight)
@@ -172,6 +169,14 @@ class FedBuff:
         self.count = 0
         self._owned = [*self._owned[-1:], new]
         return Applied(new, weight)
+
+    def _chunk(self, size: int) -> np.ndarray:
+        """A scratch of at most _CHUNK elements (not a model-sized one: memory is the budget)."""
+        n = min(size, _CHUNK)
+        scratch = self._scratch.get("chunk")
+        if scratch is None or scratch.size < n:
+            scratch = self._scratch["chunk"] = np.empty(n, dtype=np.float32)
+        return scratch
 
     def _spare(self, current: Mapping[str, np.ndarray]) -> Params:
         if len(self._owned) == 2 and self._owned[0] is not current and not any(
@@ -187,7 +192,19 @@ class FedBuff:
         self.count = int(meta.get("count", 0))  # type: ignore[call-overload]
         if self.count:
             self._acc = {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
-            self._scratch = {k: np.empty_like(v) for k, v in self._acc.items()}
+
+
+_CHUNK = 1 << 18  # elements per step of the buffered accumulation (1 MiB of float32)
+
+
+def _accumulate(acc: np.ndarray, delta: np.ndarray, weight: np.float32, scratch: np.ndarray) -> None:
+    """acc += weight * delta, in place, chunk by chunk through a small scratch buffer."""
+    flat_acc, flat_delta = acc.reshape(-1), np.asarray(delta).reshape(-1)
+    for start in range(0, flat_acc.size, scratch.size):
+        stop = min(start + scratch.size, flat_acc.size)
+        part = scratch[: stop - start]
+        np.multiply(flat_delta[start:stop], weight, out=part)
+        flat_acc[start:stop] += part
 
 
 AsyncStrategy = FedAsync | FedBuff
