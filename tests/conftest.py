@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from broker.admin import Admin
 from broker.provision import PrivateNode, broker_answers, docker_available, start_container
 from broker.settings import BrokerSettings
 from broker.topology import Topology
+from tests.helpers import Procs, split
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -64,6 +66,20 @@ def namespace(amqp_url: str) -> Iterator[str]:
     ns = new_namespace()
     yield ns
     delete_namespace(amqp_url, ns)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits split Dirichlet 0.5 into 4 shards, shared by a module's end-to-end tests."""
+    return split(tmp_path_factory.mktemp("shards"), 4)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """fedmq child processes of one test, killed at its end whatever happens."""
+    p = Procs(tmp_path / "logs")
+    yield p
+    p.close()
 
 
 @pytest.fixture

@@ -28,25 +28,12 @@ from tests.helpers import (
     history_len,
     read_history,
     read_ledger,
-    split,
     wait_for,
 )
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow]
 
 WORKERS = 4
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return split(tmp_path_factory.mktemp("shards"), WORKERS)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Procs:
-    p = Procs(tmp_path / "logs")
-    yield p
-    p.close()
 
 
 def worker(procs: Procs, shards: Path, i: int, common: list[str], *extra: str, env: dict[str, str] | None = None, name: str | None = None) -> None:

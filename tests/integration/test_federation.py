@@ -14,25 +14,12 @@ from tests.helpers import (
     history_len,
     read_history,
     read_ledger,
-    split,
     wait_for,
 )
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WORKERS = 4
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return split(tmp_path_factory.mktemp("shards"), WORKERS)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Procs:
-    p = Procs(tmp_path / "logs")
-    yield p
-    p.close()
 
 
 def start_workers(procs: Procs, shards: Path, common: list[str], n: int = WORKERS, extra: dict[int, list[str]] | None = None) -> None:
