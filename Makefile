@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: $(VENV)/.installed
 	$(FEDMQ) run --workers 6 --dataset digits --partition dirichlet --alpha 0.5 \
-		--mode async --strategy fedbuff --buffer-size 3 --target-accuracy 0.92 --time-limit 90 --out runs/demo
+		--slow-workers 0.3 --slowdown 10 --mode async --strategy fedbuff --buffer-size 3 \
+		--target-accuracy 0.95 --max-updates 600 --time-limit 60 --out runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
