@@ -278,3 +278,21 @@ def test_crash_looping_trainer_ends_in_the_dead_letter_queue(amqp_url: str, name
     assert hist["final"]["updates_applied"] >= 40
     assert all(e["worker_id"] != "w1" for e in read_ledger(run) if e["fate"] == "applied")
     assert_ledger_invariant(run, all_confirmed(procs))
+
+
+# ---------------------------------------------------------------------------------- SIGTERM
+def test_sigterm_mid_task_finishes_the_task_and_exits_cleanly(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
+                "--strategy", "fedasync", "--min-workers", "1", "--max-updates", "20", *common)
+    worker(procs, shards, 0, common, "--trainer", "tests.trainers:SleepyTrainer", env={"FEDMQ_TEST_SLEEP_S": "3"})
+    task = wait_for(lambda: started_tasks(procs.log("w0")), 60, "w0 to start a task")[0]
+    procs.kill("w0", signal.SIGTERM)
+    assert procs.wait("w0", 30) == 0, procs.log("w0")
+    assert [c["task_id"] for c in confirmed_updates(procs.log("w0"))] == [task]  # finished, not lost
+    for i in (1, 2):
+        worker(procs, shards, i, common)
+    assert procs.wait("agg", 120) == 0, procs.dump()
+    ledger = assert_ledger_invariant(run, all_confirmed(procs))
+    assert [e["fate"] for e in ledger if e.get("task_id") == task] == ["applied"]
