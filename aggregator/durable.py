@@ -18,30 +18,11 @@ from typing import Any
 import numpy as np
 
 from shared.errors import ConfigError
+from shared.files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.npz"
 _META = "__meta__"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write a file by calling ``write(fileobj)`` on a temp file, fsync it, rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, doc: Any) -> None:

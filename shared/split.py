@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from shared.data import Dataset
 from shared.errors import DataError
+from shared.files import atomic_write_bytes
 from shared.partition import label_histograms, partition
 
 MANIFEST = "manifest.json"
@@ -34,23 +34,6 @@ def worker_file(index: int) -> str:
     return f"worker-{index}.npz"
 
 
-def _atomic_write(path: str, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file next to ``path`` and rename it into place."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shards are read by other processes
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_shard(path: str, X: np.ndarray, y: np.ndarray, num_classes: int) -> None:
     """Atomically write one shard file (``X`` float32, ``y`` int64, ``num_classes`` int64 scalar)."""
     arrays = {
@@ -58,7 +41,7 @@ def write_shard(path: str, X: np.ndarray, y: np.ndarray, num_classes: int) -> No
         "y": np.ascontiguousarray(y, dtype=np.int64),
         "num_classes": np.int64(num_classes),
     }
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
 
 
 def _remove_stale_shards(out_dir: str, num_workers: int) -> None:
@@ -128,7 +111,7 @@ def split_dataset(
     write_shard(os.path.join(out, TEST_FILE), ds.X_test, ds.y_test, ds.num_classes)
     _remove_stale_shards(out, num_workers)
     text = json.dumps(manifest, indent=2) + "\n"
-    _atomic_write(os.path.join(out, MANIFEST), lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(os.path.join(out, MANIFEST), lambda f: f.write(text.encode("utf-8")))
     return manifest
 
 

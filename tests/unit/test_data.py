@@ -300,7 +300,7 @@ def test_split_dataset_writes_shards_and_manifest(tmp_path, method):
     # every training row lands in exactly one shard
     key = lambda a: np.lexsort(a.T[::-1])  # noqa: E731
     np.testing.assert_array_equal(all_rows[key(all_rows)], ds.X_train[key(ds.X_train)])
-    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temp file left behind
 
 
 def test_split_removes_stale_worker_files(tmp_path):
