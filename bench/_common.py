@@ -82,9 +82,7 @@ def delete_namespace(namespace: str, extra_queues: Sequence[str] = ()) -> None:
 
 
 # ------------------------------------------------------------------ child processes
-def fedmq_argv(*args: str) -> list[str]:
-    """The fedmq CLI run by this interpreter (the venv the script runs in)."""
-    return [sys.executable, "-m", "fedmq.cli", *args]
+from fedmq.runner import fedmq_argv  # noqa: E402,F401 (the same CLI invocation fedmq run uses)
 
 
 def pyspy_argv(argv: Sequence[str], output: Path, rate: int = 200) -> list[str]:

@@ -219,6 +219,16 @@ class Admin:
         return counts
 
 
+def delete_namespace(url: str, namespace: str) -> bool:
+    """Best-effort clean-up: delete a namespace's queues and exchanges; False if it failed."""
+    try:
+        with Admin(BrokerSettings.from_url(url), Topology(namespace)) as admin:
+            admin.delete()
+    except Exception:  # noqa: BLE001 (the broker may be gone, e.g. in a fault test)
+        return False
+    return True
+
+
 def _dead_letter(queue: str, props: Any, body: bytes) -> DeadLetter:
     headers = props.headers or {}
     deaths = headers.get("x-death") or []

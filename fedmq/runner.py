@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import click
 
+from broker.admin import delete_namespace
 from broker.provision import provide_broker
 from broker.settings import mask_url
 from fedmq.progress import Progress
@@ -31,16 +32,17 @@ from shared.errors import FedmqError
 
 log = logging.getLogger("fedmq.run")
 
-AGGREGATOR_FLAGS = ["mode", "strategy", "rounds", "max_updates", "target_accuracy", "time_limit", "workers_per_round", "min_workers", "round_timeout", "concurrency", "buffer_size", "mixing", "staleness", "staleness_a", "staleness_b", "max_staleness", "server_lr", "hidden", "activation", "loss", "epochs", "batch_size", "lr", "proximal_mu", "seed", "trainer", "checkpoint_every", "checkpoint_interval", "task_timeout", "drain_timeout", "max_update_bytes"]
 
-
-def _fedmq(*args: str) -> list[str]:
+def fedmq_argv(*args: str) -> list[str]:
+    """The fedmq CLI run by this interpreter (children use the same environment as we do)."""
     return [sys.executable, "-m", "fedmq.cli", *args]
 
 
 def aggregator_args(options: dict[str, Any]) -> list[str]:
     out: list[str] = []
-    for key in AGGREGATOR_FLAGS:
+    from fedmq.cli import AGGREGATOR_KEYS  # the options `aggregator` and `run` share
+
+    for key in AGGREGATOR_KEYS:
         value = options.get(key)
         if value is None:
             continue
@@ -152,7 +154,7 @@ def run_federation(options: dict[str, Any], *, namespace_given: bool) -> int:
             common = ["--amqp-url", broker.url, "--namespace", namespace]
             code = _drive(options, fed, common, manifest, stop_requested, reason, n)
             if not namespace_given:
-                _delete_namespace(broker.url, namespace)
+                delete_namespace(broker.url, namespace)
     except FedmqError as exc:
         reason.append(str(exc))
         code = 1
@@ -172,7 +174,7 @@ def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest
     shards = out / "shards"
     agg = fed.spawn(
         "aggregator",
-        _fedmq("aggregator", "--test-data", str(shards / "test.npz"), "--out", str(out), *aggregator_args(options),
+        fedmq_argv("aggregator", "--test-data", str(shards / "test.npz"), "--out", str(out), *aggregator_args(options),
                *common, "--log-format", "json", "--log-level", "info"),
         capture_stderr=True,
     )
@@ -181,13 +183,13 @@ def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest
     reader.start()
     n_slow = round(n * options["slow_workers"])
     if options.get("in_process_workers"):
-        argv = _fedmq("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
+        argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
                       "--trainer", options["trainer"], *common)
         fed.spawn("workers", argv)
     else:
         for i in range(n):
             slow = ["--slowdown", str(options["slowdown"])] if i >= n - n_slow else []
-            fed.spawn(f"worker-{i}", _fedmq("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
+            fed.spawn(f"worker-{i}", fedmq_argv("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
                                             "--trainer", options["trainer"], *slow, *common))
     progress.start()
     try:
@@ -238,11 +240,3 @@ def _plot(out: Path) -> None:
     except Exception as exc:  # noqa: BLE001 (a plot never fails a run)
         log.warning("could not draw curves.png: %s", exc)
 
-
-def _delete_namespace(url: str, namespace: str) -> None:
-    from broker.admin import Admin
-    from broker.settings import BrokerSettings
-    from broker.topology import Topology
-
-    with contextlib.suppress(FedmqError), Admin(BrokerSettings.from_url(url), Topology(namespace)) as admin:
-        admin.delete()

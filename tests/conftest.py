@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.admin import Admin
+from broker.admin import delete_namespace
 from broker.provision import PrivateNode, broker_answers, docker_available, start_container
-from broker.settings import BrokerSettings
-from broker.topology import Topology
 from tests.helpers import Procs, split
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -51,14 +49,6 @@ def amqp_url() -> Iterator[str]:
 
 def new_namespace(prefix: str = "t") -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    try:
-        with Admin(BrokerSettings.from_url(url), Topology(namespace)) as admin:
-            admin.delete()
-    except Exception:  # noqa: BLE001 (the broker may be gone in a fault test)
-        pass
 
 
 @pytest.fixture

@@ -7,18 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedmq.runner import fedmq_argv  # noqa: E402,F401 (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fedmq_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedmq.cli", *args]
 
 
 class Procs:
