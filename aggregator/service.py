@@ -31,7 +31,7 @@ from broker.settings import BrokerSettings
 from broker.topology import Topology
 from shared import messages
 from shared.data import load_num_classes, load_shard
-from shared.errors import BrokerError, ConfigError, DecodeError, ValidationError
+from shared.errors import BrokerError, DecodeError, ValidationError
 from shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
@@ -536,7 +536,7 @@ class Aggregator:
             arrays.update({f"strategy/{k}": v for k, v in strat_arrays.items()})
         meta = {"state": {**st.to_meta(), "elapsed_s": elapsed}, "strategy": strat_meta, "config": self.cfg.to_json()}
         durable.save_checkpoint(self.out, meta, arrays)
-        self._write_history(elapsed)
+        self._write_history()
         assert self.client is not None
         for delivery in self.pending:
             self.client.ack(delivery)
@@ -561,7 +561,7 @@ class Aggregator:
             "rounds": st.round if self.cfg.synchronous else None,
         }
 
-    def _write_history(self, elapsed: float | None = None) -> None:
+    def _write_history(self) -> None:
         doc = {"config": self.cfg.to_json(), "spec": self.spec, "namespace": self.topology.namespace,
                "history": self.state.history, "final": self.final()}
         durable.atomic_write_json(self.out / "history.json", doc)
@@ -603,6 +603,3 @@ def _stream_timestamp(epoch_s: float) -> Any:
 
     return dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc).replace(tzinfo=None)
 
-
-def config_error_for(exc: Exception) -> ConfigError:
-    return ConfigError(str(exc))

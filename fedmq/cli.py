@@ -24,10 +24,10 @@ from fedmq.options import (
     config_option,
     logging_options,
     parse_int_list,
-    start_logging,
 )
 from shared.defaults import DEFAULT_TRAINER
 from shared.errors import FedmqError
+from shared.logs import setup_logging
 
 log = logging.getLogger("fedmq.cli")
 
@@ -99,7 +99,7 @@ def data_split(dataset: str | None, data_file: str | None, label_column: str, wo
                alpha: float, shards_per_worker: int, test_fraction: float, seed: int, out: str,
                log_level: str, log_format: str) -> None:
     """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from shared.data import load_dataset
     from shared.split import format_table, split_dataset
 
@@ -132,7 +132,7 @@ def _admin(amqp_url: str, namespace: str) -> Any:
 @fails_cleanly
 def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Declare the namespace's streams, queues and exchanges (idempotent)."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     with _admin(amqp_url, namespace) as admin:
         admin.setup()
         click.echo(f"namespace {namespace!r} declared: " + ", ".join(admin.topology.queues))
@@ -146,7 +146,7 @@ def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str)
 @fails_cleanly
 def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, log_level: str, log_format: str) -> None:
     """Queues (ready, unacked, consumers), dead-lettered counts and workers heard from."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from broker.admin import as_json as rows_json
 
     with _admin(amqp_url, namespace) as admin:
@@ -184,7 +184,7 @@ def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, l
 @fails_cleanly
 def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: bool, log_level: str, log_format: str) -> None:
     """Inspect or empty the dead-letter queues."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from broker.admin import as_json as rows_json
 
     if not (show or purge):
@@ -211,7 +211,7 @@ def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: 
 @fails_cleanly
 def broker_delete(amqp_url: str, namespace: str, yes: bool, log_level: str, log_format: str) -> None:
     """Delete every queue and exchange of the namespace (streams hold disk)."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     if not yes and not click.confirm(f"delete every queue of namespace {namespace!r}?"):
         return
     with _admin(amqp_url, namespace) as admin:
@@ -251,7 +251,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
            failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str,
            log_format: str) -> None:
     """Train on a local shard for the federation."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from worker.service import Worker, WorkerConfig, default_worker_id
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
@@ -278,7 +278,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from worker.pool import run_pool
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
@@ -346,7 +346,7 @@ AGGREGATOR_KEYS = ["mode", "strategy", "rounds", "max_updates", "target_accuracy
 def aggregator(test_data: str, out: str, resume: bool, amqp_url: str, namespace: str, log_level: str,
                log_format: str, **options: Any) -> None:
     """Coordinate the federation: publish versions and tasks, aggregate, evaluate, checkpoint."""
-    start_logging(log_level, log_format)
+    setup_logging(log_level, log_format)
     from aggregator.config import AggregatorConfig
     from aggregator.service import Aggregator
 

@@ -23,7 +23,6 @@ import click
 from broker.settings import DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, BrokerSettings
 from broker.topology import Topology
 from shared.errors import ConfigError
-from shared.logs import setup_logging
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,10 +78,6 @@ def config_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _setup_logs(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
-    return value
-
-
 def logging_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                       envvar="FEDMQ_LOG_FORMAT", show_default=True, help="Log line format.")(fn)
@@ -97,10 +92,6 @@ def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--amqp-url", default=DEFAULT_AMQP_URL, envvar="FEDMQ_AMQP_URL", show_default=True,
                       help="RabbitMQ URL (amqp:// or amqps://).")(fn)
     return fn
-
-
-def start_logging(level: str, fmt: str) -> None:
-    setup_logging(level, fmt)
 
 
 def broker_from(amqp_url: str, namespace: str, **overrides: Any) -> tuple[BrokerSettings, Topology]:

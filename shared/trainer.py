@@ -179,16 +179,18 @@ class MLPTrainer:
         self.config = parse_mlp_spec(spec)
         self._mlp: MLP | None = None
 
+    def _build(self) -> MLP:
+        c = self.config
+        return MLP(c.layer_sizes, c.activation, c.loss, c.seed)
+
     def _model(self) -> MLP:
         """One MLP per trainer, built on first use: set_params replaces its weights each call."""
         if self._mlp is None:
-            c = self.config
-            self._mlp = MLP(c.layer_sizes, c.activation, c.loss, c.seed)
+            self._mlp = self._build()
         return self._mlp
 
     def init_params(self) -> dict[str, np.ndarray]:
-        c = self.config
-        return MLP(c.layer_sizes, c.activation, c.loss, c.seed).get_params()
+        return self._build().get_params()  # a fresh model: the seeded initial weights
 
     def fit(
         self,
