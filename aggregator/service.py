@@ -225,7 +225,7 @@ class Aggregator:
                 self._finish()
         finally:
             self._checkpoint(force=True)
-            self._write_outputs()
+            durable.save_params(self.out / "model.npz", self.params)  # history.json: by the checkpoint
             assert self.client is not None
             self.client.close()
             self.ledger.close()
@@ -565,10 +565,6 @@ class Aggregator:
         doc = {"config": self.cfg.to_json(), "spec": self.spec, "namespace": self.topology.namespace,
                "history": self.state.history, "final": self.final()}
         durable.atomic_write_json(self.out / "history.json", doc)
-
-    def _write_outputs(self) -> None:
-        durable.save_params(self.out / "model.npz", self.params)
-        self._write_history()
 
     # ------------------------------------------------------------------ the end of a run
     def _finish(self) -> None:
