@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aggregator.strategies import STRATEGIES
-from shared.defaults import DEFAULT_TRAINER
-from shared.errors import ConfigError
+from fedmq.aggregator.strategies import STRATEGIES
+from fedmq.shared.defaults import DEFAULT_TRAINER
+from fedmq.shared.errors import ConfigError
 
 
 @dataclass(frozen=True)

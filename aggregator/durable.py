@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ConfigError
-from shared.files import atomic_write_bytes
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.files import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.npz"

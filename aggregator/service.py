@@ -22,17 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from aggregator import durable
-from aggregator.config import AggregatorConfig
-from aggregator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
-from aggregator.validate import check_update, expected_update_bytes
-from broker.client import Client, Delivery, PendingPublish, SetupError
-from broker.settings import BrokerSettings
-from broker.topology import Topology
-from shared import messages
-from shared.data import load_num_classes, load_shard
-from shared.errors import BrokerError, DecodeError, ValidationError
-from shared.trainer import Trainer, load_trainer_factory, mlp_spec
+from fedmq.aggregator import durable
+from fedmq.aggregator.config import AggregatorConfig
+from fedmq.aggregator.strategies import FedAsync, FedAvg, FedBuff, make_strategy
+from fedmq.aggregator.validate import check_update, expected_update_bytes
+from fedmq.broker.client import Client, Delivery, PendingPublish, SetupError
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared import messages
+from fedmq.shared.data import load_num_classes, load_shard
+from fedmq.shared.errors import BrokerError, DecodeError, ValidationError
+from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
 

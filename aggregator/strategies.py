@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 Params = dict[str, np.ndarray]
 Staleness = Callable[[int], float]

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from shared import messages
-from shared.errors import ValidationError
+from fedmq.shared import messages
+from fedmq.shared.errors import ValidationError
 
 
 def check_update(

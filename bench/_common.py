@@ -42,7 +42,7 @@ def mlp_param_count(hidden: int, inputs: int = 784, classes: int = 10) -> int:
 
 
 def mlp_shapes(hidden: int, inputs: int = 784, classes: int = 10) -> dict[str, tuple[int, ...]]:
-    from shared.nn import mlp_param_shapes
+    from fedmq.shared.nn import mlp_param_shapes
 
     return dict(mlp_param_shapes((inputs, hidden, classes)))
 
@@ -57,15 +57,15 @@ def new_namespace(name: str) -> str:
 
 
 def broker_settings(namespace: str) -> tuple[Any, Any]:
-    from broker.settings import BrokerSettings
-    from broker.topology import Topology
+    from fedmq.broker.settings import BrokerSettings
+    from fedmq.broker.topology import Topology
 
     return BrokerSettings.from_url(AMQP_URL), Topology(namespace)
 
 
 def delete_namespace(namespace: str, extra_queues: Sequence[str] = ()) -> None:
     """Delete every queue and exchange of ``namespace`` (plus ``extra_queues``); best effort."""
-    from broker.admin import Admin
+    from fedmq.broker.admin import Admin
 
     settings, topology = broker_settings(namespace)
     try:

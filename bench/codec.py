@@ -3,10 +3,10 @@
 For MLP-shaped float32 models of ~1M and ~10M parameters it times (best of N):
 
 * encode floor: ``b"".join(a.tobytes() for a in arrays)``;
-* ``shared.messages.encode(Update(...))``;
+* ``fedmq.shared.messages.encode(Update(...))``;
 * decode floor: ``np.frombuffer(raw, dtype, count, offset).copy()`` per array over the
   concatenated bytes;
-* ``shared.messages.decode(...)``: the full strict decode, finiteness check included.
+* ``fedmq.shared.messages.decode(...)``: the full strict decode, finiteness check included.
 
 It prints GB/s and ratio = floor_time / our_time (the goal is >= 0.8) and writes JSON.
 Run from a checkout: ``python bench/codec.py [--repeat N] [--json OUT]``.
@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.messages import Update, decode, encode  # noqa: E402
+from fedmq.shared.messages import Update, decode, encode  # noqa: E402
 
 GOAL = 0.8
 #: name -> layer widths of an MLP; params = sum(W_i + b_i)

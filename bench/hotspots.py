@@ -57,7 +57,7 @@ def model(hidden: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------ FedBuff
 def fedbuff_step(repeat: int) -> list[dict[str, Any]]:
-    from aggregator.strategies import FedBuff
+    from fedmq.aggregator.strategies import FedBuff
 
     params = model(MODEL_SIZES["10M"])
     deltas = [model(MODEL_SIZES["10M"], seed=s) for s in (1, 2, 3)]
@@ -127,7 +127,7 @@ def weighted_average_scratch(updates: list[tuple[dict[str, np.ndarray], float]])
 
 
 def fedavg(repeat: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
-    from aggregator.strategies import weighted_average
+    from fedmq.aggregator.strategies import weighted_average
 
     rows = []
     for n in sizes:
@@ -143,7 +143,7 @@ def fedavg(repeat: int, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ MLP evaluation
 def mlp_evaluate(repeat: int) -> list[dict[str, Any]]:
-    from shared.trainer import MLPTrainer, mlp_spec
+    from fedmq.shared.trainer import MLPTrainer, mlp_spec
 
     rows = []
     for label, (features, hidden, n_test) in {"digits 64-64-10": (64, 64, 360), "784-1258-10": (784, 1258, 64)}.items():
@@ -185,8 +185,8 @@ def checkpoint_meta(repeat: int, versions: tuple[int, ...]) -> list[dict[str, An
 
 # ------------------------------------------------------------------ NoiseTrainer
 def noise_fit(repeat: int) -> list[dict[str, Any]]:
-    from shared.standin import NoiseTrainer
-    from shared.trainer import mlp_spec
+    from bench.standin import NoiseTrainer
+    from fedmq.shared.trainer import mlp_spec
 
     trainer = NoiseTrainer(mlp_spec(784, 10, hidden=[MODEL_SIZES["10M"]]))
     params = trainer.init_params()

@@ -2,7 +2,7 @@
 
 For N = 4 and 16 workers and MLP 784->h->10 models of ~100k, ~1M and ~10M float32 parameters
 it runs the real processes -- ``fedmq aggregator --mode sync --rounds 8 --workers-per-round N
---min-workers N --trainer shared.standin:NoiseTrainer`` and N ``fedmq worker`` *processes*
+--min-workers N --trainer bench.standin:NoiseTrainer`` and N ``fedmq worker`` *processes*
 (one BLAS thread each; 16 processes on 2 cores are heavy but realistic) -- on a synthetic
 784-feature dataset (test set 64 samples, 32 per worker). Per-round seconds are the deltas of
 ``history.json`` ``time_s`` (median over rounds 2..8); each round includes the model
@@ -67,7 +67,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     run_dir = work / f"run-n{n}-{label}"
     argv = fedmq_argv(
         "aggregator", "--mode", "sync", "--rounds", str(rounds), "--workers-per-round", str(n),
-        "--min-workers", str(n), "--hidden", str(hidden), "--trainer", "shared.standin:NoiseTrainer",
+        "--min-workers", str(n), "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(work / "data" / "test.npz"), "--out", str(run_dir), "--round-timeout", "300",
         "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json",
     )
@@ -86,7 +86,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-n{n}-{label}.jsonl", on_event)
     for i in range(n):
         wargv = fedmq_argv("worker", "--data", str(work / "data" / f"worker-{i}.npz"), "--worker-id", f"w{i}",
-                           "--trainer", "shared.standin:NoiseTrainer", "--namespace", namespace,
+                           "--trainer", "bench.standin:NoiseTrainer", "--namespace", namespace,
                            "--amqp-url", AMQP_URL, "--log-format", "json")
         if profile is not None and i == 0:
             wargv = pyspy_argv(wargv, profile / f"round_time-n{n}-{label}-worker0.txt")

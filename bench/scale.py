@@ -1,7 +1,7 @@
 """Aggregator cost per update and peak memory as workers grow (4, 16, 64) and models grow (100k -> 10M).
 
 Every point runs the real ``fedmq aggregator --mode async --strategy fedbuff --buffer-size 3
---trainer shared.standin:NoiseTrainer --min-workers N`` and one ``fedmq workers --shards DIR
+--trainer bench.standin:NoiseTrainer --min-workers N`` and one ``fedmq workers --shards DIR
 --count N`` process hosting N in-process workers (threads, one connection each), on a
 synthetic 784-feature dataset. Two sweeps:
 
@@ -74,7 +74,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     argv = fedmq_argv(
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
         "--max-updates", str(updates), "--min-workers", str(n), "--hidden", str(hidden),
-        "--trainer", "shared.standin:NoiseTrainer", "--test-data", str(work / "data" / "test.npz"),
+        "--trainer", "bench.standin:NoiseTrainer", "--test-data", str(work / "data" / "test.npz"),
         "--out", str(run_dir), "--drain-timeout", "5", "--namespace", namespace, "--amqp-url", AMQP_URL,
         "--log-format", "json", *extra,
     )
@@ -94,7 +94,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     pool = children.spawn(
         f"workers-{tag}",
         fedmq_argv("workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
-                   "shared.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", AMQP_URL,
+                   "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", AMQP_URL,
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )

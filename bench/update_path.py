@@ -10,15 +10,15 @@ broker in the same run, end to end from the first publish to the last update con
 * ``aggregator`` (the headline, the real code path): the real ``fedmq aggregator --mode async
   --strategy fedbuff --buffer-size 3`` process (NoiseTrainer spec, so evaluation is free) and
   a publisher process acting as the worker: it says hello on the presence stream, then
-  encodes M ``Update(kind="delta")`` with ``shared.messages.encode`` and publishes each
-  through ``broker.client.Client.publish`` (confirmed) to ``<ns>.updates``. The aggregator
+  encodes M ``Update(kind="delta")`` with ``fedmq.shared.messages.encode`` and publishes each
+  through ``fedmq.broker.client.Client.publish`` (confirmed) to ``<ns>.updates``. The aggregator
   decodes, validates, applies with FedBuff, republishes the model every K=3 updates,
   writes its ledger and checkpoints every 10 updates (acking after the fsync), exactly as in
   a federation. The end time is the ``ts`` of its JSON ``evaluated`` log event for the
   M-th applied update. (Task dispatch is left out: ``--concurrency 1``; in a federation
   each applied update also costs one small confirmed task publish.)
 * ``pipeline`` (diagnostic): the same publisher, and an in-script consumer doing only the
-  aggregator's per-update work: ``broker.client.Client`` subscription -> ``messages.decode``
+  aggregator's per-update work: ``fedmq.broker.client.Client`` subscription -> ``messages.decode``
   -> ``aggregator.validate.check_update`` -> ``FedBuff.apply`` (K=3) -> ``client.ack`` per
   update. The gap between ``pipeline`` and ``aggregator`` is what model republishing,
   the ledger and checkpoints cost.
@@ -77,7 +77,7 @@ QUICK_COUNTS = {"100k": 60, "1M": 30, "10M": 9}
 
 # ====================================================================== publisher roles
 def make_update(hidden: int, i: int, params: dict[str, np.ndarray]) -> Any:
-    from shared.messages import Update
+    from fedmq.shared.messages import Update
 
     return Update(
         task_id=f"bench-{i:06d}", worker_id="bench-w0", base_version=0, num_samples=32,
@@ -108,8 +108,8 @@ def role_floor_pub(queue_name: str, size: int, count: int) -> dict[str, float]:
 
 
 def role_fedmq_pub(namespace: str, hidden: int, count: int, hello: bool) -> dict[str, float]:
-    from broker.client import Client
-    from shared import messages
+    from fedmq.broker.client import Client
+    from fedmq.shared import messages
 
     settings, topology = broker_settings(namespace)
     client = Client(settings, topology, name="bench-worker").start()
@@ -185,10 +185,10 @@ def measure_floor(children: Children, namespace: str, size: int, count: int, tim
 
 
 def measure_pipeline(children: Children, namespace: str, hidden: int, count: int, timeout: float) -> dict[str, Any]:
-    from aggregator.strategies import FedBuff
-    from aggregator.validate import check_update, expected_update_bytes
-    from broker.client import Client
-    from shared import messages
+    from fedmq.aggregator.strategies import FedBuff
+    from fedmq.aggregator.validate import check_update, expected_update_bytes
+    from fedmq.broker.client import Client
+    from fedmq.shared import messages
 
     settings, topology = broker_settings(namespace)
     inbox: queue.Queue[Any] = queue.Queue()
@@ -234,7 +234,7 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     argv = fedmq_argv(
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
         "--max-updates", str(count), "--min-workers", "1", "--concurrency", "1", "--drain-timeout", "0",
-        "--hidden", str(hidden), "--trainer", "shared.standin:NoiseTrainer",
+        "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(test), "--out", str(run_dir), "--namespace", namespace, "--amqp-url", AMQP_URL,
         "--log-format", "json", *extra,
     )
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role:
         return run_role(args)
 
-    from shared.messages import encode
+    from fedmq.shared.messages import encode
 
     counts = QUICK_COUNTS if args.quick else COUNTS
     args.repeat = args.repeat or (1 if args.quick else 3)

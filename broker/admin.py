@@ -1,7 +1,7 @@
 """Operator views of a namespace: queue status, workers heard from, dead letters.
 
 These are short-lived, single-threaded sessions (CLI commands, tests), so they use a plain
-blocking connection rather than the threaded :class:`broker.client.Client`.
+blocking connection rather than the threaded :class:`fedmq.broker.client.Client`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any
 
 import pika.exceptions as pex
 
-from broker.client import open_connection
-from broker.settings import BrokerSettings, mask_text
-from broker.topology import Topology
-from shared import messages
-from shared.errors import BrokerError, DecodeError
+from fedmq.broker.client import open_connection
+from fedmq.broker.settings import BrokerSettings, mask_text
+from fedmq.broker.topology import Topology
+from fedmq.shared import messages
+from fedmq.shared.errors import BrokerError, DecodeError
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from broker.settings import BrokerSettings, mask_text
-from broker.topology import Topology
-from shared.errors import BrokerError
+from fedmq.broker.settings import BrokerSettings, mask_text
+from fedmq.broker.topology import Topology
+from fedmq.shared.errors import BrokerError
 
 log = logging.getLogger("fedmq.broker")
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.client import open_connection
-from broker.settings import BrokerSettings, mask_url
-from shared.errors import BrokerError
+from fedmq.broker.client import open_connection
+from fedmq.broker.settings import BrokerSettings, mask_url
+from fedmq.shared.errors import BrokerError
 
 log = logging.getLogger("fedmq.broker.provision")
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_NAMESPACE = "fedmq"

@@ -25,9 +25,9 @@ from fedmq.options import (
     logging_options,
     parse_int_list,
 )
-from shared.defaults import DEFAULT_TRAINER
-from shared.errors import FedmqError
-from shared.logs import setup_logging
+from fedmq.shared.defaults import DEFAULT_TRAINER
+from fedmq.shared.errors import FedmqError
+from fedmq.shared.logs import setup_logging
 
 log = logging.getLogger("fedmq.cli")
 
@@ -100,8 +100,8 @@ def data_split(dataset: str | None, data_file: str | None, label_column: str, wo
                log_level: str, log_format: str) -> None:
     """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
     setup_logging(log_level, log_format)
-    from shared.data import load_dataset
-    from shared.split import format_table, split_dataset
+    from fedmq.shared.data import load_dataset
+    from fedmq.shared.split import format_table, split_dataset
 
     if bool(dataset) == bool(data_file):
         raise click.UsageError("give exactly one of --dataset NAME or --data FILE")
@@ -120,7 +120,7 @@ def broker() -> None:
 
 
 def _admin(amqp_url: str, namespace: str) -> Any:
-    from broker.admin import Admin
+    from fedmq.broker.admin import Admin
 
     settings, topology = broker_from(amqp_url, namespace)
     return Admin(settings, topology)
@@ -147,7 +147,7 @@ def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str)
 def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, log_level: str, log_format: str) -> None:
     """Queues (ready, unacked, consumers), dead-lettered counts and workers heard from."""
     setup_logging(log_level, log_format)
-    from broker.admin import as_json as rows_json
+    from fedmq.broker.admin import as_json as rows_json
 
     with _admin(amqp_url, namespace) as admin:
         queues = admin.queue_status()
@@ -185,7 +185,7 @@ def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, l
 def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: bool, log_level: str, log_format: str) -> None:
     """Inspect or empty the dead-letter queues."""
     setup_logging(log_level, log_format)
-    from broker.admin import as_json as rows_json
+    from fedmq.broker.admin import as_json as rows_json
 
     if not (show or purge):
         show = True
@@ -252,7 +252,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
            log_format: str) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
-    from worker.service import Worker, WorkerConfig, default_worker_id
+    from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
@@ -279,7 +279,7 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
-    from worker.pool import run_pool
+    from fedmq.worker.pool import run_pool
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     stop = threading.Event()
@@ -347,8 +347,8 @@ def aggregator(test_data: str, out: str, resume: bool, amqp_url: str, namespace:
                log_format: str, **options: Any) -> None:
     """Coordinate the federation: publish versions and tasks, aggregate, evaluate, checkpoint."""
     setup_logging(log_level, log_format)
-    from aggregator.config import AggregatorConfig
-    from aggregator.service import Aggregator
+    from fedmq.aggregator.config import AggregatorConfig
+    from fedmq.aggregator.service import Aggregator
 
     cfg = AggregatorConfig(test_data=test_data, out=out, resume=resume, **options).validate()
     settings, topology = broker_from(amqp_url, namespace)

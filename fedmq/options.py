@@ -20,9 +20,9 @@ from typing import Any
 
 import click
 
-from broker.settings import DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, BrokerSettings
-from broker.topology import Topology
-from shared.errors import ConfigError
+from fedmq.broker.settings import DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib

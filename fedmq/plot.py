@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 
 def load_history(run_dir: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """``fedmq run``: a whole federation on one machine, as real processes behind a real broker.
 
-It splits the data, finds or starts a broker (see :mod:`broker.provision`), starts the
+It splits the data, finds or starts a broker (see :mod:`fedmq.broker.provision`), starts the
 aggregator and N workers as child processes, shows progress from the aggregator's JSON log,
 and on the way out stops every child (and any broker it started), writes ``curves.png`` and
 prints a summary. Ctrl-C or a failing child stops everything within seconds, with a non-zero
@@ -24,11 +24,11 @@ from typing import IO, Any
 
 import click
 
-from broker.admin import delete_namespace
-from broker.provision import provide_broker
-from broker.settings import mask_url
+from fedmq.broker.admin import delete_namespace
+from fedmq.broker.provision import provide_broker
+from fedmq.broker.settings import mask_url
 from fedmq.progress import Progress
-from shared.errors import FedmqError
+from fedmq.shared.errors import FedmqError
 
 log = logging.getLogger("fedmq.run")
 
@@ -110,8 +110,8 @@ class Federation:
 
 
 def _split(options: dict[str, Any], shards: Path) -> dict[str, Any]:
-    from shared.data import load_dataset
-    from shared.split import split_dataset
+    from fedmq.shared.data import load_dataset
+    from fedmq.shared.split import split_dataset
 
     dataset = options.get("dataset")
     data_file = options.get("data_file")
@@ -123,7 +123,7 @@ def _split(options: dict[str, Any], shards: Path) -> dict[str, Any]:
 
 
 def run_federation(options: dict[str, Any], *, namespace_given: bool) -> int:
-    from shared.logs import setup_logging
+    from fedmq.shared.logs import setup_logging
 
     setup_logging(options["log_level"], options["log_format"])
     out = Path(options["out"])

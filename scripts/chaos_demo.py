@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.provision import PrivateNode  # noqa: E402
+from fedmq.broker.provision import PrivateNode  # noqa: E402
 from tests.helpers import (  # noqa: E402
     Procs,
     assert_ledger_invariant,

@@ -45,7 +45,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from shared.errors import DecodeError
+from fedmq.shared.errors import DecodeError
 
 __all__ = [
     "ARRAY_KEYS",

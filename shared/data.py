@@ -4,7 +4,7 @@ Every loader returns float32 features and int64 labels in ``0..k-1``. Features a
 standardised with the mean and standard deviation of the *training* part only (a zero
 standard deviation is replaced by 1), so no test statistics leak into training.
 Files are read without pickle (``np.load(..., allow_pickle=False)``); every malformed
-input raises :class:`shared.errors.DataError` with one line saying what is wrong.
+input raises :class:`fedmq.shared.errors.DataError` with one line saying what is wrong.
 
 The bundled sets (``digits``, ``breast_cancer``, ``wine``, ``iris``) ship inside
 scikit-learn and need no download; scikit-learn is imported only when one is requested.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.errors import DataError
+from fedmq.shared.errors import DataError
 
 XOR_SIZE = 1000
 SPLIT_KEYS: tuple[str, ...] = ("x_train", "y_train", "x_test", "y_test")

@@ -1,3 +1,3 @@
 """Defaults that the command line needs without importing numpy."""
 
-DEFAULT_TRAINER = "shared.trainer:MLPTrainer"
+DEFAULT_TRAINER = "fedmq.shared.trainer:MLPTrainer"

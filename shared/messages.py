@@ -1,6 +1,6 @@
 """The fedmq messages: frozen dataclasses, their msgpack wire form and their strict decoder.
 
-On the wire every message is one msgpack map (see :mod:`shared.codec`) with ``schema``
+On the wire every message is one msgpack map (see :mod:`fedmq.shared.codec`) with ``schema``
 (:data:`SCHEMA_VERSION`), ``type`` (``"model"``, ``"task"``, ``"update"`` or ``"control"``)
 and exactly the dataclass's fields. ``Params`` travel as a map name -> array map, in order.
 
@@ -17,11 +17,11 @@ form (TypeError/ValueError). All validation lives in :func:`decode`, which raise
 * ``mode``, ``kind``, ``update_kind`` from :data:`MODES`, :data:`UPDATE_KINDS`,
   :data:`CONTROL_KINDS`; ``task_id`` and ``Update.worker_id`` non-empty;
 * ``params`` a map of name -> array (dtype, shape, byte count, finiteness checked by
-  :mod:`shared.codec`); ``spec`` and ``info`` JSON-like maps (no bytes, arrays or
+  :mod:`fedmq.shared.codec`); ``spec`` and ``info`` JSON-like maps (no bytes, arrays or
   non-finite floats).
 
 Decoded params are read-only numpy views into the received buffer (see
-:mod:`shared.codec`); copy an array before changing it.
+:mod:`fedmq.shared.codec`); copy an array before changing it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any, TypeAlias, get_args
 
 import numpy as np
 
-from shared import codec
-from shared.errors import DecodeError
+from fedmq.shared import codec
+from fedmq.shared.errors import DecodeError
 
 __all__ = [
     "CONTROL_KINDS",

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from shared.errors import ConfigError, DataError, TrainingError
+from fedmq.shared.errors import ConfigError, DataError, TrainingError
 
 ACTIVATIONS: tuple[str, ...] = ("sigmoid", "tanh", "relu")
 LOSSES: tuple[str, ...] = ("cross-entropy", "mse")

@@ -13,7 +13,7 @@ array per worker such that every index appears in exactly one part and no part i
   proportions from ``Dir(alpha)`` and split that class's samples accordingly. Small
   ``alpha`` gives highly skewed label histograms, large ``alpha`` approaches IID.
 
-Impossible requests raise :class:`shared.errors.DataError` saying what to change.
+Impossible requests raise :class:`fedmq.shared.errors.DataError` saying what to change.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared.errors import DataError
+from fedmq.shared.errors import DataError
 
 Partitioner = Callable[..., list[np.ndarray]]
 

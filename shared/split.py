@@ -7,7 +7,7 @@ Layout of ``out_dir``::
     manifest.json                       dataset, method, alpha, seed, sizes, label histograms
 
 Each file is written to a temporary name in ``out_dir`` and renamed into place, so a
-reader never sees a half-written shard. Partitioning schemes are in :mod:`shared.partition`.
+reader never sees a half-written shard. Partitioning schemes are in :mod:`fedmq.shared.partition`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.data import Dataset
-from shared.errors import DataError
-from shared.files import atomic_write_bytes
-from shared.partition import label_histograms, partition
+from fedmq.shared.data import Dataset
+from fedmq.shared.errors import DataError
+from fedmq.shared.files import atomic_write_bytes
+from fedmq.shared.partition import label_histograms, partition
 
 MANIFEST = "manifest.json"
 TEST_FILE = "test.npz"

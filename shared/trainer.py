@@ -9,7 +9,7 @@ McMahan et al. 2017) or mixes asynchronously. ``mu`` is the FedProx proximal coe
 
 Factories are referenced as ``"package.module:attr"`` strings (``attr`` may be a class or
 a function, dotted for nested attributes) and resolved by :func:`load_trainer_factory`.
-The default is :class:`MLPTrainer`, a thin adapter around :class:`shared.nn.MLP`.
+The default is :class:`MLPTrainer`, a thin adapter around :class:`fedmq.shared.nn.MLP`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from shared.defaults import DEFAULT_TRAINER  # noqa: E402  (re-exported)
-from shared.errors import ConfigError
-from shared.nn import MLP, check_activation, check_loss
+from fedmq.shared.defaults import DEFAULT_TRAINER  # noqa: E402  (re-exported)
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.nn import MLP, check_activation, check_loss
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def parse_mlp_spec(spec: Mapping[str, Any]) -> MLPConfig:
 
 
 class MLPTrainer:
-    """:class:`Trainer` backed by :class:`shared.nn.MLP`; reported metrics are measured on the local data after training."""
+    """:class:`Trainer` backed by :class:`fedmq.shared.nn.MLP`; reported metrics are measured on the local data after training."""
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.admin import delete_namespace
-from broker.provision import PrivateNode, broker_answers, docker_available, start_container
+from fedmq.broker.admin import delete_namespace
+from fedmq.broker.provision import PrivateNode, broker_answers, docker_available, start_container
 from tests.helpers import Procs, split
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"

@@ -28,8 +28,8 @@ class Procs:
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         f = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        proc = subprocess.Popen(fedmq_argv(*args), stdout=f, stderr=subprocess.STDOUT, env=full_env,
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.Popen(fedmq_argv(*args), stdout=f, stderr=subprocess.STDOUT, env=full_env, cwd=REPO,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         f.close()
         self.procs[name] = proc
@@ -128,5 +128,5 @@ def assert_ledger_invariant(run_dir: Path, confirmed: list[dict[str, Any]]) -> l
 def split(out: Path, workers: int, *, partition: str = "dirichlet", seed: int = 0) -> Path:
     subprocess.run(fedmq_argv("data", "split", "--dataset", "digits", "--workers", str(workers),
                               "--partition", partition, "--alpha", "0.5", "--seed", str(seed), "--out", str(out)),
-                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                   check=True, capture_output=True, )
     return out

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.trainer import FitResult, MLPTrainer
+from fedmq.shared.trainer import FitResult, MLPTrainer
 
 
 class SleepyTrainer(MLPTrainer):

@@ -11,10 +11,10 @@ import logging
 import threading
 from pathlib import Path
 
-from broker.settings import BrokerSettings
-from broker.topology import Topology
-from shared.errors import DataError
-from worker.service import Worker, WorkerConfig
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared.errors import DataError
+from fedmq.worker.service import Worker, WorkerConfig
 
 log = logging.getLogger("fedmq.worker.pool")
 

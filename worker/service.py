@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker.client import Client, Delivery
-from broker.settings import BrokerSettings
-from broker.topology import Topology
-from shared import messages
-from shared.data import load_shard
-from shared.errors import BrokerError, DecodeError, FedmqError
-from shared.trainer import DEFAULT_TRAINER, Trainer, load_trainer_factory
+from fedmq.broker.client import Client, Delivery
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared import messages
+from fedmq.shared.data import load_shard
+from fedmq.shared.errors import BrokerError, DecodeError, FedmqError
+from fedmq.shared.trainer import DEFAULT_TRAINER, Trainer, load_trainer_factory
 
 log = logging.getLogger("fedmq.worker")
 

@@ -15,11 +15,11 @@ import numpy as np
 import pika
 import pytest
 
-from broker.admin import Admin
-from broker.provision import PrivateNode
-from broker.settings import BrokerSettings
-from broker.topology import Topology
-from shared import messages
+from fedmq.broker.admin import Admin
+from fedmq.broker.provision import PrivateNode
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared import messages
 from tests.conftest import delete_namespace, new_namespace
 from tests.helpers import (
     Procs,

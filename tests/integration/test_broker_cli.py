@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.client import Client
-from broker.settings import BrokerSettings
-from broker.topology import Topology
+from fedmq.broker.client import Client
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
 from fedmq.cli import main
-from shared import messages
+from fedmq.shared import messages
 from tests.helpers import Procs, fedmq_argv, split, wait_for
 
 pytestmark = pytest.mark.broker

@@ -117,10 +117,10 @@ def test_long_task_survives_short_heartbeat(amqp_url: str, namespace: str, shard
 def test_worker_trusting_the_aggregator_ignores_forged_models_and_tasks(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
     import pika
 
-    from broker.admin import Admin
-    from broker.settings import BrokerSettings
-    from broker.topology import Topology
-    from shared import messages
+    from fedmq.broker.admin import Admin
+    from fedmq.broker.settings import BrokerSettings
+    from fedmq.broker.topology import Topology
+    from fedmq.shared import messages
 
     topology = Topology(namespace)
     with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:

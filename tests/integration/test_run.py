@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.provision import PrivateNode
-from tests.helpers import REPO, fedmq_argv, history_len, read_history, wait_for
+from fedmq.broker.provision import PrivateNode
+from tests.helpers import fedmq_argv, history_len, read_history, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def leftovers(marker: str) -> list[str]:
 
 
 def run_cmd(tmp: Path, *args: str, amqp_url: str | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     if amqp_url:
         env["FEDMQ_AMQP_URL"] = amqp_url
     return subprocess.Popen(fedmq_argv("run", *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.settings import BrokerSettings, mask_text, mask_url
+from fedmq.broker.settings import BrokerSettings, mask_text, mask_url
 from fedmq.cli import main
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 
 def test_mask_url_hides_passwords() -> None:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared import codec
-from shared.errors import DecodeError
+from fedmq.shared import codec
+from fedmq.shared.errors import DecodeError
 
 LIMIT = 1 << 30
 ALL_DTYPES = ["<f2", "<f4", "<f8", "<i4", "<i8", "|u1"]

@@ -29,12 +29,12 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from aggregator.config import AggregatorConfig  # noqa: E402
-from broker.settings import BrokerSettings  # noqa: E402
-from broker.topology import Topology  # noqa: E402
+from fedmq.aggregator.config import AggregatorConfig  # noqa: E402
+from fedmq.broker.settings import BrokerSettings  # noqa: E402
+from fedmq.broker.topology import Topology  # noqa: E402
 from fedmq.cli import AGGREGATOR_KEYS, main  # noqa: E402
-from shared import messages  # noqa: E402
-from shared.data import BUILTINS  # noqa: E402
+from fedmq.shared import messages  # noqa: E402
+from fedmq.shared.data import BUILTINS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -539,7 +539,7 @@ def test_dockerfile() -> None:
     # everything the package needs is copied (and not excluded by .dockerignore)
     pyproject = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())
     copied = {rest.split()[0] for op, rest in ins if op == "COPY"}
-    needed = set(pyproject["tool"]["setuptools"]["packages"]) | {"pyproject.toml"}
+    needed = set(pyproject["tool"]["setuptools"]["package-dir"].values()) | {"pyproject.toml"}
     if "readme" in pyproject["project"]:
         needed.add(pyproject["project"]["readme"])
     assert needed <= copied, f"not copied into the image: {sorted(needed - copied)}"

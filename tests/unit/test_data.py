@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from shared.data import BUILTINS, Dataset, load_dataset, load_num_classes, load_shard
-from shared.errors import DataError
-from shared.split import format_table, split_dataset
+from fedmq.shared.data import BUILTINS, Dataset, load_dataset, load_num_classes, load_shard
+from fedmq.shared.errors import DataError
+from fedmq.shared.split import format_table, split_dataset
 
 EXPECTED = {  # name -> (num_features, num_classes, total samples)
     "digits": (64, 10, 1797),
@@ -42,7 +42,7 @@ def test_digits_split_size_matches_sklearn_convention():
 
 
 def test_xor_labels_follow_the_rule():
-    from shared.data import make_xor
+    from fedmq.shared.data import make_xor
 
     X, y = make_xor(seed=3)
     assert X.shape == (1000, 2)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import durable
-from shared.errors import ConfigError
+from fedmq.aggregator import durable
+from fedmq.shared.errors import ConfigError
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:

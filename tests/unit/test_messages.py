@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.errors import DecodeError
-from shared.messages import (
+from fedmq.shared.errors import DecodeError
+from fedmq.shared.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     Control,

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from shared.data import load_dataset
-from shared.errors import ConfigError, DataError, TrainingError
-from shared.nn import ACTIVATIONS, LOSSES, MLP, forward_backward, mlp_param_shapes
+from fedmq.shared.data import load_dataset
+from fedmq.shared.errors import ConfigError, DataError, TrainingError
+from fedmq.shared.nn import ACTIVATIONS, LOSSES, MLP, forward_backward, mlp_param_shapes
 
 
 def _problem(seed: int = 0, n: int = 7, d: int = 4, k: int = 3):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import DataError
-from shared.partition import PARTITIONERS, label_histograms, partition
+from fedmq.shared.errors import DataError
+from fedmq.shared.partition import PARTITIONERS, label_histograms, partition
 
 
 def _labels(n: int = 600, k: int = 10, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.strategies import (
+from fedmq.aggregator.strategies import (
     STRATEGIES,
     FedAsync,
     FedAvg,
@@ -17,7 +17,7 @@ from aggregator.strategies import (
     make_strategy,
     weighted_average,
 )
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 
 def params(seed: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Unit tests for shared.trainer (interface, MLPTrainer, factory loading) and shared.standin."""
+"""Unit tests for shared.trainer (interface, MLPTrainer, factory loading) and bench.standin."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from shared.data import load_dataset
-from shared.errors import ConfigError
-from shared.nn import mlp_param_shapes
-from shared.standin import NoiseTrainer, noise_spec
-from shared.trainer import (
+from bench.standin import NoiseTrainer, noise_spec
+from fedmq.shared.data import load_dataset
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.nn import mlp_param_shapes
+from fedmq.shared.trainer import (
     DEFAULT_TRAINER,
     FitResult,
     MLPTrainer,
@@ -89,7 +89,7 @@ def test_load_default_trainer_factory():
 
 def test_load_function_factory(tmp_path, monkeypatch):
     (tmp_path / "my_plugin.py").write_text(
-        "from shared.standin import NoiseTrainer\n"
+        "from bench.standin import NoiseTrainer\n"
         "def make(spec):\n    return NoiseTrainer(spec)\n"
         "class Holder:\n    make = staticmethod(make)\n"
         "NOT_CALLABLE = 3\n"
@@ -114,13 +114,13 @@ def test_load_function_factory(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("ref", "match"),
     [
-        ("shared.trainer.MLPTrainer", "must look like 'package.module:attr'"),
+        ("fedmq.shared.trainer.MLPTrainer", "must look like 'package.module:attr'"),
         ("a:b:c", "must look like"),
         (":MLPTrainer", "both a module and an attribute"),
-        ("shared.trainer:", "both a module and an attribute"),
+        ("fedmq.shared.trainer:", "both a module and an attribute"),
         ("no_such_module_xyz:Thing", "cannot be imported"),
-        ("shared.trainer:NoSuchTrainer", "no attribute 'NoSuchTrainer'"),
-        ("shared.trainer:DEFAULT_TRAINER", "not a class or function"),
+        ("fedmq.shared.trainer:NoSuchTrainer", "no attribute 'NoSuchTrainer'"),
+        ("fedmq.shared.trainer:DEFAULT_TRAINER", "not a class or function"),
     ],
 )
 def test_load_trainer_factory_errors(ref, match):

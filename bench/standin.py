@@ -1,12 +1,12 @@
 """A stand-in trainer for benchmarks that measures the framework, not the model.
 
 :class:`NoiseTrainer` has MLP-shaped parameters (same names and shapes as
-:class:`shared.nn.MLP` for the given layer sizes) but its ``fit`` only adds a small
+:class:`fedmq.shared.nn.MLP` for the given layer sizes) but its ``fit`` only adds a small
 float32 Gaussian perturbation (scale ``1e-3``) to the incoming weights, so benchmark
 time goes to encoding, messaging and aggregation rather than numerical training.
 
 Its spec is ``{"layers": [784, 126, 10], "seed": 0}`` (see :func:`noise_spec`); an
-:func:`shared.trainer.mlp_spec` dict is accepted too, so the stand-in can replace the
+:func:`fedmq.shared.trainer.mlp_spec` dict is accepted too, so the stand-in can replace the
 default trainer without changing the spec the aggregator publishes.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ConfigError
-from shared.nn import check_layer_sizes, check_params, mlp_param_shapes
-from shared.trainer import FitResult, parse_mlp_spec
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.nn import check_layer_sizes, check_params, mlp_param_shapes
+from fedmq.shared.trainer import FitResult, parse_mlp_spec
 
 NOISE_SCALE = 1e-3
 _POOL_SLACK = 4096  # per-fit offsets into one pre-drawn noise vector
@@ -54,7 +54,7 @@ def parse_noise_spec(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
 
 
 class NoiseTrainer:
-    """:class:`shared.trainer.Trainer` whose ``fit`` returns ``params + N(0, 1e-3^2)`` noise."""
+    """:class:`fedmq.shared.trainer.Trainer` whose ``fit`` returns ``params + N(0, 1e-3^2)`` noise."""
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec
