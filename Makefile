@@ -26,7 +26,7 @@ test-fast: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
+	$(PY) scripts/typecheck.py
 
 bench: $(VENV)/.installed
 	$(PY) bench/codec.py

@@ -1,0 +1,97 @@
+"""The events fedmq processes emit: one documented schema, carried by JSON log lines.
+
+A process emits an event with :func:`emit`; the text formatter prints the human message, the
+JSON formatter (``--log-format json``) prints one object per line holding ``event`` and the
+event's fields at the top level beside ``ts``, ``level``, ``logger`` and ``msg``. Readers
+(``fedmq run``'s live view, the benchmarks, the tests) use :func:`parse` and the field names
+below, never the human message, which may change.
+
+=====================  ===========================================================================
+event                  fields (required; ``?`` = optional)
+=====================  ===========================================================================
+waiting_for_workers    namespace, have, need
+worker_joined          worker_id
+worker_left            worker_id, reason ("bye" or "silent")
+update_settled         message_id, fate (applied|stale|duplicate|rejected|late), task_id?,
+                       worker_id?, reason?, staleness?, weight?
+version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?
+round_closed           round, version, updates
+finished               version, accuracy, updates_applied, updates_rejected, updates_stale,
+                       updates_duplicate, updates_late, reached_target, interrupted, time_s
+task_started           task_id, worker_id                      (worker)
+update_confirmed       task_id, message_id, worker_id, ticket? (worker; the update is on the broker)
+task_failed            task_id, worker_id, reason              (worker; the task goes back or dies)
+=====================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+FATES = ("applied", "stale", "duplicate", "rejected", "late")
+
+SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # name: (required fields, optional fields)
+    "waiting_for_workers": (frozenset({"namespace", "have", "need"}), frozenset()),
+    "worker_joined": (frozenset({"worker_id"}), frozenset()),
+    "worker_left": (frozenset({"worker_id", "reason"}), frozenset()),
+    "update_settled": (
+        frozenset({"message_id", "fate"}),
+        frozenset({"task_id", "worker_id", "reason", "staleness", "weight"}),
+    ),
+    "version_evaluated": (
+        frozenset({"version", "accuracy", "loss", "updates_applied", "staleness_mean", "time_s"}),
+        frozenset({"round"}),
+    ),
+    "round_closed": (frozenset({"round", "version", "updates"}), frozenset()),
+    "finished": (
+        frozenset({"version", "accuracy", "updates_applied", "updates_rejected", "updates_stale",
+                   "updates_duplicate", "updates_late", "reached_target", "interrupted", "time_s"}),
+        frozenset({"loss", "rounds"}),
+    ),
+    "task_started": (frozenset({"task_id", "worker_id"}), frozenset()),
+    "update_confirmed": (frozenset({"task_id", "message_id", "worker_id"}), frozenset({"ticket"})),
+    "task_failed": (frozenset({"task_id", "worker_id", "reason"}), frozenset()),
+}
+
+# LogRecord attributes an event field must not shadow
+_RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "event"}
+
+
+def check(name: str, fields: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless ``fields`` match the schema of event ``name``."""
+    if name not in SCHEMA:
+        raise ValueError(f"unknown event {name!r}; known: {', '.join(sorted(SCHEMA))}")
+    required, optional = SCHEMA[name]
+    missing = required - fields.keys()
+    unknown = fields.keys() - required - optional
+    if missing or unknown:
+        raise ValueError(f"event {name!r}: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    if name == "update_settled" and fields["fate"] not in FATES:
+        raise ValueError(f"event 'update_settled': fate {fields['fate']!r} is not one of {FATES}")
+    clash = _RESERVED & fields.keys()
+    if clash:
+        raise ValueError(f"event {name!r}: field(s) {sorted(clash)} clash with log record attributes")
+
+
+def emit(logger: logging.Logger, name: str, message: str, *args: Any, level: int = logging.INFO,
+         **fields: Any) -> None:
+    """Log ``message % args`` carrying event ``name`` and its ``fields`` (checked against SCHEMA)."""
+    check(name, fields)
+    logger.log(level, message, *args, extra={"event": name, **fields})
+
+
+def parse(line: str) -> dict[str, Any] | None:
+    """The event in one JSON log line, or None for any other line (text, non-event JSON)."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("event") not in SCHEMA:
+        return None
+    return doc
