@@ -53,7 +53,7 @@ __all__ = [
     "message_type",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: every message names its run (run_id)
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024 // 2  # 128 MiB, RabbitMQ 3.x max_message_size
 
 MODES: tuple[str, ...] = ("sync", "async")
@@ -72,6 +72,7 @@ class ModelVersion:
     spec: dict[str, Any]
     round: int | None = None
     created_s: float = 0.0
+    run_id: str = ""  # the run this version belongs to; streams outlive runs
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Task:
     seed: int
     round: int | None = None
     update_kind: str = "weights"  # what the update must carry: "weights" or "delta"
+    run_id: str = ""  # the run that issued the task
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Update:
     train_accuracy: float
     duration_s: float
     round: int | None = None
+    run_id: str = ""  # echoed from the task
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class Control:
     worker_id: str = ""
     sent_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)  # JSON-like
+    run_id: str = ""  # "" where the message belongs to no run (a worker's hello)
 
 
 Message: TypeAlias = ModelVersion | Task | Update | Control
@@ -287,6 +291,7 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "spec": _json_map,
         "round": _ROUND,
         "created_s": _TIME,
+        "run_id": _text(),
     },
     Task: {
         "task_id": _text(nonempty=True),
@@ -299,6 +304,7 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "seed": _integer(0),
         "round": _ROUND,
         "update_kind": _text(UPDATE_KINDS),
+        "run_id": _text(),
     },
     Update: {
         "task_id": _text(nonempty=True),
@@ -311,12 +317,14 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "train_accuracy": _number(),
         "duration_s": _TIME,
         "round": _ROUND,
+        "run_id": _text(),
     },
     Control: {
         "kind": _text(CONTROL_KINDS),
         "worker_id": _text(),
         "sent_s": _TIME,
         "info": _json_map,
+        "run_id": _text(),
     },
 }
 assert all(list(checks) == [f.name for f in fields(cls)] for cls, checks in _SCHEMAS.items()), (

@@ -268,7 +268,8 @@ _DELETE = object()
     ("doc", "match"),
     [
         ({"type": "task"}, "not a fedmq message: no 'schema' field"),
-        (_corrupt(_task(), schema=2), "unknown schema version 2; this fedmq speaks 1"),
+        (_corrupt(_task(), schema=3), "unknown schema version 3; this fedmq speaks 2"),
+        (_corrupt(_task(), schema=1), "unknown schema version 1; this fedmq speaks 2"),
         (_corrupt(_task(), schema=0), "unknown schema version 0"),
         (_corrupt(_task(), schema="1"), "'schema' must be an int, got str '1'"),
         (_corrupt(_task(), schema=True), "'schema' must be an int, got bool True"),
