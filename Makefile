@@ -7,28 +7,39 @@ FEDMQ  := $(VENV)/bin/fedmq
 
 .PHONY: demo test test-fast lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: `make demo` installs what `fedmq run` needs (the package); `make test`, `lint` and
+# `bench` also install the test and dev extras. A venv that has the extras serves the demo too.
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
+
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	if [ ! $(TEST_STAMP) -nt pyproject.toml ]; then $(PY) -m pip install --quiet -e .; fi
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(DEMO_STAMP)
 	$(FEDMQ) run --workers 6 --dataset digits --partition dirichlet --alpha 0.5 \
 		--slow-workers 0.3 --slowdown 10 --mode async --strategy fedbuff --buffer-size 3 \
 		--target-accuracy 0.95 --max-updates 600 --time-limit 60 --out runs/demo
 
-test: $(VENV)/.installed
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.installed
+test-fast: $(TEST_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(VENV)/.installed
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) scripts/typecheck.py
 
-bench: $(VENV)/.installed
+bench: $(TEST_STAMP)
 	$(PY) bench/codec.py
 	$(PY) bench/update_path.py
 	$(PY) bench/round_time.py

@@ -10,6 +10,11 @@
 τ (staleness) is the current model version minus the version an update was trained from.
 Strategies never mutate the arrays they are given; FedBuff keeps its buffer as a running
 weighted sum (one model-sized accumulator, not K copies).
+
+Every strategy implements :class:`Strategy`: ``aggregate(current, contributions)`` folds
+updates into the model, ``state()``/``restore()`` carry what it buffers through a checkpoint.
+The aggregator never asks which strategy it holds; the mode (synchronous rounds or
+asynchronous updates) decides how many contributions go into one call.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -57,6 +63,48 @@ def make_staleness(name: str, a: float | None = None, b: float | None = None) ->
     raise ConfigError(f"unknown staleness function {name!r}; choose constant, polynomial or hinge")
 
 
+# ------------------------------------------------------------------ the protocol
+@dataclass(frozen=True)
+class Contribution:
+    """One update offered to a strategy: weights or delta, its sample count and staleness τ."""
+
+    params: Mapping[str, np.ndarray]
+    num_samples: int
+    staleness: int = 0
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The outcome of :meth:`Strategy.aggregate`."""
+
+    params: Params | None  # the new model, or None when the model did not change (yet)
+    weights: tuple[float, ...]  # the weight each contribution received, in order
+
+
+class Strategy(Protocol):
+    """What the aggregator needs from an aggregation rule."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def update_kind(self) -> str:
+        """What an update must carry: ``"weights"`` or ``"delta"``."""
+        ...
+
+    def aggregate(self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]) -> Aggregated:
+        """Fold ``contributions`` (in order) into ``current``; never mutates its inputs."""
+        ...
+
+    def state(self) -> tuple[dict[str, object], Params]:
+        """What the strategy holds between calls, as (JSON-like meta, arrays) for a checkpoint."""
+        ...
+
+    def restore(self, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+        """Take back what :meth:`state` returned."""
+        ...
+
+
 # ------------------------------------------------------------------ FedAvg
 def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Params:
     """Σ w_k·p_k / Σ w_k, accumulated in float64 in the given order, returned as float32."""
@@ -87,8 +135,18 @@ class FedAvg:
     synchronous: bool = field(default=True, init=False)
     update_kind: str = field(default="weights", init=False)
 
-    def aggregate(self, updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Params:
-        return weighted_average([(p, float(n)) for p, n in updates])
+    def aggregate(self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]) -> Aggregated:
+        """The sample-weighted average of the contributions (``current`` plays no part)."""
+        del current
+        total = sum(c.num_samples for c in contributions)
+        params = weighted_average([(c.params, float(c.num_samples)) for c in contributions])
+        return Aggregated(params, tuple(c.num_samples / total for c in contributions))
+
+    def state(self) -> tuple[dict[str, object], Params]:
+        return {}, {}
+
+    def restore(self, meta: Mapping[str, object], arrays: Mapping[str, np.ndarray]) -> None:
+        del meta, arrays
 
 
 # ------------------------------------------------------------------ asynchronous strategies
@@ -118,6 +176,10 @@ class FedAsync:
         alpha = self.mixing * self.staleness(tau)
         new = {k: ((1.0 - alpha) * v + alpha * update[k]).astype(np.float32, copy=False) for k, v in current.items()}
         return Applied(new, alpha)
+
+    def aggregate(self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]) -> Aggregated:
+        """Mix the contributions in one after another (:meth:`apply` each)."""
+        return _one_by_one(self.apply, current, contributions)
 
     def state(self) -> tuple[dict[str, object], Params]:
         return {}, {}
@@ -170,6 +232,10 @@ class FedBuff:
         self._owned = [*self._owned[-1:], new]
         return Applied(new, weight)
 
+    def aggregate(self, current: Mapping[str, np.ndarray], contributions: Sequence[Contribution]) -> Aggregated:
+        """Buffer the deltas one after another (:meth:`apply` each); a model when a buffer fills."""
+        return _one_by_one(self.apply, current, contributions)
+
     def _chunk(self, size: int) -> np.ndarray:
         """A scratch of at most _CHUNK elements (not a model-sized one: memory is the budget)."""
         n = min(size, _CHUNK)
@@ -207,7 +273,21 @@ def _accumulate(acc: np.ndarray, delta: np.ndarray, weight: np.float32, scratch:
         flat_acc[start:stop] += part
 
 
-AsyncStrategy = FedAsync | FedBuff
+def _one_by_one(
+    apply: Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int, int], Applied],
+    current: Mapping[str, np.ndarray],
+    contributions: Sequence[Contribution],
+) -> Aggregated:
+    """Offer each contribution in turn to a one-update ``apply``; the last model it returned."""
+    model, latest, weights = current, None, []
+    for c in contributions:
+        res = apply(model, c.params, c.num_samples, c.staleness)
+        weights.append(float(res.weight))
+        if res.params is not None:
+            model = latest = res.params
+    return Aggregated(latest, tuple(weights))
+
+
 STRATEGIES = ("fedavg", "fedasync", "fedbuff")
 
 
@@ -220,7 +300,8 @@ def make_strategy(
     staleness_b: float | None = None,
     buffer_size: int = 3,
     server_lr: float = 1.0,
-) -> FedAvg | FedAsync | FedBuff:
+) -> Strategy:
+    """Build a strategy by name (``fedavg``, ``fedasync``, ``fedbuff``)."""
     if name == "fedavg":
         return FedAvg()
     if name == "fedasync":

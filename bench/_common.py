@@ -1,7 +1,7 @@
 """Helpers shared by the bench/ scripts (not a benchmark itself).
 
 Child processes, namespaces on the shared broker, synthetic 784-feature data, machine facts,
-JSON results and a reader for the aggregator's JSON log. Every script in bench/ adds the
+JSON results and a reader for the aggregator's events (its JSON log). Every script in bench/ adds the
 repository root to ``sys.path`` itself before importing this module.
 """
 
@@ -169,10 +169,12 @@ class Children:
         self._files = []
 
 
-class JsonLogReader:
-    """Read a child's JSON log lines from a pipe in a thread; copy them to a file.
+class EventReader:
+    """Read a child's JSON log from a pipe in a thread, copy it to a file, and hand on its events.
 
-    ``on_event(doc, wall_time)`` runs on the reader thread for every parsed line.
+    Only events (:func:`fedmq.shared.events.parse`: the documented schema) reach ``on_event``
+    and :meth:`wait_for`; other lines are copied and otherwise ignored. ``on_event(event,
+    wall_time)`` runs on the reader thread.
     """
 
     def __init__(self, stream: Any, copy_to: Path, on_event: Callable[[dict[str, Any], float], None] | None = None) -> None:
@@ -180,37 +182,36 @@ class JsonLogReader:
         self.copy_to = copy_to
         self.on_event = on_event
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.lines: list[dict[str, Any]] = []
+        self.seen: list[dict[str, Any]] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        from fedmq.shared import events
+
         with open(self.copy_to, "ab") as out:
             for raw in iter(self.stream.readline, b""):
                 now = time.time()
                 out.write(raw)
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
+                event = events.parse(raw.decode(errors="replace"))
+                if event is None:
                     continue
-                if not isinstance(doc, dict):
-                    continue
-                self.lines.append(doc)
+                self.seen.append(event)
                 if self.on_event is not None:
-                    self.on_event(doc, now)
-                self.events.put(doc)
+                    self.on_event(event, now)
+                self.events.put(event)
 
     def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("the expected log line did not appear in time")
+                raise TimeoutError("the expected event did not come in time")
             try:
                 doc = self.events.get(timeout=min(left, 0.5))
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise RuntimeError("the child's log ended before the expected line") from None
+                    raise RuntimeError("the child's log ended before the expected event") from None
                 continue
             if predicate(doc):
                 return doc

@@ -43,7 +43,7 @@ from bench._common import (  # noqa: E402
     SINGLE_THREAD_ENV,
     Children,
     CpuSnapshots,
-    JsonLogReader,
+    EventReader,
     delete_namespace,
     fedmq_argv,
     loadavg,
@@ -78,12 +78,12 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     marks: dict[int, dict[str, float]] = {}
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
-        if doc.get("event") == "evaluated" and doc.get("round") in (1, rounds):
+        if doc["event"] == "version_evaluated" and doc.get("round") in (1, rounds):
             marks[int(doc["round"])] = cpu.snapshot()
 
     agg = children.spawn(f"aggregator-n{n}-{label}", argv, pipe_stderr=True)
     cpu.watch("aggregator", agg.pid)
-    reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-n{n}-{label}.jsonl", on_event)
+    reader = EventReader(agg.stderr, children.log_dir / f"aggregator-n{n}-{label}.jsonl", on_event)
     for i in range(n):
         wargv = fedmq_argv("worker", "--data", str(work / "data" / f"worker-{i}.npz"), "--worker-id", f"w{i}",
                            "--trainer", "bench.standin:NoiseTrainer", "--namespace", namespace,

@@ -11,7 +11,7 @@ synthetic 784-feature dataset. Two sweeps:
 
 Measured on the aggregator process only (its pid, read from /proc):
 
-* CPU per applied update: utime+stime at its first ``evaluated`` log event (3 updates
+* CPU per applied update: utime+stime at its first ``version_evaluated`` event (3 updates
   applied) and at its last, divided by the updates applied in between (start-up and
   shutdown excluded); wall updates/s over the same window;
 * peak memory: VmHWM from /proc/<pid>/status polled every 0.1 s, and ``ru_maxrss`` of the
@@ -47,7 +47,7 @@ from bench._common import (  # noqa: E402
     SINGLE_THREAD_ENV,
     Children,
     CpuSnapshots,
-    JsonLogReader,
+    EventReader,
     cpu_seconds,
     delete_namespace,
     fedmq_argv,
@@ -87,10 +87,10 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     marks: list[tuple[int, float, float | None, dict[str, float]]] = []
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
-        if doc.get("event") == "evaluated":
+        if doc["event"] == "version_evaluated":
             marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid), cpu.snapshot()))
 
-    reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-{tag}.jsonl", on_event)
+    reader = EventReader(agg.stderr, children.log_dir / f"aggregator-{tag}.jsonl", on_event)
     pool = children.spawn(
         f"workers-{tag}",
         fedmq_argv("workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",

@@ -40,7 +40,7 @@ from bench._common import (  # noqa: E402
     SINGLE_THREAD_ENV,
     Children,
     CpuSnapshots,
-    JsonLogReader,
+    EventReader,
     delete_namespace,
     fedmq_argv,
     loadavg,
@@ -79,12 +79,12 @@ def run_one(children: Children, work: Path, namespace: str, name: str, rounds: i
     marks: list[tuple[int, dict[str, float]]] = []
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
-        if doc.get("event") == "evaluated":
+        if doc["event"] == "version_evaluated":
             marks.append((int(doc["updates_applied"]), cpu.snapshot()))
 
     agg = children.spawn(f"aggregator-{name}-{tag}", argv, pipe_stderr=True, env=aggregator_env)
     cpu.watch("aggregator", agg.pid)
-    reader = JsonLogReader(agg.stderr, children.log_dir / f"aggregator-{name}-{tag}.jsonl", on_event)
+    reader = EventReader(agg.stderr, children.log_dir / f"aggregator-{name}-{tag}.jsonl", on_event)
     for i in range(WORKERS):
         slow = i >= WORKERS - SLOW
         worker = children.spawn(

@@ -14,7 +14,7 @@ broker in the same run, end to end from the first publish to the last update con
   through ``fedmq.broker.client.Client.publish`` (confirmed) to ``<ns>.updates``. The aggregator
   decodes, validates, applies with FedBuff, republishes the model every K=3 updates,
   writes its ledger and checkpoints every 10 updates (acking after the fsync), exactly as in
-  a federation. The end time is the ``ts`` of its JSON ``evaluated`` log event for the
+  a federation. The end time is the ``ts`` of its ``version_evaluated`` event for the
   M-th applied update. (Task dispatch is left out: ``--concurrency 1``; in a federation
   each applied update also costs one small confirmed task publish.)
 * ``pipeline`` (diagnostic): the same publisher, and an in-script consumer doing only the
@@ -52,7 +52,7 @@ from bench._common import (  # noqa: E402
     AMQP_URL,
     MODEL_SIZES,
     Children,
-    JsonLogReader,
+    EventReader,
     broker_settings,
     cpu_seconds,
     delete_namespace,
@@ -244,15 +244,15 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     cpu_marks: list[tuple[int, float | None]] = []
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
-        if doc.get("event") == "evaluated":
+        if doc["event"] == "version_evaluated":
             cpu_marks.append((int(doc["updates_applied"]), cpu_seconds(agg.pid)))
 
-    reader = JsonLogReader(agg.stderr, work / f"aggregator-{label}.jsonl", on_event)
-    reader.wait_for(lambda d: "waiting for" in str(d.get("msg", "")), timeout=60)
+    reader = EventReader(agg.stderr, work / f"aggregator-{label}.jsonl", on_event)
+    reader.wait_for(lambda d: d["event"] == "waiting_for_workers", timeout=60)
     pub = publisher(children, f"aggregator-pub-{label}", "fedmq-pub", "--namespace", namespace, "--hidden", str(hidden),
                     "--count", str(count), "--hello")
     last = reader.wait_for(
-        lambda d: d.get("event") == "evaluated" and int(d.get("updates_applied", 0)) >= count, timeout=timeout
+        lambda d: d["event"] == "version_evaluated" and int(d["updates_applied"]) >= count, timeout=timeout
     )
     times = publisher_result(pub, 30)
     agg.wait(120)

@@ -19,11 +19,11 @@ from typing import Any
 
 import pika.exceptions as pex
 
-from fedmq.broker.client import open_connection
+from fedmq.broker.client import classify, open_connection
 from fedmq.broker.settings import BrokerSettings, mask_text
 from fedmq.broker.topology import Topology
 from fedmq.shared import messages
-from fedmq.shared.errors import BrokerError, DecodeError
+from fedmq.shared.errors import DecodeError
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,14 @@ class Admin:
     # ------------------------------------------------------------------ topology
     def setup(self) -> None:
         chan = self._channel()
+        ns = self.topology.namespace
         try:
             self.topology.declare(chan)
         except pex.ChannelClosedByBroker as exc:
-            raise BrokerError(
-                f"cannot declare namespace {self.topology.namespace!r}: {exc.reply_text} "
-                "(an entity exists with other arguments; `fedmq broker delete` removes it)"
-            ) from None
+            raise classify(exc, f"declaring namespace {ns!r}", hints={
+                403: f"give user {self.settings.username!r} configure permission on '^{ns}\\.'",
+                406: "an entity exists with other arguments; `fedmq broker delete` removes it",
+            }) from None
         finally:
             with contextlib.suppress(Exception):
                 chan.close()

@@ -11,10 +11,33 @@ Delivery guarantees:
 * every publish is persistent, ``mandatory`` and confirmed; :meth:`publish` returns only once
   the broker confirmed it. A publish that was in flight when the connection died is sent
   again after reconnecting (at-least-once; consumers dedupe on ids);
-* acks are manual; a :class:`Delivery` remembers the connection generation it came from, and
-  an ack or reject for a delivery of a dead connection is dropped (the broker redelivers it);
+* acks are manual; a :class:`Delivery` remembers the channel generation it came from, and
+  an ack or reject for a delivery of a dead channel is dropped (the broker redelivers it);
 * on connection loss the I/O thread backs off (1 s doubling to 30 s), reconnects, redeclares
   the topology and resubscribes.
+
+Errors (see :mod:`fedmq.shared.errors` for the taxonomy) are typed from AMQP reply codes,
+never from the broker's wording, and a permanent one is never retried in a loop:
+
+* a publish the broker refuses for good (406 PRECONDITION_FAILED: over ``max_message_size``;
+  403 ACCESS_REFUSED; 404 NOT_FOUND: a missing exchange) fails that publish only (its
+  :meth:`PendingPublish.wait` raises :class:`~fedmq.shared.errors.MessageTooLarge`,
+  ``AccessRefused`` or ``NotFound``); the broker closed the channel, so the client opens a new
+  one on the same connection for the rest of its work (a new generation: deliveries of the
+  old channel come again) and does not send that message again;
+* a body over the maximum message size (see :mod:`fedmq.broker.settings`) is refused by
+  :meth:`publish_nowait` before anything is sent;
+* waiting for a confirm has a deadline (``BrokerSettings.confirm_timeout_s`` unless given)
+  and ends early on :meth:`close` or the caller's stop event
+  (:class:`~fedmq.shared.errors.NotConfirmed`);
+* declaring the topology or subscribing fails for good on 403, 404, 405 and 406: from
+  :meth:`start` at once, and after a reconnect by giving up (the I/O thread stops, every
+  waiter gets the error, :attr:`Client.failure` holds it and ``on_failure`` is called), except
+  a refused login and a queue held exclusively by another connection, which may be left over
+  from our own previous connection and are retried for ``refused_retry_s`` first;
+* everything else (a lost socket, a missed heartbeat, 320 CONNECTION_FORCED, 541
+  INTERNAL_ERROR, a channel the broker closed for its own reasons) is a
+  :class:`~fedmq.shared.errors.ConnectionLost`: reconnect (or reopen the channel) with backoff.
 """
 
 from __future__ import annotations
@@ -31,25 +54,100 @@ from typing import Any
 import pika
 import pika.exceptions as pex
 
-from fedmq.broker.settings import BrokerSettings, mask_text
+from fedmq.broker.settings import (
+    MAX_MESSAGE_BYTES_ENV,
+    RABBITMQ3_MAX_MESSAGE_BYTES,
+    BrokerSettings,
+    default_max_message_bytes,
+    format_bytes,
+    mask_text,
+)
 from fedmq.broker.topology import Topology
-from fedmq.shared.errors import BrokerError
+from fedmq.shared.errors import (
+    AccessRefused,
+    BrokerError,
+    ConnectionLost,
+    LoginRefused,
+    MessageTooLarge,
+    NamespaceLocked,
+    NotConfirmed,
+    NotFound,
+    PreconditionFailed,
+    PublishRefused,
+    ResourceLocked,
+    Unroutable,
+)
 
 log = logging.getLogger("fedmq.broker")
 
-_CONNECTION_ERRORS = (
+# the connection (not only a channel) is gone
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     pex.AMQPConnectionError,
     pex.ConnectionWrongStateError,
     pex.StreamLostError,
-    pex.ChannelClosed,
-    pex.ChannelWrongStateError,
     pex.ConnectionClosed,
     OSError,
 )
+# a channel is gone; the connection may be fine
+_CHANNEL_ERRORS: tuple[type[BaseException], ...] = (pex.ChannelClosed, pex.ChannelWrongStateError)
+
+# AMQP reply codes that no retry can fix; every other code is a ConnectionLost
+_PERMANENT_CODES: dict[int, type[BrokerError]] = {
+    311: MessageTooLarge,  # CONTENT_TOO_LARGE
+    403: AccessRefused,  # ACCESS_REFUSED
+    404: NotFound,  # NOT_FOUND
+    405: ResourceLocked,  # RESOURCE_LOCKED
+    406: PreconditionFailed,  # PRECONDITION_FAILED
+    530: AccessRefused,  # NOT_ALLOWED (e.g. a vhost that does not exist)
+}
 
 
-class SetupError(BrokerError):
-    """Connected, but declaring the topology or subscribing failed."""
+class SetupError(ConnectionLost):
+    """Connected, but declaring the topology or subscribing failed for a reason that may pass
+    (e.g. RabbitMQ 3.10 answers a consume on a quorum queue whose replica is not up yet with
+    541 INTERNAL_ERROR). Permanent setup failures raise their own classes."""
+
+
+class _ChannelReset(Exception):
+    """The broker closed the channel because of one publish, which was failed already."""
+
+
+def reply_code(exc: BaseException) -> int | None:
+    """The AMQP reply code of a pika channel or connection close, else None."""
+    if isinstance(exc, pex.ChannelClosed | pex.ConnectionClosed):
+        return int(exc.reply_code)
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """A pika failure in a few words: the broker's reply where it sent one, passwords masked."""
+    if isinstance(exc, pex.ChannelClosed | pex.ConnectionClosed):
+        return mask_text(f"{exc.reply_code} {exc.reply_text}")
+    return mask_text(str(exc) or type(exc).__name__)
+
+
+def classify(
+    exc: BaseException,
+    doing: str,
+    *,
+    hints: Mapping[int, str] | None = None,
+    transient: type[ConnectionLost] = ConnectionLost,
+) -> BrokerError:
+    """The typed error for a pika failure while ``doing`` something (e.g. "declaring ...").
+
+    The class comes from the AMQP reply code alone (see ``_PERMANENT_CODES``); a failure
+    without a code (a lost socket, a missed heartbeat) or with another code is ``transient``.
+    ``hints`` adds what to do for a code.
+    """
+    if isinstance(exc, BrokerError):
+        return exc
+    code = reply_code(exc)
+    cls: type[BrokerError] = _PERMANENT_CODES.get(code, transient) if code is not None else transient
+    message = f"{doing} failed: {describe(exc)}"
+    hint = (hints or {}).get(code) if code is not None else None
+    if hint:
+        message += f"; {hint}"
+    return cls(message, reply_code=code)
 
 
 @dataclass(frozen=True)
@@ -80,7 +178,7 @@ class _Subscription:
     consumer_tag: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Publish:
     exchange: str
     routing_key: str
@@ -88,45 +186,78 @@ class _Publish:
     properties: pika.BasicProperties
     mandatory: bool
     done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    error: BrokerError | None = None
+    sending: bool = False  # the I/O thread is sending it now
+    withdrawn: bool = False  # its waiter gave up: do not send it (again)
+
+    @property
+    def target(self) -> str:
+        return f"exchange {self.exchange!r}" if self.exchange else f"queue {self.routing_key!r}"
 
 
 class PendingPublish:
     """A publish handed to the I/O thread; :meth:`wait` returns once the broker confirmed it."""
 
-    def __init__(self, pub: _Publish, closing: threading.Event) -> None:
+    def __init__(self, pub: _Publish, client: Client) -> None:
         self._pub = pub
-        self._closing = closing
+        self._client = client
 
     @property
     def done(self) -> bool:
         return self._pub.done.is_set()
 
-    def wait(self, timeout: float | None = None) -> None:
-        pub = self._pub
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not pub.done.wait(0.5 if deadline is None else max(0.0, deadline - time.monotonic())):
-            if self._closing.is_set():
-                raise BrokerError("client closed before the broker confirmed the publish")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise BrokerError(
-                    f"publish to {pub.exchange or pub.routing_key!r} not confirmed within {timeout:.0f} s"
+    def wait(self, timeout: float | None = None, *, stop: threading.Event | None = None) -> None:
+        """Return once the broker confirmed the publish; raise if it did not.
+
+        Raises the publish's own error (:class:`~fedmq.shared.errors.MessageTooLarge`,
+        ``Unroutable``, ``PublishRefused``, ``AccessRefused``, ``NotFound``), the client's
+        failure if it gave up, or :class:`~fedmq.shared.errors.NotConfirmed` once ``timeout``
+        seconds passed (``BrokerSettings.confirm_timeout_s`` when None), ``stop`` was set, or
+        the client was closed. The publish itself stays queued after a NotConfirmed (a later
+        wait may still see it confirmed); :meth:`cancel` withdraws it.
+        """
+        pub, client = self._pub, self._client
+        limit = client.settings.confirm_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while not pub.done.wait(max(0.0, min(0.25, deadline - time.monotonic()))):
+            if client.failure is not None:
+                raise client.failure
+            if client.closing:
+                raise NotConfirmed(f"the client closed before the broker confirmed the publish to {pub.target}")
+            if stop is not None and stop.is_set():
+                raise NotConfirmed(f"stopped before the broker confirmed the publish to {pub.target}")
+            if time.monotonic() >= deadline:
+                raise NotConfirmed(
+                    f"the broker did not confirm the publish to {pub.target} within {limit:g} s "
+                    f"(is RabbitMQ at {client.settings.masked_url} up? see the warnings before this one)"
                 )
         if pub.error is not None:
-            raise pub.error if isinstance(pub.error, BrokerError) else BrokerError(str(pub.error))
+            raise pub.error
+
+    def cancel(self) -> bool:
+        """Withdraw the publish unless it is being sent or was sent; True if withdrawn."""
+        return self._client._withdraw(self._pub)
 
 
 def translate_connect_error(settings: BrokerSettings, exc: BaseException) -> BrokerError:
-    """Turn a pika connection failure into one clear sentence."""
+    """Turn a pika connection failure into one clear sentence of the right class."""
     where = settings.masked_url
-    if isinstance(exc, pex.ProbableAuthenticationError | pex.ProbableAccessDeniedError):
-        return BrokerError(
+    if isinstance(exc, pex.ProbableAuthenticationError | pex.AuthenticationError):
+        return LoginRefused(
             f"RabbitMQ at {where} refused the credentials of user {settings.username!r} "
-            "(check the user, password and vhost in --amqp-url)"
+            "(check the user, password and vhost in --amqp-url)",
+            reply_code=403,
+        )
+    if isinstance(exc, pex.ProbableAccessDeniedError):
+        return LoginRefused(
+            f"RabbitMQ at {where} refused user {settings.username!r} access to the vhost "
+            "(check the vhost in --amqp-url, and the user's permissions on it)",
+            reply_code=530,
         )
     if isinstance(exc, pex.IncompatibleProtocolError):
-        return BrokerError(f"{where} did not answer AMQP 0-9-1 (is it a RabbitMQ port?)")
-    return BrokerError(f"cannot reach RabbitMQ at {where}: {_root_cause(exc)}")
+        # also what pika says when a broker drops the socket while starting or stopping
+        return ConnectionLost(f"{where} did not answer AMQP 0-9-1 (is it a RabbitMQ port?)")
+    return ConnectionLost(f"cannot reach RabbitMQ at {where}: {_root_cause(exc)}")
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -156,11 +287,17 @@ def connection_parameters(settings: BrokerSettings, name: str) -> pika.URLParame
 
 
 def open_connection(settings: BrokerSettings, name: str = "fedmq") -> pika.BlockingConnection:
-    """Open a blocking connection or raise :class:`BrokerError` with a clear message."""
+    """Open a blocking connection or raise a :class:`BrokerError` subclass with a clear message."""
     try:
         return pika.BlockingConnection(connection_parameters(settings, name))
     except (pex.AMQPError, OSError) as exc:
         raise translate_connect_error(settings, exc) from None
+
+
+def server_properties(conn: pika.BlockingConnection) -> dict[str, Any]:
+    """What the broker announced in ``connection.start`` (product, version, ...)."""
+    props = getattr(getattr(conn, "_impl", None), "server_properties", None)
+    return dict(props) if isinstance(props, Mapping) else {}
 
 
 class Client:
@@ -188,8 +325,15 @@ class Client:
         self._closing = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure: BrokerError | None = None
+        self._broker_max_bytes: int | None = None
+        self._broker_version = ""
+        self._backoff = settings.reconnect_initial_s
         self.reconnects = 0
+        #: called on the I/O thread with the new generation after a reconnect or a reopened channel
         self.on_reconnect: Callable[[int], None] | None = None
+        #: called on the I/O thread once the client gave up on a permanent error
+        self.on_failure: Callable[[BrokerError], None] | None = None
 
     # ---------------------------------------------------------------- configuration
     def subscribe(
@@ -223,17 +367,20 @@ class Client:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self, setup_attempts: int = 5) -> Client:
-        """Connect (raising :class:`BrokerError` if the broker is unreachable), then run.
+        """Connect, then run; raise a :class:`BrokerError` subclass if that fails.
 
         Setting up can fail transiently while queues are being created by other processes
-        (RabbitMQ 3.10 answers a consume on a quorum queue whose replica is not up yet with an
-        internal error); that part is retried a few times.
+        (:class:`SetupError`), and a queue held exclusively may still belong to a connection
+        the broker is closing (:class:`~fedmq.shared.errors.ResourceLocked`, e.g. a killed
+        aggregator's lock); those are retried a few times. Anything else is raised at once:
+        an unreachable broker, a refused login, missing permissions, a namespace declared with
+        other arguments, another aggregator holding the namespace's lock.
         """
         for attempt in range(setup_attempts):
             try:
                 self._connect()
                 break
-            except SetupError as exc:
+            except (SetupError, ResourceLocked) as exc:
                 if attempt == setup_attempts - 1:
                     raise
                 log.info("%s; retrying", exc)
@@ -247,7 +394,7 @@ class Client:
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        self._fail_pending(BrokerError("client closed"))
+        self._fail_pending(NotConfirmed("the client closed before the broker confirmed the publish"))
 
     def __enter__(self) -> Client:
         return self.start()
@@ -260,8 +407,22 @@ class Client:
         return self._connected.is_set()
 
     @property
+    def closing(self) -> bool:
+        return self._closing.is_set()
+
+    @property
+    def failure(self) -> BrokerError | None:
+        """The permanent error the client gave up on, or None while it works (or retries)."""
+        return self._failure
+
+    @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest body :meth:`publish` sends (see :mod:`fedmq.broker.settings`)."""
+        return self.settings.max_message_bytes or self._broker_max_bytes or RABBITMQ3_MAX_MESSAGE_BYTES
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(timeout)
@@ -277,6 +438,7 @@ class Client:
         headers: Mapping[str, Any] | None = None,
         mandatory: bool = True,
         timeout: float | None = None,
+        stop: threading.Event | None = None,
         sign: bool = False,
     ) -> None:
         """Publish persistently and return once the broker confirmed it.
@@ -284,13 +446,19 @@ class Client:
         With ``sign`` the message carries ``user_id`` = our user name, which RabbitMQ checks
         against the connection's user: consumers can trust who sent it.
 
-        Raises :class:`BrokerError` if the broker returned (unroutable) or nacked it, or if
-        it is not confirmed within ``timeout`` seconds. Never call from a handler.
+        Raises what :meth:`publish_nowait` and :meth:`PendingPublish.wait` raise; a publish
+        not confirmed in time (``timeout``, default ``confirm_timeout_s``) or before ``stop``
+        is set is withdrawn if it was not sent yet. Never call from a handler.
         """
-        self.publish_nowait(
+        pending = self.publish_nowait(
             routing_key, body, exchange=exchange, message_id=message_id, headers=headers,
             mandatory=mandatory, sign=sign,
-        ).wait(timeout)
+        )
+        try:
+            pending.wait(timeout, stop=stop)
+        except NotConfirmed:
+            pending.cancel()
+            raise
 
     def publish_nowait(
         self,
@@ -307,7 +475,22 @@ class Client:
 
         Lets a caller overlap its own work with the broker's confirm (the aggregator waits
         for its model and task publishes only before it acks, at the next checkpoint).
+        Raises :class:`~fedmq.shared.errors.MessageTooLarge` at once for a body over
+        :attr:`max_message_bytes`, and the client's failure if it gave up.
         """
+        if self._failure is not None:
+            raise self._failure
+        if self._closing.is_set():
+            raise NotConfirmed("the client is closed: nothing more is published")
+        target = f"exchange {exchange!r}" if exchange else f"queue {routing_key!r}"
+        limit = self.max_message_bytes
+        if len(body) > limit:
+            raise MessageTooLarge(
+                f"a {format_bytes(len(body))} message for {target} is over the maximum message size "
+                f"of {format_bytes(limit)} ({self._limit_source()}); raise RabbitMQ's max_message_size "
+                f"(rabbitmq.conf; at most 512 MiB) and set {MAX_MESSAGE_BYTES_ENV} to the same value, "
+                "or send less (a smaller model)"
+            )
         props = pika.BasicProperties(
             delivery_mode=2,
             message_id=message_id,
@@ -320,7 +503,7 @@ class Client:
         with self._lock:
             self._publishes.append(pub)
         self._wake()
-        return PendingPublish(pub, self._closing)
+        return PendingPublish(pub, self)
 
     def ack(self, delivery: Delivery) -> None:
         self._settle(delivery, lambda ch: ch.basic_ack(delivery.delivery_tag))
@@ -344,30 +527,51 @@ class Client:
             self._submit(lambda: self._consume(sub))
 
     def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
-        """Run ``fn(channel)`` on the I/O thread and return its result (admin operations)."""
+        """Run ``fn(channel)`` on the I/O thread and return its result (admin operations).
+
+        A broker refusal comes back typed (e.g. :class:`~fedmq.shared.errors.NotFound` for a
+        purge of a missing queue); the client then reopens its channel by itself.
+        """
+        if self._failure is not None:
+            raise self._failure
         box: dict[str, Any] = {}
         done = threading.Event()
 
         def op() -> None:
             try:
+                if self._chan is None:
+                    raise ConnectionLost(f"not connected to {self.settings.masked_url}")
                 box["value"] = fn(self._chan)
+            except (pex.AMQPError, OSError) as exc:
+                box["error"] = classify(exc, "a broker operation")
             except BaseException as exc:  # handed back to the caller
                 box["error"] = exc
             done.set()
 
         self._submit(op)
-        if not done.wait(timeout):
-            raise BrokerError(f"broker operation did not finish within {timeout:.0f} s")
+        deadline = time.monotonic() + timeout
+        while not done.wait(max(0.0, min(0.25, deadline - time.monotonic()))):
+            if self._failure is not None:
+                raise self._failure
+            if time.monotonic() >= deadline or self._closing.is_set():
+                raise ConnectionLost(f"broker operation did not finish within {timeout:.0f} s")
         if "error" in box:
             raise box["error"]
         return box.get("value")
 
     # ---------------------------------------------------------------- internals
+    def _limit_source(self) -> str:
+        if self.settings.max_message_bytes:
+            return f"max_message_bytes / {MAX_MESSAGE_BYTES_ENV}"
+        if self._broker_version:
+            return f"the default of RabbitMQ {self._broker_version}"
+        return "the default of RabbitMQ 3.x"
+
     def _settle(self, delivery: Delivery, action: Callable[[Any], None]) -> None:
         def op() -> None:
             if delivery.generation != self._generation or self._chan is None:
                 log.info(
-                    "dropping settle of delivery %s from a dead connection; the broker redelivers it",
+                    "dropping settle of delivery %s from a dead channel; the broker redelivers it",
                     delivery.delivery_tag,
                 )
                 return
@@ -387,24 +591,69 @@ class Client:
         with contextlib.suppress(Exception):  # closed connection: the op runs after reconnect
             conn.add_callback_threadsafe(lambda: None)
 
+    def _withdraw(self, pub: _Publish) -> bool:
+        with self._lock:
+            pub.withdrawn = True
+            if pub.sending or pub.done.is_set():
+                return False
+            with contextlib.suppress(ValueError):
+                self._publishes.remove(pub)
+        pub.error = pub.error or NotConfirmed(f"the publish to {pub.target} was withdrawn")
+        pub.body = b""
+        pub.done.set()
+        return True
+
     def _connect(self) -> None:
         conn = open_connection(self.settings, self.name)
+        props = server_properties(conn)
+        self._broker_max_bytes = default_max_message_bytes(props)
+        version = props.get("version", b"")
+        self._broker_version = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
+        try:
+            self._setup_channel(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        self._conn = conn
+        self._connected.set()
+
+    def _setup_channel(self, conn: pika.BlockingConnection) -> None:
+        """Open a confirming channel on ``conn``, declare the topology and subscribe.
+
+        Starts a new generation. Raises a typed error (see :func:`classify`) and leaves no
+        channel behind if any step fails.
+        """
+        self._chan = None
         try:
             chan = conn.channel()
             chan.confirm_delivery()
+        except (pex.AMQPError, OSError) as exc:
+            raise classify(exc, "opening a channel", transient=SetupError) from None
+        ns = self.topology.namespace
+        user = self.settings.username
+        try:
             if self.declare:
-                self.topology.declare(chan)
+                try:
+                    self.topology.declare(chan)
+                except (pex.AMQPError, OSError) as exc:
+                    raise classify(exc, f"declaring namespace {ns!r}", transient=SetupError, hints={
+                        403: f"give user {user!r} configure permission on the namespace's names "
+                             f"('^{ns}\\.'), or declare it with another user and use --no-declare",
+                        406: "an entity of that name exists with other arguments "
+                             f"(`fedmq broker delete --namespace {ns}` removes the namespace)",
+                    }) from None
             self._generation += 1
-            self._conn, self._chan = conn, chan
+            self._chan = chan
             for sub in self._subs.values():
                 sub.consumer_tag = None
                 if not sub.paused:
                     self._consume(sub)
-        except (pex.AMQPError, OSError) as exc:
-            self._conn = self._chan = None
+        except BaseException:
+            self._chan = None
             with contextlib.suppress(Exception):
-                conn.close()
-            raise SetupError(f"cannot set up the topology or consumers: {mask_text(str(exc) or type(exc).__name__)}") from None
+                chan.close()
+            raise
         self._connected.set()
 
     def _consume(self, sub: _Subscription) -> None:
@@ -437,22 +686,69 @@ class Client:
             if sub.settle_on_return:
                 ch.basic_ack(method.delivery_tag)
 
-        if sub.bind_exchange:
-            chan.queue_declare(sub.queue, exclusive=True, auto_delete=True, durable=False)
-            chan.queue_bind(sub.queue, sub.bind_exchange)
-        chan.basic_qos(prefetch_count=sub.prefetch)
-        sub.consumer_tag = chan.basic_consume(
-            sub.queue,
-            on_message,
-            auto_ack=False,
-            exclusive=sub.exclusive,
-            arguments=sub.arguments() if sub.arguments else None,
-        )
+        try:
+            if sub.bind_exchange:
+                chan.queue_declare(sub.queue, exclusive=True, auto_delete=True, durable=False)
+                chan.queue_bind(sub.queue, sub.bind_exchange)
+            chan.basic_qos(prefetch_count=sub.prefetch)
+            sub.consumer_tag = chan.basic_consume(
+                sub.queue,
+                on_message,
+                auto_ack=False,
+                exclusive=sub.exclusive,
+                arguments=sub.arguments() if sub.arguments else None,
+            )
+        except (pex.AMQPError, OSError) as exc:
+            raise self._consume_error(exc, sub, chan) from None
+
+    def _consume_error(self, exc: BaseException, sub: _Subscription, chan: Any) -> BrokerError:
+        code = reply_code(exc)
+        ns, queue = self.topology.namespace, sub.queue
+        locked = code == 405 or (code == 403 and sub.exclusive and self._held_by_another(chan, queue))
+        if locked and queue == self.topology.lock:
+            return NamespaceLocked(
+                f"another aggregator is running on namespace {ns!r} (it holds the lock queue "
+                f"{queue!r}); stop it first, or use another --namespace",
+                reply_code=code,
+            )
+        if locked:
+            return ResourceLocked(
+                f"queue {queue!r} is held exclusively by another connection ({describe(exc)})",
+                reply_code=code,
+            )
+        return classify(exc, f"subscribing to queue {queue!r}", transient=SetupError, hints={
+            403: f"give user {self.settings.username!r} read permission on it",
+            404: f"declare namespace {ns!r} first (start the aggregator, or run "
+                 f"`fedmq broker setup --namespace {ns}`), or check --namespace",
+        })
+
+    @staticmethod
+    def _held_by_another(chan: Any, queue: str) -> bool:
+        """Whether ``queue`` has a consumer (a 403 on an exclusive consume then means: taken)."""
+        try:
+            probe = chan.connection.channel()
+            try:
+                ok = probe.queue_declare(queue, passive=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    probe.close()
+        except Exception:  # noqa: BLE001 (no answer: not known to be held)
+            return False
+        return int(ok.method.consumer_count) > 0
 
     def _cancel(self, sub: _Subscription) -> None:
         if self._chan is not None and sub.consumer_tag is not None:
             self._chan.basic_cancel(sub.consumer_tag)
         sub.consumer_tag = None
+
+    def _check_channel(self) -> None:
+        """Raise the broker's reason if it closed our channel (pika only notes it)."""
+        chan = self._chan
+        if chan is not None and chan.is_closed:
+            reason = getattr(chan, "_closing_reason", None)
+            if isinstance(reason, pex.ChannelClosed):
+                raise reason
+            raise pex.ChannelWrongStateError("the channel is closed")
 
     def _drain(self) -> None:
         while True:
@@ -461,9 +757,20 @@ class Client:
             if op is None:
                 break
             op()
+            self._check_channel()
         while True:
             with self._lock:
-                pub = self._publishes[0] if self._publishes else None
+                pub = None
+                while self._publishes and pub is None:
+                    head = self._publishes[0]
+                    if head.withdrawn:  # its waiter gave up before we sent it
+                        self._publishes.popleft()
+                        head.error = head.error or NotConfirmed(f"the publish to {head.target} was withdrawn")
+                        head.body = b""
+                        head.done.set()
+                    else:
+                        pub = head
+                        pub.sending = True
             if pub is None:
                 return
             try:
@@ -475,56 +782,122 @@ class Client:
                     mandatory=pub.mandatory,
                 )
             except pex.UnroutableError:
-                pub.error = BrokerError(
-                    f"the broker could not route a message to {pub.exchange or pub.routing_key!r}"
-                    " (is the topology declared?)"
-                )
+                self._settle_publish(pub, Unroutable(
+                    f"the broker could not route a message to {pub.target} (is the topology declared?)",
+                    reply_code=312,
+                ))
             except pex.NackError:
-                pub.error = BrokerError(
-                    f"the broker refused a message for {pub.exchange or pub.routing_key!r}"
-                    " (queue full or message too large)"
-                )
-            # a connection error propagates: the publish stays queued and is sent again
-            with self._lock:
+                self._settle_publish(pub, PublishRefused(
+                    f"the broker refused a message for {pub.target} (is the queue full?)"
+                ))
+            except pex.ChannelClosedByBroker as exc:
+                error = self._publish_error(exc, pub)
+                if error.retryable:
+                    pub.sending = False  # sent again on the next channel
+                    raise
+                log.error("%s", error)
+                self._settle_publish(pub, error)
+                raise _ChannelReset(error) from None
+            except BaseException:
+                pub.sending = False  # a connection error: the publish is sent again
+                raise
+            else:
+                self._settle_publish(pub, None)
+
+    def _publish_error(self, exc: pex.ChannelClosedByBroker, pub: _Publish) -> BrokerError:
+        code = reply_code(exc)
+        if code in (406, 311):
+            # A 406 on basic.publish is over max_message_size, or a user_id that is not the
+            # connection's user: we only ever set our own user name, so it is the size.
+            return MessageTooLarge(
+                f"RabbitMQ refused a {format_bytes(len(pub.body))} message for {pub.target} "
+                f"({describe(exc)}); raise its max_message_size (rabbitmq.conf; at most 512 MiB) "
+                f"and set {MAX_MESSAGE_BYTES_ENV} to the same value so that fedmq refuses such a "
+                "message before sending it, or send less (a smaller model)",
+                reply_code=code,
+            )
+        return classify(exc, f"publishing to {pub.target}", hints={
+            403: f"give user {self.settings.username!r} write permission on it",
+            404: "declare the namespace first, or check --namespace",
+        })
+
+    def _settle_publish(self, pub: _Publish, error: BrokerError | None) -> None:
+        with self._lock:
+            if self._publishes and self._publishes[0] is pub:
                 self._publishes.popleft()
-            pub.body = b""  # confirmed (or refused): free it even if a handle outlives it
-            pub.done.set()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._publishes.remove(pub)
+            pub.sending = False
+        pub.error = error
+        pub.body = b""  # confirmed (or refused): free it even if a handle outlives it
+        pub.done.set()
+
+    def _ensure_channel(self) -> None:
+        """Reconnect, or reopen the channel, if either is gone."""
+        if self._conn is None:
+            self._connect()
+            self.reconnects += 1
+            log.warning("reconnected to %s", self.settings.masked_url)
+        elif self._chan is None:
+            self._setup_channel(self._conn)
+            log.warning("reopened the channel to %s", self.settings.masked_url)
+        else:
+            return
+        self._backoff = self.settings.reconnect_initial_s
+        if self.on_reconnect is not None:
+            self.on_reconnect(self._generation)
 
     def _run(self) -> None:
-        backoff = self.settings.reconnect_initial_s
+        refused_since: float | None = None
         while not self._closing.is_set():
             try:
-                if self._conn is None:
-                    self._connect()
-                    self.reconnects += 1
-                    log.warning("reconnected to %s", self.settings.masked_url)
-                    if self.on_reconnect is not None:
-                        self.on_reconnect(self._generation)
-                    backoff = self.settings.reconnect_initial_s
+                self._ensure_channel()
+                refused_since = None
                 self._drain()
                 assert self._conn is not None
                 self._conn.process_data_events(time_limit=1.0)
+                self._check_channel()
                 self._drain()
-            except (*_CONNECTION_ERRORS, BrokerError) as exc:
-                self._lost(exc)
-                if self._closing.wait(backoff):
+                continue
+            except _ChannelReset:
+                # that publish failed for good, and took the channel with it: open a new one now
+                self._drop_channel(None)
+                continue
+            except BrokerError as exc:  # typed by setting up: maybe permanent
+                error = exc
+            except (*_CONNECTION_ERRORS, *_CHANNEL_ERRORS, pex.AMQPError) as exc:
+                # at work (not set-up): the channel or connection died under us
+                error = ConnectionLost(describe(exc), reply_code=reply_code(exc))
+            except Exception as exc:  # a bug: fail loudly rather than leave waiters hanging
+                log.exception("the broker client's I/O thread failed")
+                self._give_up(BrokerError(f"internal error in the broker client: {exc!r}"))
+                break
+            if not error.retryable:
+                now = time.monotonic()
+                refused_since = refused_since or now
+                leftover = isinstance(error, ResourceLocked | LoginRefused)
+                if not leftover or now - refused_since >= self.settings.refused_retry_s:
+                    self._give_up(error)
                     break
-                backoff = min(backoff * 2, self.settings.reconnect_max_s)
+                log.warning("%s; retrying for up to %.0f s (our previous connection may still hold it)",
+                            error, self.settings.refused_retry_s - (now - refused_since))
+            if self._conn is not None and self._conn.is_open:
+                self._drop_channel(error)
+            else:
+                self._lost(error)
+            if self._closing.wait(self._backoff):
+                break
+            self._backoff = min(self._backoff * 2, self.settings.reconnect_max_s)
         self._shutdown()
 
-    def _lost(self, exc: BaseException) -> None:
-        if self._conn is not None:
-            log.warning(
-                "lost the connection to %s (%s); reconnecting",
-                self.settings.masked_url,
-                mask_text(str(exc) or type(exc).__name__),
-            )
-        else:
-            log.info("reconnect to %s failed: %s", self.settings.masked_url, mask_text(str(exc)))
+    def _void_generation(self) -> None:
+        """Deliveries of the current channel can no longer be settled: start a new generation."""
         self._connected.clear()
-        conn, self._conn, self._chan = self._conn, None, None
-        # delivery tags of the dead channel are void from here on
+        self._chan = None
         self._generation += 1
+        for sub in self._subs.values():
+            sub.consumer_tag = None
         with self._lock:
             # settles of the dead channel would be dropped anyway; keep only generic ops
             pending = list(self._ops)
@@ -532,13 +905,45 @@ class Client:
         for op in pending:
             with contextlib.suppress(Exception):
                 op()  # settle ops see the new generation and drop themselves
+
+    def _drop_channel(self, error: BrokerError | None) -> None:
+        if error is not None:
+            log.warning("the broker closed the channel (%s); reopening it", error)
+        chan = self._chan
+        self._void_generation()
+        if chan is not None and chan.is_open:
+            with contextlib.suppress(Exception):
+                chan.close()
+
+    def _lost(self, error: BrokerError) -> None:
+        if self._conn is not None:
+            log.warning("lost the connection to %s (%s); reconnecting", self.settings.masked_url, error)
+        else:
+            log.info("reconnect to %s failed: %s", self.settings.masked_url, error)
+        conn, self._conn = self._conn, None
+        self._void_generation()
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
 
+    def _give_up(self, error: BrokerError) -> None:
+        log.error("giving up on RabbitMQ at %s: %s", self.settings.masked_url, error)
+        self._failure = error
+        conn, self._conn = self._conn, None
+        self._void_generation()
+        self._fail_pending(error)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+        if self.on_failure is not None:
+            try:
+                self.on_failure(error)
+            except Exception:
+                log.exception("the on_failure callback failed")
+
     def _shutdown(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(*_CONNECTION_ERRORS):
+        if self._conn is not None and self._chan is not None:
+            with contextlib.suppress(Exception):
                 self._drain()  # flush acks and publishes queued before close()
         self._connected.clear()
         conn, self._conn, self._chan = self._conn, None, None
@@ -551,5 +956,6 @@ class Client:
             pubs = list(self._publishes)
             self._publishes.clear()
         for pub in pubs:
-            pub.error = error
+            pub.error = pub.error or error
+            pub.body = b""
             pub.done.set()

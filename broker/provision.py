@@ -94,6 +94,8 @@ class PrivateNode:
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="fedmq-rabbit-")))
     name: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    #: extra ``rabbitmq.conf`` settings, e.g. ``{"max_message_size": "1048576"}``
+    config: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.name = self.name or f"fedmq{self.port}@localhost"
@@ -122,10 +124,13 @@ class PrivateNode:
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         (self.base / "enabled_plugins").write_text("[].\n")
-        (self.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = {self.port}\nloopback_users = none\n"
-            "consumer_timeout = 3600000\n"
-        )
+        settings = {
+            "listeners.tcp.default": str(self.port),
+            "loopback_users": "none",
+            "consumer_timeout": "3600000",
+            **self.config,
+        }
+        (self.base / "rabbitmq.conf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
         if os.geteuid() == 0:  # the Debian wrapper runs the node as user rabbitmq
             with contextlib.suppress(KeyError, OSError):
                 shutil.chown(self.base, "rabbitmq", "rabbitmq")
@@ -142,6 +147,20 @@ class PrivateNode:
         log.info("starting a private RabbitMQ node %s on port %d", self.name, self.port)
         wait_until_answers(self.url, timeout, self.proc)
         return self
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl`` against this node (e.g. ``ctl("add_user", "u", "p")``); its stdout.
+
+        Raises :class:`BrokerError` with rabbitmqctl's own words if it fails.
+        """
+        try:
+            proc = subprocess.run(["rabbitmqctl", "-n", self.name, *args], env=self._env(), timeout=timeout,
+                                  capture_output=True, text=True, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise BrokerError(f"rabbitmqctl {args[0] if args else ''} failed: {exc}") from None
+        if proc.returncode != 0:
+            raise BrokerError(f"rabbitmqctl {' '.join(args[:1])} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")
+        return proc.stdout
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the node (its data stays in the temp dir, so :meth:`start` brings it back)."""

@@ -2,18 +2,41 @@
 
 Every log line and error that mentions a broker goes through :func:`mask_url`, so a
 password never reaches a terminal, a log file or ``history.json``.
+
+Maximum message size. RabbitMQ refuses a message over its ``max_message_size`` by closing
+the channel (406 PRECONDITION_FAILED), after the whole body was sent; AMQP has no way to ask
+a broker for the limit. So the client checks every body before sending it against
+:attr:`BrokerSettings.max_message_bytes`:
+
+* set explicitly (``BrokerSettings.from_url(url, max_message_bytes=...)``, or the
+  ``FEDMQ_MAX_MESSAGE_BYTES`` environment variable when no override is given), that limit;
+* otherwise (``None``, the default) the broker's *default* limit for the version it announces
+  when the connection opens: 16 MiB for RabbitMQ 4.x, 128 MiB for RabbitMQ 3.x and any other
+  broker (:func:`default_max_message_bytes`).
+
+A broker configured below that still answers 406, which fails that one publish with
+:class:`~fedmq.shared.errors.MessageTooLarge` (never a retry); a broker configured above it
+needs the setting raised to match.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from fedmq.shared.errors import ConfigError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_NAMESPACE = "fedmq"
+MAX_MESSAGE_BYTES_ENV = "FEDMQ_MAX_MESSAGE_BYTES"
+
+MiB = 1024 * 1024
+RABBITMQ3_MAX_MESSAGE_BYTES = 128 * MiB  # RabbitMQ 3.x default max_message_size
+RABBITMQ4_MAX_MESSAGE_BYTES = 16 * MiB  # RabbitMQ 4.x default max_message_size
 
 _PASSWORD = re.compile(r"(amqps?://[^:/@]*:)([^@]*)(@)")
 
@@ -28,6 +51,26 @@ def mask_text(text: str) -> str:
     return _PASSWORD.sub(r"\1***\3", text)
 
 
+def default_max_message_bytes(server_properties: Mapping[str, Any] | None) -> int:
+    """The default ``max_message_size`` of the broker that sent these ``connection.start``
+    properties: 16 MiB from RabbitMQ 4.0 on, 128 MiB before (and for unknown brokers)."""
+    props = server_properties or {}
+    product, version = props.get("product", b""), props.get("version", b"")
+    product = product.decode(errors="replace") if isinstance(product, bytes) else str(product)
+    version = version.decode(errors="replace") if isinstance(version, bytes) else str(version)
+    major = re.match(r"\s*(\d+)\.", version)
+    if "rabbitmq" in product.lower() and major and int(major.group(1)) >= 4:
+        return RABBITMQ4_MAX_MESSAGE_BYTES
+    return RABBITMQ3_MAX_MESSAGE_BYTES
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a human: ``"160.0 MiB (167772160 bytes)"``."""
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB ({n} bytes)"
+    return f"{n} bytes"
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     """How to reach RabbitMQ. Build with :meth:`from_url`."""
@@ -38,9 +81,23 @@ class BrokerSettings:
     connect_timeout_s: float = 5.0
     reconnect_initial_s: float = 1.0
     reconnect_max_s: float = 30.0
+    #: the largest body the client sends; None: the broker's default for its version
+    max_message_bytes: int | None = None
+    #: how long a publish waits for the broker's confirm unless told otherwise
+    confirm_timeout_s: float = 120.0
+    #: how long a reconnect keeps retrying refusals that may be left over from our previous
+    #: connection (an exclusive queue or consumer the broker has not released yet, a login
+    #: refused while the broker restarts) before it gives up
+    refused_retry_s: float = 90.0
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes is not None and self.max_message_bytes <= 0:
+            raise ConfigError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
+        if self.confirm_timeout_s <= 0:
+            raise ConfigError(f"confirm_timeout_s must be > 0, got {self.confirm_timeout_s}")
 
     @classmethod
-    def from_url(cls, url: str, **overrides: float) -> BrokerSettings:
+    def from_url(cls, url: str, **overrides: Any) -> BrokerSettings:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps"):
             raise ConfigError(
@@ -48,7 +105,9 @@ class BrokerSettings:
             )
         if not parts.hostname:
             raise ConfigError(f"broker URL {mask_url(url)!r} has no host")
-        return replace(cls(url=url), **overrides)  # type: ignore[arg-type]
+        if "max_message_bytes" not in overrides and os.environ.get(MAX_MESSAGE_BYTES_ENV):
+            overrides["max_message_bytes"] = _env_bytes(MAX_MESSAGE_BYTES_ENV)
+        return replace(cls(url=url), **overrides)
 
     @property
     def masked_url(self) -> str:
@@ -59,3 +118,14 @@ class BrokerSettings:
         from urllib.parse import unquote
 
         return unquote(urlsplit(self.url).username or "guest")
+
+
+def _env_bytes(name: str) -> int:
+    raw = os.environ[name].strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number of bytes") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r} must be > 0")
+    return value

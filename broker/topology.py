@@ -11,6 +11,10 @@
 =====================  ======================================================================
 
 Declaring is idempotent; see the handbook (GUIDE.md §2) for the measured behaviour behind it.
+
+A model version on ``<ns>.models`` carries the headers :data:`VERSION_HEADER` (its version,
+an int) and :data:`RUN_HEADER` (its run id, a str), so that a worker can index the stream
+without decoding every version; a message without them is decoded to learn both.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmq.shared.errors import ConfigError
+
+#: header of a model message: its version (int)
+VERSION_HEADER = "x-fedmq-version"
+#: header of a model message: its run id (str, docs/protocol.md)
+RUN_HEADER = "x-fedmq-run"
 
 _VALID_NS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

@@ -1,7 +1,9 @@
 """The ``fedmq`` command line: a thin click layer over the settings dataclasses.
 
 Every command turns a :class:`~shared.errors.FedmqError` into one line on stderr and exit
-code 1 (2 for usage errors, as click does); tracebacks are for bugs only.
+code 1 (2 for usage errors, as click does); tracebacks are for bugs only. The options of
+``aggregator`` and ``run`` that configure the aggregator are generated from
+:class:`fedmq.aggregator.config.AggregatorConfig` by :mod:`fedmq.options`, the one list of them.
 """
 
 from __future__ import annotations
@@ -14,16 +16,24 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
+from fedmq.broker.settings import DEFAULT_AMQP_URL
 from fedmq.options import (
+    ConfigCommand,
+    FlagEnvOption,
+    aggregator_config,
+    aggregator_params,
     broker_from,
     broker_options,
     config_option,
     logging_options,
-    parse_int_list,
+    mask_secrets,
+    parse_label_column,
 )
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
@@ -33,14 +43,14 @@ log = logging.getLogger("fedmq.cli")
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report a FedmqError as one line and exit 1."""
+    """Report a FedmqError as one line (URL passwords masked) and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except FedmqError as exc:
-            click.echo(f"fedmq: error: {exc}", err=True)
+            click.echo(f"fedmq: error: {mask_secrets(str(exc))}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -84,8 +94,8 @@ def data() -> None:
 @data.command("split")
 @config_option
 @click.option("--dataset", help="Built-in dataset: digits, breast_cancer, wine, iris, xor.")
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Your own .npz or .csv file.")
-@click.option("--label-column", default="-1", show_default=True, help="CSV label column (name or index).")
+@click.option("--data", "data_file", cls=FlagEnvOption, type=click.Path(dir_okay=False), help="Your own .npz or .csv file.")
+@click.option("--label-column", default=None, help="CSV label column: a header name or an index (0 = first; default: the last).")
 @click.option("--workers", type=click.IntRange(min=1), required=True, help="Number of shards.")
 @click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="iid", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Dirichlet concentration.")
@@ -95,7 +105,7 @@ def data() -> None:
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the shards to.")
 @logging_options
 @fails_cleanly
-def data_split(dataset: str | None, data_file: str | None, label_column: str, workers: int, partition: str,
+def data_split(dataset: str | None, data_file: str | None, label_column: str | None, workers: int, partition: str,
                alpha: float, shards_per_worker: int, test_fraction: float, seed: int, out: str,
                log_level: str, log_format: str) -> None:
     """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
@@ -105,12 +115,19 @@ def data_split(dataset: str | None, data_file: str | None, label_column: str, wo
 
     if bool(dataset) == bool(data_file):
         raise click.UsageError("give exactly one of --dataset NAME or --data FILE")
-    column: str | int = int(label_column) if label_column.lstrip("-").isdigit() else label_column
+    check_label_column(label_column, data_file)
+    column = parse_label_column(label_column, data_file)
     ds = load_dataset(dataset, data_file, test_fraction=test_fraction, seed=seed, label_column=column)
     manifest = split_dataset(ds, out, num_workers=workers, method=partition, alpha=alpha,
                              shards_per_worker=shards_per_worker, seed=seed)
     click.echo(format_table(manifest))
     click.echo(f"wrote {workers} shards, test.npz and manifest.json to {out}")
+
+
+def check_label_column(label_column: str | None, data_file: str | None) -> None:
+    """--label-column chooses a column of a CSV: with anything else it is a usage error."""
+    if label_column is not None and not (data_file and data_file.lower().endswith(".csv")):
+        raise click.UsageError("--label-column applies to a .csv file given with --data")
 
 
 # ====================================================================== broker
@@ -140,7 +157,7 @@ def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str)
 
 @broker.command("status")
 @broker_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", cls=FlagEnvOption, is_flag=True, help="Print JSON instead of a table.")
 @click.option("--window", type=float, default=120.0, show_default=True, help="Seconds of worker presence to show.")
 @logging_options
 @fails_cleanly
@@ -179,10 +196,13 @@ def broker_status(amqp_url: str, namespace: str, as_json: bool, window: float, l
 @broker_options
 @click.option("--show", is_flag=True, help="List dead-lettered messages with their reasons.")
 @click.option("--purge", is_flag=True, help="Delete every dead-lettered message.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="--show: list at most this many messages per dead-letter queue.")
+@click.option("--json", "as_json", cls=FlagEnvOption, is_flag=True)
 @logging_options
 @fails_cleanly
-def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: bool, log_level: str, log_format: str) -> None:
+def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, limit: int, as_json: bool, log_level: str,
+               log_format: str) -> None:
     """Inspect or empty the dead-letter queues."""
     setup_logging(log_level, log_format)
     from fedmq.broker.admin import as_json as rows_json
@@ -191,11 +211,17 @@ def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: 
         show = True
     with _admin(amqp_url, namespace) as admin:
         if show:
-            rows = admin.dead_letters()
+            # the true depth, read before listing (listing holds messages unacked meanwhile)
+            dlqs = set(admin.topology.dead_letter_queues.values())
+            depth = {q.name: q.ready or 0 for q in admin.queue_status() if q.name in dlqs and q.exists}
+            rows = admin.dead_letters(limit=limit)
+            total = max(sum(depth.values()), len(rows))
             if as_json:
-                click.echo(json.dumps(rows_json(rows), indent=2))
+                click.echo(json.dumps({"total": total, "by_queue": depth, "shown": len(rows),
+                                       "messages": rows_json(rows)}, indent=2))
             else:
-                click.echo(f"{len(rows)} dead-lettered message(s)")
+                more = f" (showing {len(rows)}: at most {limit} per queue, see --limit)" if len(rows) < total else ""
+                click.echo(f"{total} dead-lettered message(s){more}")
                 for r in rows:
                     detail = f": {r.detail}" if r.detail else ""
                     click.echo(f"  {r.queue}  {r.message_id or '-'}  {r.reason}{detail}")
@@ -212,11 +238,18 @@ def broker_dlq(amqp_url: str, namespace: str, show: bool, purge: bool, as_json: 
 def broker_delete(amqp_url: str, namespace: str, yes: bool, log_level: str, log_format: str) -> None:
     """Delete every queue and exchange of the namespace (streams hold disk)."""
     setup_logging(log_level, log_format)
-    if not yes and not click.confirm(f"delete every queue of namespace {namespace!r}?"):
-        return
+    from fedmq.broker.settings import mask_url
+
     with _admin(amqp_url, namespace) as admin:
+        existing = [q.name for q in admin.queue_status() if q.exists]
+        if not existing:
+            admin.delete()  # stray exchanges, if any
+            click.echo(f"namespace {namespace!r} does not exist on {mask_url(amqp_url)}: nothing to delete")
+            return
+        if not yes and not click.confirm(f"delete namespace {namespace!r} ({len(existing)} queues)?"):
+            return
         admin.delete()
-    click.echo(f"namespace {namespace!r} deleted")
+    click.echo(f"namespace {namespace!r} deleted ({len(existing)} queues)")
 
 
 # ====================================================================== worker
@@ -236,7 +269,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @config_option
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), required=True, help="This worker's shard (.npz with X, y).")
+@click.option("--data", "data_file", cls=FlagEnvOption, type=click.Path(dir_okay=False), required=True,
+              help="This worker's shard (.npz with X, y).")
 @click.option("--worker-id", default=None, help="Stable id (default: host-pid). Reuse it when restarting a worker.")
 @click.option("--declare/--no-declare", default=True, show_default=True,
               help="Declare the namespace's queues on connect (--no-declare: a least-privilege user).")
@@ -289,68 +323,17 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
 
 
 # ====================================================================== aggregator
-def aggregator_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    opts = [
-        click.option("--mode", type=click.Choice(["sync", "async"]), default="sync", show_default=True),
-        click.option("--strategy", type=click.Choice(["fedavg", "fedasync", "fedbuff"]), default=None,
-                     help="Default: fedavg for sync, fedbuff for async."),
-        click.option("--rounds", type=click.IntRange(min=1), default=None, help="Sync rounds (default 20 if nothing else stops the run)."),
-        click.option("--max-updates", type=click.IntRange(min=1), default=None, help="Stop after this many applied updates."),
-        click.option("--target-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None),
-        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, help="Seconds."),
-        click.option("--workers-per-round", type=click.IntRange(min=1), default=None, help="Sync: C (default: every live worker)."),
-        click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True),
-        click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True),
-        click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Async: tasks outstanding (default: live workers)."),
-        click.option("--buffer-size", type=click.IntRange(min=1), default=3, show_default=True, help="FedBuff K."),
-        click.option("--mixing", type=click.FloatRange(0, 1, min_open=True), default=0.6, show_default=True, help="FedAsync α."),
-        click.option("--staleness", type=click.Choice(["constant", "polynomial", "hinge"]), default="polynomial", show_default=True),
-        click.option("--staleness-a", type=float, default=None, help="polynomial a (0.5) or hinge a (10)."),
-        click.option("--staleness-b", type=float, default=None, help="hinge b (4)."),
-        click.option("--max-staleness", type=click.IntRange(min=0), default=None, help="Record older updates as stale."),
-        click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="FedBuff η."),
-        click.option("--hidden", default="64", show_default=True, callback=parse_int_list, help="Hidden layer sizes, e.g. 64,32."),
-        click.option("--activation", type=click.Choice(["relu", "tanh", "sigmoid"]), default="relu", show_default=True),
-        click.option("--loss", type=click.Choice(["cross-entropy", "mse"]), default="cross-entropy", show_default=True),
-        click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True),
-        click.option("--proximal-mu", type=click.FloatRange(min=0), default=0.0, show_default=True, help="FedProx μ."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--trainer", default=DEFAULT_TRAINER, show_default=True, help="Trainer factory MODULE:ATTR."),
-        click.option("--checkpoint-every", type=click.IntRange(min=1), default=10, show_default=True, help="Checkpoint after N updates."),
-        click.option("--checkpoint-interval", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True, help="...or after T seconds."),
-        click.option("--task-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-                     help="Async: reissue a task not answered in this many seconds."),
-        click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
-                     help="Seconds to wait for workers' last updates after stopping."),
-        click.option("--max-update-bytes", type=click.IntRange(min=1), default=None, help="Reject larger updates (default: model size + 5%)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-AGGREGATOR_KEYS = ["mode", "strategy", "rounds", "max_updates", "target_accuracy", "time_limit", "workers_per_round", "min_workers", "round_timeout", "concurrency", "buffer_size", "mixing", "staleness", "staleness_a", "staleness_b", "max_staleness", "server_lr", "hidden", "activation", "loss", "epochs", "batch_size", "lr", "proximal_mu", "seed", "trainer", "checkpoint_every", "checkpoint_interval", "task_timeout", "drain_timeout", "max_update_bytes"]
-
-
-@main.command()
+@main.command(cls=ConfigCommand, config_params=partial(aggregator_params, "aggregator"))
 @config_option
-@click.option("--test-data", type=click.Path(dir_okay=False), required=True, help="Held-out .npz (X, y) to evaluate every version on.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@aggregator_options
 @broker_options
 @logging_options
 @fails_cleanly
-def aggregator(test_data: str, out: str, resume: bool, amqp_url: str, namespace: str, log_level: str,
-               log_format: str, **options: Any) -> None:
+def aggregator(amqp_url: str, namespace: str, log_level: str, log_format: str, **fields: Any) -> None:
     """Coordinate the federation: publish versions and tasks, aggregate, evaluate, checkpoint."""
     setup_logging(log_level, log_format)
-    from fedmq.aggregator.config import AggregatorConfig
     from fedmq.aggregator.service import Aggregator
 
-    cfg = AggregatorConfig(test_data=test_data, out=out, resume=resume, **options).validate()
+    cfg = aggregator_config(fields)
     settings, topology = broker_from(amqp_url, namespace)
     agg = Aggregator(cfg, settings, topology)
     on_signals(agg.request_stop)
@@ -360,20 +343,23 @@ def aggregator(test_data: str, out: str, resume: bool, amqp_url: str, namespace:
 
 
 # ====================================================================== run and plot
-@main.command()
+@main.command(cls=ConfigCommand, config_params=partial(aggregator_params, "run"))
 @config_option
-@click.option("--workers", "num_workers", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--workers", "num_workers", cls=FlagEnvOption, type=click.IntRange(min=1), default=4, show_default=True,
+              help="Worker processes to start.")
 @click.option("--dataset", default=None, help="Built-in dataset (default digits when --data is not given).")
-@click.option("--data", "data_file", type=click.Path(dir_okay=False), default=None)
+@click.option("--data", "data_file", cls=FlagEnvOption, type=click.Path(dir_okay=False), default=None,
+              help="Your own .npz or .csv file.")
+@click.option("--label-column", default=None, help="CSV label column: a header name or an index (0 = first; default: the last).")
 @click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="dirichlet", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--shards-per-worker", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--slow-workers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of stragglers.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=10.0, show_default=True, help="How much slower stragglers are.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run directory (with --resume: the previous run's, continued).")
 @click.option("--in-process-workers", is_flag=True, help="Host the workers as threads of one process.")
 @click.option("--display", type=click.Choice(["auto", "live", "plain"]), default="auto", show_default=True)
-@aggregator_options
 @broker_options
 @logging_options
 @fails_cleanly
@@ -381,19 +367,81 @@ def run(**options: Any) -> None:
     """Run a whole federation on this machine: split, broker, aggregator, workers, plot."""
     from fedmq.runner import run_federation
 
-    namespace_given = os.environ.get("FEDMQ_NAMESPACE") is not None or options["namespace"] != "fedmq"
+    check_label_column(options["label_column"], options["data_file"])
+    source = click.get_current_context().get_parameter_source("namespace")
+    namespace_given = source not in (None, ParameterSource.DEFAULT)
     sys.exit(run_federation(options, namespace_given=namespace_given))
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="curves.png", show_default=True)
-@click.option("--target", type=float, default=0.9, show_default=True, help="Accuracy line to draw.")
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("-f", "--follow", is_flag=True,
+              help="Refresh whenever the run's files change, until it finishes (or Ctrl-C).")
+@click.option("--json", "as_json", cls=FlagEnvOption, is_flag=True, help="One JSON document (with --follow: one per line, per change).")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=0.5, show_default=True,
+              help="--follow: seconds between looks at the run's files.")
+@click.option("--broker/--no-broker", "ask_broker", cls=FlagEnvOption, default=True, show_default=True,
+              help="Ask the broker for the depth of the dead-letter queues (skipped if it does not answer).")
+@click.option("--amqp-url", default=DEFAULT_AMQP_URL, envvar="FEDMQ_AMQP_URL", show_default=True,
+              help="RabbitMQ URL, for the dead-letter queues.")
+@click.option("--namespace", default=None, envvar="FEDMQ_NAMESPACE",
+              help="Namespace of the dead-letter queues (default: the run's, from history.json).")
 @fails_cleanly
-def plot(run_dirs: tuple[str, ...], output: str, target: float) -> None:
-    """Plot accuracy and loss against wall time and updates for one or more runs."""
-    from fedmq.plot import plot_runs
+def status(run_dir: str | None, follow: bool, as_json: bool, interval: float, ask_broker: bool, amqp_url: str,
+           namespace: str | None) -> None:
+    """Where a run stands: version, accuracy, updates/s, fates, dead letters, and one row per
+    worker, from RUN_DIR's history.json and updates.jsonl (default: the newest run in ./runs)."""
+    import time
 
+    from fedmq.status import DONE_STATES, LedgerReader, collect, find_run_dir, render, signature
+
+    path = find_run_dir(run_dir)
+    ledger = LedgerReader(path / "updates.jsonl")
+    broker_ok = ask_broker
+
+    def show() -> str:
+        nonlocal broker_ok
+        doc = collect(path, ledger=ledger, amqp_url=amqp_url, namespace=namespace, broker=broker_ok)
+        why = str(doc["dead_letters"].get("why", ""))
+        if follow and broker_ok and not doc["dead_letters"].get("known") and "not on the broker" not in why:
+            broker_ok = False  # an unreachable broker is not asked again on every refresh
+        if as_json:
+            click.echo(json.dumps(doc, indent=None if follow else 2))
+        else:
+            if follow and sys.stdout.isatty():
+                click.clear()
+            click.echo(render(doc) + ("\n" if follow else ""))
+        return str(doc["state"])
+
+    if not follow:
+        show()
+        return
+    seen: tuple[Any, ...] | None = None
+    try:
+        while True:
+            now = signature(path)
+            if now != seen:
+                seen = now
+                if show() in DONE_STATES:
+                    return
+            time.sleep(interval)  # watching another process's files: nothing to block on
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="curves.png", show_default=True,
+              help="Image file; its extension picks the format (.png, .pdf, .svg, ...).")
+@click.option("--target", type=click.FloatRange(0, 1), default=None,
+              help="Accuracy line to draw (default: each run's own --target-accuracy, if it had one).")
+@fails_cleanly
+def plot(run_dirs: tuple[str, ...], output: str, target: float | None) -> None:
+    """Plot accuracy and loss against wall time and updates, and the staleness of applied
+    updates, for one or more runs."""
+    from fedmq.plot import check_output, plot_runs
+
+    check_output(output)
     plot_runs(list(run_dirs), output, target=target)
     click.echo(f"wrote {output}")
 

@@ -1,10 +1,22 @@
 """``fedmq run``: a whole federation on one machine, as real processes behind a real broker.
 
-It splits the data, finds or starts a broker (see :mod:`fedmq.broker.provision`), starts the
-aggregator and N workers as child processes, shows progress from the aggregator's JSON log,
-and on the way out stops every child (and any broker it started), writes ``curves.png`` and
-prints a summary. Ctrl-C or a failing child stops everything within seconds, with a non-zero
-exit code and the reason on one line.
+``fedmq run`` is ``fedmq aggregator`` plus workers: every aggregator option (``--resume``
+included) reaches its aggregator, and its ``--config`` file is read the same way. It splits
+the data, finds or starts a broker (see :mod:`fedmq.broker.provision`), starts the
+aggregator, waits for it to be up (its first event, see :mod:`fedmq.shared.events`), then
+starts N workers as child processes, shows progress from the aggregator's events, and on the
+way out stops every child (and any broker it started), writes ``curves.png`` and prints a
+summary. The aggregator's settings are validated before anything starts.
+
+A broker is started only when nothing answers at ``--amqp-url``: one that refuses the login
+is an error (one line, exit 1), never a reason to start another broker.
+
+Ctrl-C (SIGINT) or SIGTERM stops the aggregator first, with SIGTERM, so that it checkpoints
+(the run can be continued with ``--resume``); then the workers; then ``curves.png`` and the
+summary are written as for a finished run, and the exit code is 128 + the signal (130 for
+Ctrl-C). A second Ctrl-C stops everything at once. A failing child stops everything within
+seconds with exit code 1 and the reason on one line (for a failed aggregator, its own last
+error line).
 """
 
 from __future__ import annotations
@@ -19,16 +31,27 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from fedmq.broker.admin import delete_namespace
-from fedmq.broker.provision import provide_broker
-from fedmq.broker.settings import mask_url
+from fedmq.broker.client import open_connection
+from fedmq.broker.provision import ProvidedBroker, provide_broker
+from fedmq.broker.settings import BrokerSettings, mask_url
+from fedmq.options import (
+    aggregator_argv,
+    aggregator_config,
+    csv_header,
+    mask_secrets,
+    parse_label_column,
+)
 from fedmq.progress import Progress
-from fedmq.shared.errors import FedmqError
+from fedmq.shared import events
+from fedmq.shared.errors import AccessRefused, BrokerError, ConfigError, FedmqError
 
 log = logging.getLogger("fedmq.run")
 
@@ -38,25 +61,31 @@ def fedmq_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedmq.cli", *args]
 
 
-def aggregator_args(options: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    from fedmq.cli import AGGREGATOR_KEYS  # the options `aggregator` and `run` share
+#: how long workers wait for the aggregator's first event before they are started anyway
+AGGREGATOR_UP_TIMEOUT_S = 30.0
+#: how long the aggregator may take to checkpoint and leave after SIGTERM (beyond its drain)
+AGGREGATOR_STOP_GRACE_S = 20.0
+#: how long to ask the broker at --amqp-url whether it answers
+PROBE_TIMEOUT_S = 3.0
 
-    for key in AGGREGATOR_KEYS:
-        value = options.get(key)
-        if value is None:
-            continue
-        if key == "hidden":
-            value = ",".join(str(v) for v in value)
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
+
+def last_line(path: Path, limit: int = 64 * 1024) -> str | None:
+    """The last non-empty line of a log file (read from its last ``limit`` bytes), or None."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return None
+    return lines[-1].strip() if lines else None
 
 
 class Federation:
     """The child processes of one run and how to stop them."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, env: dict[str, str] | None = None) -> None:
         self.out = out
+        self.env = env
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -66,7 +95,7 @@ class Federation:
         logf = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed in close())
         self._files.append(logf)
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE if capture_stderr else logf,
+            argv, env=self.env, stdout=subprocess.PIPE if capture_stderr else logf,
             stderr=subprocess.PIPE if capture_stderr else logf, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
         )
@@ -74,9 +103,13 @@ class Federation:
         return proc
 
     def failed_worker(self) -> str | None:
+        """Why a worker process failed (its exit code and last log line), or None."""
         for name, proc in self.children.items():
             if name != "aggregator" and proc.poll() not in (None, 0):
-                return f"{name} exited with code {proc.returncode} (see {self.logs / (name + '.log')})"
+                path = self.logs / f"{name}.log"
+                said = last_line(path)
+                return (f"{name} exited with code {proc.returncode}" + (f": {mask_secrets(said)}" if said else "")
+                        + f" (log: {path})")
         return None
 
     def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
@@ -95,6 +128,20 @@ class Federation:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
+    def stop_one(self, name: str, grace_s: float, sig: int = signal.SIGTERM) -> None:
+        """Signal one child, wait up to ``grace_s`` for it to leave, then kill it."""
+        proc = self.children[name]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s of %s; killing it", name, grace_s, signal.Signals(sig).name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
     def wait_workers(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         for name, proc in self.children.items():
@@ -110,126 +157,302 @@ class Federation:
 
 
 def _split(options: dict[str, Any], shards: Path) -> dict[str, Any]:
+    """Split the data into ``shards`` (on --resume, keep the shards the run already has)."""
     from fedmq.shared.data import load_dataset
     from fedmq.shared.split import split_dataset
 
+    manifest_path = shards / "manifest.json"
+    if options.get("resume") and manifest_path.exists():
+        with contextlib.suppress(OSError, ValueError):
+            manifest = json.loads(manifest_path.read_text())
+            if len(manifest.get("workers", [])) == options["num_workers"] and (shards / "test.npz").exists():
+                log.info("--resume: using the shards in %s", shards)
+                return dict(manifest)
     dataset = options.get("dataset")
     data_file = options.get("data_file")
     if dataset and data_file:
         raise click.UsageError("give only one of --dataset and --data")
-    ds = load_dataset(None if data_file else (dataset or "digits"), data_file, seed=options["seed"])
+    column = parse_label_column(options.get("label_column"), data_file)
+    ds = load_dataset(None if data_file else (dataset or "digits"), data_file, seed=options["seed"],
+                      label_column=column)
+    if data_file and data_file.lower().endswith(".csv"):
+        header = csv_header(data_file)
+        name = header[column] if isinstance(column, int) and -len(header) <= column < len(header) else column
+        how = "" if options.get("label_column") is not None else " (the last column; --label-column to choose another)"
+        click.echo(f"fedmq run: {data_file}: label column {name!r}{how}: {ds.num_classes} classes, "
+                   f"{ds.num_features} features")
+        if ds.num_classes > max(50, len(ds.y_train) // 10):
+            log.warning("the label column %r has %d distinct values: is it really the label? "
+                        "(--label-column NAME|INDEX chooses it)", name, ds.num_classes)
     return split_dataset(ds, str(shards), num_workers=options["num_workers"], method=options["partition"],
                          alpha=options["alpha"], shards_per_worker=options["shards_per_worker"], seed=options["seed"])
 
 
+def probe_broker(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """True if a RabbitMQ at ``url`` accepts our login, False if nothing answers there.
+
+    Raises :class:`AccessRefused` (one line, the URL masked) if one answers but refuses the
+    credentials or the vhost: starting a private broker then would hide the mistake.
+    """
+    settings = BrokerSettings.from_url(url, connect_timeout_s=timeout_s)
+    try:
+        conn = open_connection(settings, "fedmq-run-probe")
+    except AccessRefused:
+        raise
+    except BrokerError:
+        return False
+    with contextlib.suppress(Exception):
+        conn.close()
+    return True
+
+
+@contextlib.contextmanager
+def run_broker(url: str, answers: bool) -> Iterator[ProvidedBroker]:
+    """The broker at ``url`` when it answers (``answers``, from :func:`probe_broker`); a
+    container or private node only when nothing answers there (see
+    :mod:`fedmq.broker.provision`)."""
+    if answers:
+        yield ProvidedBroker(url, "given")
+        return
+    with provide_broker(url, try_given_first=False) as provided:
+        yield provided
+
+
+def child_env(amqp_url: str) -> dict[str, str]:
+    """The environment of the processes `run` starts: ours, with the broker URL, and without
+    ``FEDMQ_AGGREGATOR_*`` (the aggregator gets every option from `run`, which validated them;
+    a variable meant for `fedmq aggregator` must not change it behind `run`'s back)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_AGGREGATOR_")}
+    env["FEDMQ_AMQP_URL"] = amqp_url
+    return env
+
+
+def _check_resume(options: dict[str, Any], out: Path) -> None:
+    if options.get("resume") and not (out / "checkpoint").is_dir():
+        raise ConfigError(f"--resume: {out} has no checkpoint/ to continue from "
+                          "(--out must name the previous run's directory)")
+
+
 def run_federation(options: dict[str, Any], *, namespace_given: bool) -> int:
+    """Run one federation from ``fedmq run``'s options; the exit code.
+
+    ``namespace_given``: the user chose the namespace (it is used and kept); otherwise a fresh
+    one is made up and deleted afterwards. Raises ConfigError before starting anything when
+    the aggregator's settings do not validate.
+    """
     from fedmq.shared.logs import setup_logging
 
     setup_logging(options["log_level"], options["log_format"])
     out = Path(options["out"])
-    out.mkdir(parents=True, exist_ok=True)
     n = options["num_workers"]
     if options["mode"] == "sync":
-        options.setdefault("workers_per_round", None)
-        options["workers_per_round"] = options["workers_per_round"] or n
+        options["workers_per_round"] = options.get("workers_per_round") or n
         options["min_workers"] = max(options["min_workers"], options["workers_per_round"])
     elif options["min_workers"] == 1:
         options["min_workers"] = n
+    # the aggregator would refuse these settings: say so before splitting or starting anything
+    aggregator_config(options, test_data=str(out / "shards" / "test.npz"), out=str(out))
+    _check_resume(options, out)
+    answers = probe_broker(options["amqp_url"])  # refused credentials: an error, before anything starts
+    out.mkdir(parents=True, exist_ok=True)
     namespace = options["namespace"] if namespace_given else f"run-{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"
     manifest = _split(options, out / "shards")
-    stop_requested = threading.Event()
-    reason: list[str] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        reason.append("interrupted by " + signal.Signals(signum).name)
-        stop_requested.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = Stop()
+    old = {s: signal.signal(s, stop.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     fed = Federation(out)
     code = 1
     try:
-        with provide_broker(options["amqp_url"]) as broker:
+        with run_broker(options["amqp_url"], answers) as broker:
             if broker.kind != "given":
-                log.info("using a %s broker at %s", broker.kind, mask_url(broker.url))
-            common = ["--amqp-url", broker.url, "--namespace", namespace]
-            code = _drive(options, fed, common, manifest, stop_requested, reason, n)
+                log.info("nothing answers at %s: using a %s broker at %s", mask_url(options["amqp_url"]),
+                         broker.kind, mask_url(broker.url))
+            # the URL (and its password) travels in the environment, not on command lines
+            fed.env = child_env(broker.url)
+            common = ["--namespace", namespace]
+            code = _drive(options, fed, common, manifest, stop, n)
             if not namespace_given:
                 delete_namespace(broker.url, namespace)
     except FedmqError as exc:
-        reason.append(str(exc))
+        stop.reasons.append(mask_secrets(str(exc)))
         code = 1
+    except KeyboardInterrupt:  # the second Ctrl-C
+        stop.reasons.append("interrupted twice: stopped at once")
+        code = 130
     finally:
         fed.stop(grace_s=10.0)
         fed.close()
         for s, handler in old.items():
             signal.signal(s, handler)
     if code != 0:
-        click.echo(f"fedmq run: stopped: {reason[0] if reason else 'a process failed'}", err=True)
+        click.echo(f"fedmq run: stopped: {stop.reasons[0] if stop.reasons else 'a process failed'}", err=True)
     return code
 
 
+class Stop:
+    """The first SIGINT or SIGTERM asks for an orderly stop; a second SIGINT interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.signum: int | None = None
+        self.reasons: list[str] = []
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        if self.requested.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        self.reasons.append("interrupted by " + signal.Signals(signum).name)
+        self.requested.set()
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
 def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest: dict[str, Any],
-           stop_requested: threading.Event, reason: list[str], n: int) -> int:
+           stop: Stop, n: int) -> int:
     out = Path(options["out"])
     shards = out / "shards"
     agg = fed.spawn(
         "aggregator",
-        fedmq_argv("aggregator", "--test-data", str(shards / "test.npz"), "--out", str(out), *aggregator_args(options),
-               *common, "--log-format", "json", "--log-level", "info"),
+        fedmq_argv("aggregator", "--test-data", str(shards / "test.npz"), "--out", str(out), *aggregator_argv(options),
+                   *common, "--log-format", "json", "--log-level", "info"),
         capture_stderr=True,
     )
     progress = Progress(options, total_workers=n, mode=options.get("display", "auto"))
-    reader = threading.Thread(target=_follow, args=(agg.stderr, fed.logs / "aggregator.log", progress), daemon=True)
-    reader.start()
-    n_slow = round(n * options["slow_workers"])
-    if options.get("in_process_workers"):
-        argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
-                      "--trainer", options["trainer"], *common)
-        fed.spawn("workers", argv)
-    else:
-        for i in range(n):
-            slow = ["--slowdown", str(options["slowdown"])] if i >= n - n_slow else []
-            fed.spawn(f"worker-{i}", fedmq_argv("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
-                                            "--trainer", options["trainer"], *slow, *common))
+    agg_log = AggregatorLog(agg.stderr, fed.logs / "aggregator.log", progress)
+    agg_log.start()
     progress.start()
+    worker_failed: str | None = None
     try:
+        # workers start once the aggregator is up, so that one that cannot start starts nothing
+        deadline = time.monotonic() + AGGREGATOR_UP_TIMEOUT_S
+        while not agg_log.up.wait(0.1):
+            if agg.poll() is not None or stop.requested.is_set():
+                break
+            if time.monotonic() > deadline:
+                log.warning("the aggregator has not reported for %.0f s; starting the workers anyway",
+                            AGGREGATOR_UP_TIMEOUT_S)
+                break
+        if agg.poll() is None and not stop.requested.is_set():
+            _spawn_workers(options, fed, common, n)
         while agg.poll() is None:
-            if stop_requested.wait(0.2):
+            if stop.requested.wait(0.2):
                 break
-            failed = fed.failed_worker()
-            if failed:
-                reason.append(failed)
+            worker_failed = fed.failed_worker()
+            if worker_failed:
+                stop.reasons.append(worker_failed)
                 break
+        if agg.poll() is None:
+            # interrupted, or a worker failed: the aggregator checkpoints and leaves first
+            fed.stop_one("aggregator", grace_s=float(options.get("drain_timeout") or 0) + AGGREGATOR_STOP_GRACE_S)
     finally:
         progress.stop()
-    if agg.poll() is None:  # interrupted or a worker failed: let the aggregator checkpoint
-        fed.stop(grace_s=10.0)
-        reader.join(timeout=2)
-        return 1
-    reader.join(timeout=5)
-    final_line = agg.stdout.read().decode().strip().splitlines() if agg.stdout else []
+    agg_log.join(timeout=5)
+    final_lines = agg.stdout.read().decode(errors="replace").strip().splitlines() if agg.stdout else []
+    final = _final_of(final_lines)
+    interrupted = stop.requested.is_set()
+    if interrupted or worker_failed:
+        fed.stop(grace_s=10.0)  # the workers
+        if final is not None or (out / "history.json").exists():
+            _plot(out)
+            progress.summary(final or {}, out)
+        return stop.exit_code if interrupted else 1
     if agg.returncode != 0:
-        reason.append(f"the aggregator exited with code {agg.returncode} (see {fed.logs / 'aggregator.log'})")
+        said = agg_log.last_error()
+        stop.reasons.append(f"the aggregator exited with code {agg.returncode}"
+                            + (f": {mask_secrets(said)}" if said else "") + f" (log: {fed.logs / 'aggregator.log'})")
         return 1
     fed.wait_workers(timeout_s=15.0)
     _plot(out)
-    progress.summary(json.loads(final_line[-1]) if final_line else {}, out)
+    progress.summary(final or {}, out)
     return 0
 
 
-def _follow(stream: IO[bytes] | None, log_path: Path, progress: Progress) -> None:
-    """Copy the aggregator's JSON log to its file and feed evaluated versions to the display."""
-    if stream is None:
+def _final_of(lines: list[str]) -> dict[str, Any] | None:
+    """The aggregator's result document: the last line of its stdout, if it is one."""
+    for line in reversed(lines):
+        with contextlib.suppress(ValueError):
+            doc = json.loads(line)
+            if isinstance(doc, dict):
+                return doc
+    return None
+
+
+def _spawn_workers(options: dict[str, Any], fed: Federation, common: list[str], n: int) -> None:
+    shards = Path(options["out"]) / "shards"
+    n_slow = round(n * options["slow_workers"])
+    if options.get("in_process_workers"):
+        argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
+                          "--trainer", options["trainer"], *common)
+        fed.spawn("workers", argv)
         return
-    with open(log_path, "ab") as f:
-        for raw in stream:
-            f.write(raw)
-            f.flush()
+    for i in range(n):
+        slow = ["--slowdown", str(options["slowdown"])] if i >= n - n_slow else []
+        fed.spawn(f"worker-{i}", fedmq_argv("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
+                                            "--trainer", options["trainer"], *slow, *common))
+
+
+class AggregatorLog:
+    """Follows the aggregator's stderr on a thread: copies it to its log file, feeds its events
+    (:func:`fedmq.shared.events.parse`) to the display, and keeps its last error lines.
+
+    ``up`` is set at the aggregator's first event: it has loaded its data and holds the
+    namespace. An error line is any line that is not JSON (a command-line error, a
+    traceback) or a JSON record at level error; the text is shown, never interpreted.
+    """
+
+    def __init__(self, stream: IO[bytes] | None, log_path: Path, progress: Progress) -> None:
+        self.stream = stream
+        self.log_path = log_path
+        self.progress = progress
+        self.up = threading.Event()
+        self.errors: deque[str] = deque(maxlen=20)
+        self._thread = threading.Thread(target=self._run, name="aggregator-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout=timeout)
+
+    def last_error(self) -> str | None:
+        return self.errors[-1] if self.errors else None
+
+    def _run(self) -> None:
+        if self.stream is None:
+            return
+        with open(self.log_path, "ab") as f:
+            for raw in self.stream:
+                f.write(raw)
+                f.flush()
+                self.line(raw.decode(errors="replace"))
+
+    def line(self, text: str) -> None:
+        """Handle one line of the aggregator's stderr."""
+        text = text.strip()
+        if not text:
+            return
+        event = events.parse(text)
+        if event is not None:
+            self.up.set()
+            self.progress.event(event)
+            record: Any = event
+        else:
             try:
-                doc = json.loads(raw)
+                record = json.loads(text)
             except ValueError:
-                continue
-            progress.event(doc)
+                self.errors.append(text)
+                return
+            if not isinstance(record, dict):
+                self.errors.append(text)
+                return
+        level = str(record.get("level", ""))
+        if level in ("warning", "error", "critical"):
+            self.progress.notice(level, mask_secrets(str(record.get("msg", ""))))
+            if level != "warning":
+                self.errors.append(str(record.get("msg", "")))
 
 
 def _plot(out: Path) -> None:
@@ -239,4 +462,3 @@ def _plot(out: Path) -> None:
         plot_runs([str(out)], str(out / "curves.png"))
     except Exception as exc:  # noqa: BLE001 (a plot never fails a run)
         log.warning("could not draw curves.png: %s", exc)
-

@@ -12,7 +12,10 @@ event                  fields (required; ``?`` = optional)
 waiting_for_workers    namespace, have, need
 worker_joined          worker_id
 worker_left            worker_id, reason ("bye" or "silent")
-update_settled         message_id, fate (applied|stale|duplicate|rejected|late), task_id?,
+worker_refused         worker_id, reason                       (its shard or trainer cannot fit the model)
+round_waiting          round, have, wanted, waited_s, failed?  (a round still open after a while)
+update_settled         message_id, fate (applied|stale|duplicate|rejected|late|failed|incomplete),
+                       task_id?,
                        worker_id?, reason?, staleness?, weight?
 version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?
 round_closed           round, version, updates
@@ -30,13 +33,15 @@ import json
 import logging
 from typing import Any
 
-FATES = ("applied", "stale", "duplicate", "rejected", "late")
+FATES = ("applied", "stale", "duplicate", "rejected", "late", "failed", "incomplete")
 
 SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # name: (required fields, optional fields)
     "waiting_for_workers": (frozenset({"namespace", "have", "need"}), frozenset()),
     "worker_joined": (frozenset({"worker_id"}), frozenset()),
     "worker_left": (frozenset({"worker_id", "reason"}), frozenset()),
+    "worker_refused": (frozenset({"worker_id", "reason"}), frozenset()),
+    "round_waiting": (frozenset({"round", "have", "wanted", "waited_s"}), frozenset({"failed"})),
     "update_settled": (
         frozenset({"message_id", "fate"}),
         frozenset({"task_id", "worker_id", "reason", "staleness", "weight"}),

@@ -58,7 +58,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024 // 2  # 128 MiB, RabbitMQ 3.x max_
 
 MODES: tuple[str, ...] = ("sync", "async")
 UPDATE_KINDS: tuple[str, ...] = ("weights", "delta")
-CONTROL_KINDS: tuple[str, ...] = ("stop", "hello", "heartbeat", "bye")
+CONTROL_KINDS: tuple[str, ...] = ("stop", "hello", "heartbeat", "bye", "failed", "refused")
 
 Params: TypeAlias = dict[str, np.ndarray]  # ordered name -> array, e.g. "dense_0/W"
 

@@ -1,19 +1,35 @@
-"""Helpers for tests that run real fedmq processes against a real broker."""
+"""Helpers for tests that run real fedmq processes against a real broker.
+
+What a process did is read from its events (``--log-format json``, :mod:`fedmq.shared.events`)
+with :func:`events_in` / :func:`confirmed_updates`, or from the run directory; never from the
+human log messages.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedmq.runner import fedmq_argv  # noqa: E402,F401 (re-exported for the tests)
+from fedmq.rundir import (
+    confirmed_updates,
+    events_in,
+    history_len,
+    ledger_problems,
+    read_history,
+    read_ledger,
+)
+from fedmq.runner import fedmq_argv
+
+__all__ = [  # what the tests import from here, some of it from fedmq.runner and fedmq.rundir
+    "REPO", "Procs", "assert_ledger_invariant", "confirmed_updates", "digits_csv", "events_in", "fedmq_argv",
+    "history_len", "read_history", "read_ledger", "readme_config", "split", "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +54,10 @@ class Procs:
     def log(self, name: str) -> str:
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def events(self, name: str, event: str | None = None) -> list[dict[str, Any]]:
+        """The events (of kind ``event``, if given) in ``name``'s log (a ``--log-format json`` process)."""
+        return events_in(self.log(name), event)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -73,60 +93,36 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "updates.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_history(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "history.json").read_text())
-
-
-def history_len(run_dir: Path) -> int:
-    try:
-        return len(read_history(run_dir)["history"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def confirmed_updates(log_text: str) -> list[dict[str, Any]]:
-    """The updates a worker saw confirmed by the broker (from its JSON log)."""
-    out = []
-    for line in log_text.splitlines():
-        with contextlib.suppress(ValueError):
-            doc = json.loads(line)
-            if isinstance(doc, dict) and doc.get("event") == "update_confirmed":
-                out.append(doc)
-    return out
-
-
 def assert_ledger_invariant(run_dir: Path, confirmed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every update the broker confirmed is in updates.jsonl with a fate; no task id applied twice.
 
-    A message may appear more than once only as a redelivery whose first copy was already
-    applied (e.g. after a broker restart voided the ack); such copies must be duplicates.
+    See :func:`fedmq.rundir.ledger_problems`; returns the ledger.
     """
-    ledger = read_ledger(run_dir)
-    assert all("fate" in e for e in ledger), "a ledger line without a fate"
-    seen = Counter(e.get("message_id") for e in ledger)
-    missing = [c for c in confirmed if seen[c["message_id"]] == 0]
-    assert not missing, f"{len(missing)} confirmed update(s) missing from updates.jsonl: {missing[:3]}"
-    applied = Counter(e["task_id"] for e in ledger if e["fate"] == "applied")
-    twice = [t for t, n in applied.items() if n > 1]
-    assert not twice, f"task ids applied twice: {twice}"
-    for message_id, n in seen.items():
-        if message_id is not None and n > 1:
-            fates = [e["fate"] for e in ledger if e.get("message_id") == message_id]
-            assert fates.count("applied") <= 1 and all(f in ("applied", "duplicate", "stale", "late") for f in fates), (
-                f"message {message_id} recorded {n} times with fates {fates}"
-            )
-    return ledger
+    problems = ledger_problems(run_dir, confirmed)
+    assert not problems, "; ".join(problems)
+    return read_ledger(run_dir)
 
 
 def split(out: Path, workers: int, *, partition: str = "dirichlet", seed: int = 0) -> Path:
     subprocess.run(fedmq_argv("data", "split", "--dataset", "digits", "--workers", str(workers),
                               "--partition", partition, "--alpha", "0.5", "--seed", str(seed), "--out", str(out)),
-                   check=True, capture_output=True, )
+                   check=True, capture_output=True)
     return out
+
+
+def digits_csv(path: Path, label: str = "digit") -> Path:
+    """scikit-learn's digits as a CSV whose first column is the label (named ``label``)."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    lines = [",".join([label] + [f"p{i}" for i in range(X.shape[1])])]
+    lines += [",".join([str(int(t))] + [str(int(v)) for v in row]) for row, t in zip(X, y, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def readme_config() -> str:
+    """The TOML example of the README's Configuration section."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    return section[section.index("```toml") + len("```toml"):].split("```", 1)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
-from fedmq.shared.errors import DataError
+from fedmq.shared.errors import DataError, FedmqError
 from fedmq.worker.service import Worker, WorkerConfig
 
 log = logging.getLogger("fedmq.worker.pool")
@@ -38,20 +38,29 @@ def run_pool(
     slowdown: float = 1.0,
     slow: int = 0,
     heartbeat_s: float = 5.0,
+    serve: bool = False,
 ) -> int:
-    """Run one worker per shard until ``stop`` is set or every worker stopped; 0 if all ended well."""
+    """Run one worker per shard until ``stop`` is set or every worker stopped.
+
+    0 if all ended well; 2 if the only trouble was workers that refused a run (their shard or
+    trainer does not fit the model, :class:`~fedmq.shared.errors.WorkerRefused`); 1 otherwise.
+    With ``serve`` each worker serves run after run until ``stop`` is set.
+    """
     files = shard_files(shards_dir)[:count]
     workers = []
     for i, path in enumerate(files):
         straggler = i >= len(files) - slow
         cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
-                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s)
+                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 
     def body(w: Worker) -> None:
         try:
             codes[w.config.worker_id] = w.run()
+        except FedmqError as exc:
+            log.error("worker %s stopped: %s", w.config.worker_id, exc)
+            codes[w.config.worker_id] = exc.exit_code
         except Exception:
             log.exception("worker %s failed", w.config.worker_id)
             codes[w.config.worker_id] = 1
@@ -70,4 +79,6 @@ def run_pool(
     for t in threads:
         while t.is_alive():
             t.join(timeout=1.0)
-    return 0 if all(c == 0 for c in codes.values()) and len(codes) == len(workers) else 1
+    if len(codes) < len(workers) or any(c not in (0, 2) for c in codes.values()):
+        return 1
+    return max(codes.values(), default=0)

@@ -1,52 +1,89 @@
 """A fedmq worker: follows the model stream, pulls tasks, trains on its shard, publishes updates.
 
+This module is the plumbing around :mod:`fedmq.worker.task` (which turns a model, a task and
+the shard into an update, a skip or a failure): the trust check and decoding of tasks,
+waiting for the model of the task's run, backoff after failures, publishing the update or the
+failure report and settling the task with the broker. The protocol is docs/protocol.md.
+
+Runs: streams outlive runs, so the worker keeps the newest model versions per run id (of the
+last few runs, :class:`ModelBox`) and trains a task on the model of the task's run: the exact
+version of a synchronous task, the newest of its run for an asynchronous one. A model that
+has not arrived is waited for, up to ``model_wait_s`` (logged once), then the task goes back
+to the queue. A stop names its run: the worker leaves after the stop of the run it serves
+(the run of its last task), or with ``serve`` forgets that run and waits for the next one; a
+stop for another run is ignored. Nothing read from the model stream stops a worker: a message
+that does not decode, whose spec the trainer cannot build, or whose version is absurdly far
+ahead of its run's is logged and skipped.
+
 Threads: the broker client's I/O thread only hands deliveries over (tasks into a queue, model
 versions into a :class:`ModelBox`); the worker's own thread trains. A task is acked only after
-its update is confirmed by the broker, so a crash at any point leaves the task to be
-redelivered, and a duplicate update (crash between confirm and ack) is recognised by the
-aggregator from its task id.
+its update (or its failure report) is confirmed by the broker, so a crash at any point leaves
+the task to be redelivered, and a duplicate update (crash between confirm and ack) is
+recognised by the aggregator from its task id.
+
+Failures: a task the trainer cannot do (it raises, returns a result that does not fit the
+model, or the task's model is unusable) is reported to the aggregator on the updates queue,
+``Control(kind="failed", info={"task_id", "reason"})``, then acked: the aggregator decides
+what happens next. A task whose update or report is not confirmed, or whose model does not
+arrive in time, is rejected back to the queue. Either way the worker pauses (doubling
+backoff) before taking the next task. A permanent broker error (an update over the maximum
+message size, a permission the worker lacks, a client that gave up) stops the worker with that
+error. A shard or trainer that does not fit a run's model (checked on the first task of each
+run) makes the worker refuse: ``Control(kind="refused")`` on the presence stream, the task
+back to the queue, and :class:`~fedmq.shared.errors.WorkerRefused` (exit code 2).
 
 In synchronous mode a worker trains at most once per model version: it cancels its task
-consumer before acking and resumes when a newer version appears on the stream.
+consumer before acking and resumes when a newer version of that run, or a model of another
+run, appears on the stream.
+
+Events (:mod:`fedmq.shared.events`): ``task_started``, ``update_confirmed``, ``task_failed``.
+:meth:`Worker.at` is called at the points of the same names; it does nothing and is there to
+be overridden (instrumentation, fault injection).
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
 import logging
 import os
 import queue
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, replace
 
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import Topology
-from fedmq.shared import messages
+from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
+from fedmq.shared import events, messages
 from fedmq.shared.data import load_shard
-from fedmq.shared.errors import BrokerError, DecodeError, FedmqError
-from fedmq.shared.trainer import DEFAULT_TRAINER, Trainer, load_trainer_factory
+from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
+from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
+from fedmq.worker.task import Failed, TaskRunner, derive_seed
 
 log = logging.getLogger("fedmq.worker")
 
 MAX_TASK_BYTES = 64 * 1024
+#: after a stop request, how much longer an update already published may take to be confirmed
+STOP_CONFIRM_GRACE_S = 10.0
+#: a model version further ahead than this of the newest known of its run is not believed
+MAX_VERSION_JUMP = 1000
+#: bad model messages logged one by one; later ones are counted
+BAD_MODEL_LOG_LIMIT = 20
+
+__all__ = ["MAX_TASK_BYTES", "MAX_VERSION_JUMP", "ModelBox", "Unusable", "Worker", "WorkerConfig",
+           "default_worker_id", "derive_seed"]
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def derive_seed(task_seed: int, worker_id: str) -> int:
-    """A per-(task seed, worker) training seed, stable across processes and restarts."""
-    digest = hashlib.blake2b(f"{task_seed}:{worker_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+def run_name(run_id: str) -> str:
+    """A run id for a log line ("(none)" for the empty one of messages that name no run)."""
+    return run_id or "(none)"
 
 
 @dataclass(frozen=True)
@@ -56,89 +93,211 @@ class WorkerConfig:
     slowdown: float = 1.0
     trainer: str = DEFAULT_TRAINER
     heartbeat_s: float = 5.0
-    model_wait_s: float = 60.0
+    model_wait_s: float = 60.0  # how long a task waits for the model of its run
     failure_backoff_s: float = 1.0
     declare: bool = True  # declare the namespace's topology on connect (needs configure rights)
     trust_user: str | None = None  # accept models, tasks and stops only from this broker user
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
+    serve: bool = False  # after a run's stop, wait for the next run instead of exiting
+    idle_log_s: float = 30.0  # while no task comes, say so this often
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A model version that arrived but cannot be trained on; ``reason`` says why."""
+
+    reason: str
+
+
+ModelCheck = Callable[[messages.ModelVersion], "str | None"]
 
 
 class ModelBox:
-    """The newest model versions read from the stream, kept as raw bytes, decoded on demand."""
+    """The newest model versions of the last few runs read from the stream, kept as raw bytes.
+
+    Per run id (``runs`` of them at most, the least recently seen dropped) the ``keep`` newest
+    versions. A message is indexed by its headers (:data:`~fedmq.broker.topology.VERSION_HEADER`,
+    :data:`~fedmq.broker.topology.RUN_HEADER`) or, without them, by decoding it, and decoded in
+    full when a task needs it. One that does not decode, whose headers disagree with its body,
+    that fails the caller's check, or whose version is more than ``max_jump`` ahead of the
+    newest of its run is logged and skipped: nothing read from the stream raises.
+    """
 
     def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
-                 trust_user: str | None = None) -> None:
+                 trust_user: str | None = None, *, runs: int = 4, max_jump: int = MAX_VERSION_JUMP) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
         self.trust_user = trust_user
-        self._raw: dict[int, bytes] = {}
-        self._decoded: tuple[int, messages.ModelVersion] | None = None
+        self.max_runs = runs
+        self.max_jump = max_jump
+        self.skipped = 0  # bad model messages so far
+        self.last_run: str | None = None  # the run of the last model stored (the newest run seen)
+        self._runs: collections.OrderedDict[str, dict[int, bytes]] = collections.OrderedDict()
+        self._decoded: tuple[tuple[str, int], messages.ModelVersion] | None = None
         self._cond = threading.Condition()
-        self._watch: tuple[int, Callable[[], None]] | None = None
+        self._watch: tuple[str, int, Callable[[], None]] | None = None
 
-    @property
-    def latest(self) -> int | None:
+    def latest(self, run: str) -> int | None:
+        """The newest version of ``run`` known (not yet checked), or None."""
         with self._cond:
-            return max(self._raw) if self._raw else None
+            stored = self._runs.get(run)
+            return max(stored) if stored else None
+
+    def known(self) -> dict[str, int]:
+        """Run id -> newest version known, least recently seen run first."""
+        with self._cond:
+            return {run: max(stored) for run, stored in self._runs.items() if stored}
+
+    def _skip(self, what: str) -> None:
+        self.skipped += 1
+        if self.skipped < BAD_MODEL_LOG_LIMIT:
+            log.warning("skipping a model message: %s", what)
+        elif self.skipped == BAD_MODEL_LOG_LIMIT:
+            log.warning("skipping a model message: %s (further bad model messages are counted, not logged)", what)
+        elif self.skipped % 100 == 0:
+            log.warning("%d bad model messages skipped so far; the latest: %s", self.skipped, what)
 
     def offer(self, delivery: Delivery) -> None:
-        """I/O thread: remember a version read from the stream."""
+        """I/O thread: remember a version read from the stream (or skip it, logged)."""
         if self.trust_user is not None and delivery.user_id != self.trust_user:
             log.warning("ignoring a model version not published by %r (user_id %r)", self.trust_user, delivery.user_id)
             return
-        version = delivery.headers.get("x-fedmq-version")
-        if not isinstance(version, int):
+        version, run = delivery.headers.get(VERSION_HEADER), delivery.headers.get(RUN_HEADER)
+        if isinstance(run, bytes):
+            run = run.decode("utf-8", "replace")
+        if type(version) is not int or version < 0 or not isinstance(run, str):
             try:
                 msg = messages.decode(delivery.body, expect=messages.ModelVersion, max_bytes=self.max_bytes)
             except DecodeError as exc:
-                log.warning("ignoring a bad message on the model stream: %s", exc)
+                self._skip(f"it does not decode: {exc}")
                 return
             assert isinstance(msg, messages.ModelVersion)
-            version = msg.version
+            version, run = msg.version, msg.run_id
         fire = None
         with self._cond:
-            if version in self._raw:
-                return
-            self._raw[version] = delivery.body
-            for old in sorted(self._raw)[: -self.keep]:
-                del self._raw[old]
-            if self._watch is not None and version > self._watch[0]:
-                fire, self._watch = self._watch[1], None
-            self._cond.notify_all()
+            stored = self._runs.get(run)
+            newest = max(stored) if stored else None
+            if newest is None or version <= newest + self.max_jump:
+                stored = self._runs.setdefault(run, {})
+                self._runs.move_to_end(run)
+                stored[version] = delivery.body  # a version published again replaces the first
+                if self._decoded is not None and self._decoded[0] == (run, version):
+                    self._decoded = None
+                for old in sorted(stored)[: -self.keep]:
+                    del stored[old]
+                while len(self._runs) > self.max_runs:
+                    self._runs.popitem(last=False)
+                self.last_run = run
+                if self._watch is not None and (self._watch[0] != run or version > self._watch[1]):
+                    fire, self._watch = self._watch[2], None
+                self._cond.notify_all()
+        if newest is not None and version > newest + self.max_jump:
+            self._skip(f"version {version} of run {run_name(run)} is more than {self.max_jump} versions ahead "
+                       f"of the newest of that run ({newest})")
+            return
         if fire is not None:
             fire()
 
-    def when_newer_than(self, version: int, fn: Callable[[], None]) -> None:
-        """Call ``fn`` once a version newer than ``version`` is known (at once if it is)."""
+    def forget(self, run: str) -> None:
+        """Drop every version of ``run`` (a run that stopped)."""
         with self._cond:
-            if self._raw and max(self._raw) > version:
+            self._runs.pop(run, None)
+            if self._decoded is not None and self._decoded[0][0] == run:
+                self._decoded = None
+
+    def when_newer_than(self, run: str, version: int, fn: Callable[[], None]) -> None:
+        """Call ``fn`` once a version of ``run`` newer than ``version``, or a model of another run,
+        is read (at once if it was)."""
+        with self._cond:
+            stored = self._runs.get(run)
+            if (stored and max(stored) > version) or (self.last_run is not None and self.last_run != run):
                 newer = True
             else:
-                newer, self._watch = False, (version, fn)
+                newer, self._watch = False, (run, version, fn)
         if newer:
             fn()
 
-    def get(self, version: int | None, timeout: float, stop: threading.Event) -> messages.ModelVersion | None:
-        """The model ``version`` (``None``: the newest), waiting up to ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                want = version if version is not None else (max(self._raw) if self._raw else None)
-                if want is not None and want in self._raw:
-                    body = self._raw[want]
-                    break
-                if version is not None and self._raw and min(self._raw) > version:
-                    return None  # it is gone: only newer versions are kept
-                left = deadline - time.monotonic()
-                if left <= 0 or stop.is_set():
-                    return None
-                self._cond.wait(min(left, 0.5))
-        if self._decoded is not None and self._decoded[0] == want:
-            return self._decoded[1]
-        msg = messages.decode(body, expect=messages.ModelVersion, max_bytes=self.max_bytes)
+    def _validate(self, run: str, version: int, body: bytes, check: ModelCheck | None) -> messages.ModelVersion | str:
+        """The decoded model, or why it cannot be used."""
+        try:
+            msg = messages.decode(body, expect=messages.ModelVersion, max_bytes=self.max_bytes)
+        except DecodeError as exc:
+            return f"it does not decode: {exc}"
         assert isinstance(msg, messages.ModelVersion)
-        self._decoded = (want, msg)
-        return msg
+        if (msg.version, msg.run_id) != (version, run):
+            return (f"its headers say version {version} of run {run_name(run)}, its body version {msg.version} "
+                    f"of run {run_name(msg.run_id)}")
+        problem = check(msg) if check is not None else None
+        return msg if problem is None else problem
+
+    def _usable(self, run: str, version: int, body: bytes, check: ModelCheck | None) -> messages.ModelVersion | str:
+        """Decode and check (once: the last good one is cached); a bad version is dropped, logged."""
+        with self._cond:
+            cached = self._decoded
+        if cached is not None and cached[0] == (run, version):
+            return cached[1]
+        out = self._validate(run, version, body, check)
+        with self._cond:
+            stored = self._runs.get(run)
+            if isinstance(out, messages.ModelVersion):
+                if stored is not None and stored.get(version) is body:
+                    self._decoded = ((run, version), out)
+                return out
+            if stored is not None and stored.get(version) is body:
+                del stored[version]
+        reason = f"version {version} of run {run_name(run)}: {out}"
+        self._skip(reason)
+        return reason
+
+    def newer_usable(self, run: str, version: int, check: ModelCheck | None = None) -> int | None:
+        """The newest usable version of ``run`` newer than ``version``, or None."""
+        while True:
+            with self._cond:
+                stored = self._runs.get(run, {})
+                newer = max((v for v in stored if v > version), default=None)
+                if newer is None:
+                    return None
+                body = stored[newer]
+            if isinstance(self._usable(run, newer, body, check), messages.ModelVersion):
+                return newer
+
+    def get(self, run: str, version: int | None, timeout: float, stop: threading.Event, *,
+            check: ModelCheck | None = None,
+            on_wait: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
+        """Version ``version`` of ``run`` (``None``: the newest usable one), waiting up to ``timeout``
+        seconds; ``on_wait`` is called once if it has to wait.
+
+        Returns the model; :class:`Unusable` if the version asked for (or, for the newest, the
+        last one tried before the deadline) cannot be used; None if none came (or the version
+        is gone: only newer ones are kept), or ``stop`` was set.
+        """
+        deadline = time.monotonic() + timeout
+        waiting = False
+        unusable: str | None = None
+        while True:
+            with self._cond:
+                while True:
+                    stored = self._runs.get(run, {})
+                    want = version if version is not None else (max(stored) if stored else None)
+                    if want is not None and want in stored:
+                        body = stored[want]
+                        break
+                    if version is not None and stored and min(stored) > version:
+                        return None  # it is gone: only newer versions are kept
+                    left = deadline - time.monotonic()
+                    if left <= 0 or stop.is_set():
+                        return Unusable(unusable) if unusable is not None else None
+                    if not waiting:
+                        waiting = True
+                        if on_wait is not None:
+                            on_wait()
+                    self._cond.wait(min(left, 0.5))
+            out = self._usable(run, want, body, check)
+            if isinstance(out, messages.ModelVersion):
+                return out
+            if version is not None:
+                return Unusable(out)
+            unusable = out  # the newest is bad: try the one before it, or wait for another
 
 
 class Worker:
@@ -159,39 +318,79 @@ class Worker:
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.tasks_done = 0
         self.client: Client | None = None
-        self._trainers: dict[str, Trainer] = {}
+        self.runner: TaskRunner | None = None
+        self.serving: str | None = None  # the run of the last task taken; None before one, and after its stop
+        self._joined: set[str] = set()  # runs whose model this worker checked it fits (bounded)
         self._failures = 0
-        # fault injection for the crash-safety tests: SIGKILL ourselves at a named point
-        self._crash_point = os.environ.get("FEDMQ_FAULT_CRASH", "")
+        self._fatal: FedmqError | None = None  # why the worker stopped on its own
+
+    # ------------------------------------------------------------------ hook
+    def at(self, point: str, task_id: str) -> None:
+        """Called when handling task ``task_id`` reaches ``point``; does nothing here.
+
+        Points: ``"task_started"`` (the task is decoded and its model is at hand, training is
+        next) and ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
+        Subclasses may override it to observe or instrument a worker.
+        """
 
     # ------------------------------------------------------------------ I/O-thread handlers
     def _on_task(self, delivery: Delivery) -> None:
         self.inbox.put(delivery)
 
     def _on_control(self, delivery: Delivery) -> None:
+        cfg = self.config
         try:
             msg = messages.decode(delivery.body, expect=messages.Control, max_bytes=MAX_TASK_BYTES)
         except DecodeError as exc:
             log.warning("ignoring a bad control message: %s", exc)
             return
         assert isinstance(msg, messages.Control)
-        if self.config.trust_user is not None and delivery.user_id != self.config.trust_user:
-            log.warning("ignoring a %s message not sent by %r", msg.kind, self.config.trust_user)
+        if cfg.trust_user is not None and delivery.user_id != cfg.trust_user:
+            log.warning("ignoring a %s message not sent by %r", msg.kind, cfg.trust_user)
             return
-        if msg.kind == "stop":
-            log.info("worker %s: stop requested by the aggregator", self.config.worker_id)
+        if msg.kind != "stop":
+            return
+        # the run this worker serves: its last task's, or before any task the newest run read
+        serving = self.serving if self.serving is not None else self.models.last_run
+        if msg.run_id and serving is not None and msg.run_id != serving:
+            log.info("worker %s: ignoring the stop of run %s; this worker serves run %s", cfg.worker_id,
+                     run_name(msg.run_id), run_name(serving))
+            return
+        if not cfg.serve:
+            log.info("worker %s: stop of run %s requested by the aggregator", cfg.worker_id,
+                     run_name(msg.run_id or serving or ""))
             self.request_stop()
+            return
+        if msg.run_id:
+            self.models.forget(msg.run_id)
+        self.serving = None
+        log.info("worker %s: run %s stopped; waiting for the next run on namespace %s", cfg.worker_id,
+                 run_name(msg.run_id), self.topology.namespace)
+        if self.client is not None:
+            self.client.resume(self.topology.tasks)  # a sync worker waiting for a newer version
+
+    def _on_client_failure(self, error: BrokerError) -> None:
+        """The broker client gave up (a permanent error while reconnecting): stop with it."""
+        self._stop_with(error)
 
     def request_stop(self) -> None:
         self.stop.set()
         self.inbox.put(None)
 
+    def _stop_with(self, error: FedmqError) -> None:
+        if self._fatal is None:
+            self._fatal = error
+        self.request_stop()
+
     # ------------------------------------------------------------------ main
     def run(self) -> int:
+        """Work until stopped; 0 when stopped on request, raises the error that stopped it otherwise
+        (:class:`~fedmq.shared.errors.WorkerRefused` when its shard or trainer does not fit a run)."""
         cfg = self.config
         X, y = load_shard(cfg.data)
-        factory = load_trainer_factory(cfg.trainer)
+        self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer)
         client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}", declare=cfg.declare)
+        client.on_failure = self._on_client_failure
         self.client = client
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
         client.subscribe(
@@ -211,24 +410,41 @@ class Worker:
             bind_exchange=self.topology.control,
         )
         client.start()
-        log.info("worker %s: %d samples from %s, connected to %s", cfg.worker_id, len(y), cfg.data, self.settings.masked_url)
+        log.info("worker %s: %d samples from %s; connected to %s, namespace %s; waiting for a model and a task%s",
+                 cfg.worker_id, len(y), cfg.data, self.settings.masked_url, self.topology.namespace,
+                 " (serving run after run until stopped)" if cfg.serve else "")
         beat = threading.Thread(target=self._heartbeat, name=f"{cfg.worker_id}-beat", daemon=True)
         self._presence("hello", samples=int(len(y)))
         beat.start()
         try:
             while not self.stop.is_set():
-                delivery = self.inbox.get()
+                try:
+                    delivery = self.inbox.get(timeout=cfg.idle_log_s)
+                except queue.Empty:
+                    self._still_waiting()
+                    continue
                 if delivery is None or self.stop.is_set():
                     if delivery is not None:
                         client.reject(delivery, requeue=True)
                     break
-                self._handle(delivery, X, y, factory)
+                self._handle(delivery)
         finally:
             self._return_unstarted()
             self._presence("bye", tasks_done=self.tasks_done)
             client.close()
+        if isinstance(self._fatal, WorkerRefused):
+            raise self._fatal  # logged when it refused
+        if self._fatal is not None:
+            log.error("worker %s: stopped after %d tasks: %s", cfg.worker_id, self.tasks_done, self._fatal)
+            raise self._fatal
         log.info("worker %s: stopped after %d tasks", cfg.worker_id, self.tasks_done)
         return 0
+
+    def _still_waiting(self) -> None:
+        known = self.models.known()
+        models = ", ".join(f"run {run_name(r)} version {v}" for r, v in known.items()) or "none yet"
+        log.info("worker %s: still waiting for a task on namespace %s (models read: %s)", self.config.worker_id,
+                 self.topology.namespace, models)
 
     def _return_unstarted(self) -> None:
         assert self.client is not None
@@ -244,113 +460,204 @@ class Worker:
         while not self.stop.wait(self.config.heartbeat_s):
             self._presence("heartbeat", tasks_done=self.tasks_done)
 
-    def _presence(self, kind: str, **info: object) -> None:
+    def _presence(self, kind: str, run_id: str = "", **info: object) -> bool:
+        """Publish a presence message and wait for its confirm; False (logged) if it failed."""
         assert self.client is not None
-        msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=dict(info))
+        msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=dict(info),
+                               run_id=run_id)
         try:
             self.client.publish(self.topology.presence, messages.encode(msg), timeout=10)
         except BrokerError as exc:
             log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
+            return False
+        return True
 
-    def _trainer(self, spec: dict, factory: Callable[[dict], Trainer]) -> Trainer:
-        key = repr(sorted(spec.items()))
-        if key not in self._trainers:
-            self._trainers.clear()
-            self._trainers[key] = factory(spec)
-        return self._trainers[key]
-
-    def _handle(self, delivery: Delivery, X: np.ndarray, y: np.ndarray, factory: Callable[[dict], Trainer]) -> None:
-        cfg = self.config
-        client = self.client
-        assert client is not None
+    # ------------------------------------------------------------------ one task
+    def _handle(self, delivery: Delivery) -> None:
+        cfg, client, runner = self.config, self.client, self.runner
+        assert client is not None and runner is not None
         if cfg.trust_user is not None and delivery.user_id != cfg.trust_user:
-            log.warning("worker %s: dead-lettering a task not published by %r (user_id %r)",
-                        cfg.worker_id, cfg.trust_user, delivery.user_id)
-            client.reject(delivery, requeue=False)
+            self._dead_letter(delivery, delivery.message_id or "?",
+                              f"not published by {cfg.trust_user!r} (user_id {delivery.user_id!r})")
             return
         try:
             task = messages.decode(delivery.body, expect=messages.Task, max_bytes=MAX_TASK_BYTES)
         except DecodeError as exc:
-            log.warning("worker %s: dead-lettering an undecodable task: %s", cfg.worker_id, exc)
-            client.reject(delivery, requeue=False)
+            self._dead_letter(delivery, delivery.message_id or "?", f"undecodable: {exc}")
             return
         assert isinstance(task, messages.Task)
-        sync = task.mode == "sync"
-        latest = self.models.latest
-        if sync and task.version is not None and latest is not None and task.version < latest:
-            log.info("worker %s: task %s is for version %d, the model is at %d: skipped", cfg.worker_id, task.task_id, task.version, latest)
+        run, sync = task.run_id, task.mode == "sync"
+        self.serving = run
+        def check(m: messages.ModelVersion) -> str | None:
+            return runner.spec_problem(m.spec)
+
+        latest = self.models.latest(run)
+        if sync and task.version is not None and latest is not None and latest > task.version:
+            latest = self.models.newer_usable(run, task.version, check)  # not fooled by a bad newer message
+        skip = runner.skip_reason(task, latest)
+        if skip is not None:
+            log.info("worker %s: %s: skipped", cfg.worker_id, skip)
             client.ack(delivery)
             return
-        model = self.models.get(task.version if sync else None, cfg.model_wait_s, self.stop)
+
+        def waiting() -> None:
+            what = f"model version {task.version}" if sync else "a model"
+            log.info("worker %s: task %s waits for %s of run %s (up to %.0f s)", cfg.worker_id, task.task_id, what,
+                     run_name(run), cfg.model_wait_s)
+
+        model = self.models.get(run, task.version if sync else None, cfg.model_wait_s, self.stop,
+                                check=check, on_wait=waiting)
         if model is None:
-            if not self.stop.is_set():
-                log.warning("worker %s: model version %s not available; returning task %s", cfg.worker_id, task.version, task.task_id)
-            client.reject(delivery, requeue=True)
+            if self.stop.is_set():
+                client.reject(delivery, requeue=True)
+            else:
+                what = f"model version {task.version}" if sync else "no model"
+                self._give_back(delivery, task.task_id,
+                                f"{what} of run {run_name(run)} did not arrive within {cfg.model_wait_s:.0f} s")
+            return
+        if isinstance(model, Unusable):
+            self._report_failure(delivery, task, f"the model cannot be used: {model.reason}")
+            return
+        if not self._joins(run, model, delivery):
             return
         started = time.monotonic()
-        log.info("worker %s: task %s started on version %d", cfg.worker_id, task.task_id, model.version,
-                 extra={"event": "task_started", "task_id": task.task_id, "worker_id": cfg.worker_id})
-        try:
-            trainer = self._trainer(model.spec, factory)
-            result = trainer.fit(
-                model.params, X, y,
-                epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, mu=task.mu,
-                seed=derive_seed(task.seed, cfg.worker_id),
-            )
-        except Exception as exc:  # a user trainer may raise anything
-            self._failures += 1
-            backoff = min(cfg.failure_backoff_s * 2.0 ** min(self._failures - 1, 5), 30.0)
-            log.error("worker %s: trainer failed on task %s: %s: %s; returning it and pausing %.0f s",
-                      cfg.worker_id, task.task_id, type(exc).__name__, exc, backoff)
-            # pause first so that the returned task goes to another worker if there is one;
-            # a task that fails everywhere is dead-lettered by the broker past the delivery limit
-            client.pause(self.topology.tasks)
-            client.reject(delivery, requeue=True)
-            if not self.stop.wait(backoff):
-                client.resume(self.topology.tasks)
+        events.emit(log, "task_started", "worker %s: task %s started on version %d of run %s", cfg.worker_id,
+                    task.task_id, model.version, run_name(run), task_id=task.task_id, worker_id=cfg.worker_id)
+        self.at("task_started", task.task_id)
+        outcome = runner.run(task, model)
+        if isinstance(outcome, Failed):
+            self._report_failure(delivery, task, outcome.reason)
             return
-        self._failures = 0
-        compute = time.monotonic() - started
-        if cfg.slowdown > 1 and self.stop.wait((cfg.slowdown - 1) * compute):
+        if cfg.slowdown > 1 and self.stop.wait((cfg.slowdown - 1) * outcome.compute_s):
             log.info("worker %s: stopping; returning task %s", cfg.worker_id, task.task_id)
             client.reject(delivery, requeue=True)
             return
-        params = result.params
-        if task.update_kind == "delta":
-            params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
-        # In a synchronous round a task is only a ticket to contribute; the unit of work (and the
-        # dedupe key) is "this worker's contribution to round r", whichever ticket it drew.
-        work_id = f"r{task.round:05d}:{cfg.worker_id}" if sync and task.round is not None else task.task_id
-        update = messages.Update(
-            task_id=work_id, worker_id=cfg.worker_id, base_version=model.version,
-            num_samples=int(result.num_samples), params=params, kind=task.update_kind,
-            train_loss=float(result.loss), train_accuracy=float(result.accuracy),
-            duration_s=time.monotonic() - started, round=task.round,
-        )
+        update = replace(outcome.update, duration_s=time.monotonic() - started)
         if sync:
             client.pause(self.topology.tasks)  # before the ack: no second task for this version
-        body = messages.encode(update)
         message_id = uuid.uuid4().hex
         try:
-            client.publish(
-                self.topology.updates, body, message_id=message_id,
-                headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": cfg.worker_id},
-            )
+            self._publish(messages.encode(update), task, message_id)
         except FedmqError as exc:
-            log.error("worker %s: update for %s not confirmed (%s); the task will be redelivered", cfg.worker_id, task.task_id, exc)
-            if sync:
-                client.resume(self.topology.tasks)
+            self._give_back(delivery, task.task_id, f"update not confirmed: {exc}", fatal=self._permanent(exc))
             return
-        log.info(
-            "worker %s: task %s on version %d done in %.2fs (loss %.4f); update confirmed",
-            cfg.worker_id, task.task_id, model.version, time.monotonic() - started, result.loss,
-            extra={"event": "update_confirmed", "task_id": work_id, "ticket": task.task_id, "worker_id": cfg.worker_id,
-                   "message_id": message_id},
+        self._failures = 0
+        events.emit(
+            log, "update_confirmed", "worker %s: task %s on version %d done in %.2fs (loss %.4f); update confirmed",
+            cfg.worker_id, task.task_id, model.version, time.monotonic() - started, update.train_loss,
+            task_id=update.task_id, ticket=task.task_id, worker_id=cfg.worker_id, message_id=message_id,
         )
-        if self._crash_point == "after-confirm":
-            os.kill(os.getpid(), signal.SIGKILL)
+        self.at("update_confirmed", task.task_id)
         client.ack(delivery)
         self.tasks_done += 1
         if sync:
-            self.models.when_newer_than(model.version, lambda: client.resume(self.topology.tasks))
+            self.models.when_newer_than(run, model.version, lambda: client.resume(self.topology.tasks))
 
+    def _joins(self, run: str, model: messages.ModelVersion, delivery: Delivery) -> bool:
+        """On the first task of a run: whether this shard and trainer fit its model; if not, refuse.
+
+        Refusing publishes ``Control(kind="refused")`` on the presence stream, returns the task
+        to the queue (another worker may fit) and stops the worker with :class:`WorkerRefused`.
+        """
+        cfg, client, runner = self.config, self.client, self.runner
+        assert client is not None and runner is not None
+        key = f"{run}\0{sorted(model.spec.items())!r}"
+        if key in self._joined:
+            return True
+        reason = runner.misfit(model.spec)
+        if reason is None:
+            if len(self._joined) >= 16:
+                self._joined.clear()
+            self._joined.add(key)
+            return True
+        text = f"worker {cfg.worker_id} refuses run {run_name(run)}: {reason}"
+        log.error("%s", text)
+        self._presence("refused", run_id=run, reason=reason)
+        client.reject(delivery, requeue=True)
+        self._stop_with(WorkerRefused(text))
+        return False
+
+    @staticmethod
+    def _permanent(exc: FedmqError) -> FedmqError | None:
+        """``exc`` if no retry can help (the worker stops with it), else None."""
+        return None if isinstance(exc, BrokerError) and exc.retryable else exc
+
+    def _publish(self, body: bytes, task: messages.Task, message_id: str) -> None:
+        """Publish an update (or failure report) for ``task`` to the updates queue and wait for
+        its confirm; a stop request leaves it a short grace."""
+        client = self.client
+        assert client is not None
+        pending = client.publish_nowait(
+            self.topology.updates, body, message_id=message_id,
+            headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id},
+        )
+        try:
+            try:
+                pending.wait(stop=self.stop)
+            except NotConfirmed:
+                if not self.stop.is_set() or client.closing:
+                    raise
+                pending.wait(STOP_CONFIRM_GRACE_S)  # the work is done: let its confirm arrive
+        except FedmqError:
+            pending.cancel()
+            raise
+
+    def _report_failure(self, delivery: Delivery, task: messages.Task, reason: str) -> None:
+        """Tell the aggregator this worker cannot do ``task`` (a ``failed`` control on the updates
+        queue), then ack the task and pause; if the report is not confirmed, return the task."""
+        cfg, client = self.config, self.client
+        assert client is not None
+        report = messages.Control(kind="failed", worker_id=cfg.worker_id, sent_s=time.time(), run_id=task.run_id,
+                                  info={"task_id": task.task_id, "reason": reason[:2000]})
+        try:
+            self._publish(messages.encode(report), task, f"failed-{task.task_id}-{cfg.worker_id}")
+        except FedmqError as exc:
+            self._give_back(delivery, task.task_id, f"{reason}; the failure report was not confirmed: {exc}",
+                            fatal=self._permanent(exc))
+            return
+        client.ack(delivery)
+        self._failures += 1
+        backoff = self._backoff()
+        events.emit(log, "task_failed", "worker %s: task %s failed: %s; reported it, pausing %.1f s", cfg.worker_id,
+                    task.task_id, reason, backoff, level=logging.ERROR, task_id=task.task_id, worker_id=cfg.worker_id,
+                    reason=reason)
+        self._pause(backoff)
+
+    def _backoff(self) -> float:
+        return min(self.config.failure_backoff_s * 2.0 ** min(self._failures - 1, 5), 30.0)
+
+    def _pause(self, seconds: float) -> None:
+        """Take no task for ``seconds`` (so that another worker gets the next ones)."""
+        assert self.client is not None
+        self.client.pause(self.topology.tasks)
+        if not self.stop.wait(seconds):
+            self.client.resume(self.topology.tasks)
+
+    def _give_back(self, delivery: Delivery, task_id: str, reason: str, *, fatal: FedmqError | None = None) -> None:
+        """Return a task this worker could not do to the queue, then pause (or stop with ``fatal``).
+
+        The task consumer is paused first, so that the returned task goes to another worker
+        if there is one; a task returned everywhere is dead-lettered by the broker past the
+        delivery limit.
+        """
+        cfg, client = self.config, self.client
+        assert client is not None
+        self._failures += 1
+        backoff = self._backoff()
+        then = "returning it and stopping" if fatal else f"returning it and pausing {backoff:.1f} s"
+        events.emit(log, "task_failed", "worker %s: task %s failed: %s; %s", cfg.worker_id, task_id, reason, then,
+                    level=logging.ERROR, task_id=task_id, worker_id=cfg.worker_id, reason=reason)
+        client.pause(self.topology.tasks)
+        client.reject(delivery, requeue=True)
+        if fatal is not None:
+            self._stop_with(fatal)
+        elif not self.stop.wait(backoff):
+            client.resume(self.topology.tasks)
+
+    def _dead_letter(self, delivery: Delivery, task_id: str, reason: str) -> None:
+        """A task no worker can do (untrusted, undecodable): off to the dead-letter queue."""
+        cfg, client = self.config, self.client
+        assert client is not None
+        events.emit(log, "task_failed", "worker %s: dead-lettering task %s: %s", cfg.worker_id, task_id, reason,
+                    level=logging.WARNING, task_id=task_id, worker_id=cfg.worker_id, reason=reason)
+        client.reject(delivery, requeue=False)

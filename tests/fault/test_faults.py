@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from fedmq.broker.topology import Topology
 from fedmq.shared import messages
 from tests.conftest import delete_namespace, new_namespace
 from tests.helpers import (
+    REPO,
     Procs,
     assert_ledger_invariant,
     confirmed_updates,
@@ -39,6 +42,20 @@ WORKERS = 4
 def worker(procs: Procs, shards: Path, i: int, common: list[str], *extra: str, env: dict[str, str] | None = None, name: str | None = None) -> None:
     procs.start(name or f"w{i}", "worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
                 "--log-format", "json", *extra, *common, env=env)
+
+
+def start_crashing_worker(procs: Procs, shards: Path, i: int, common: list[str], crash_at: str) -> None:
+    """Worker ``w<i>`` as ``python -m tests.crashing_worker``: it SIGKILLs itself at ``crash_at``.
+
+    Registered with ``procs`` like any fedmq process (its log, kill and wait work the same).
+    """
+    name = f"w{i}"
+    with open(procs.logs / f"{name}.log", "ab") as log:
+        procs.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "tests.crashing_worker", "--crash-at", crash_at,
+             "--data", str(shards / f"worker-{i}.npz"), "--worker-id", name, "--log-format", "json", *common],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
 
 
 def all_confirmed(procs: Procs, prefix: str = "w") -> list[dict]:
@@ -83,7 +100,7 @@ def test_worker_killed_between_confirm_and_ack_duplicate_is_not_applied(amqp_url
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
                 "--strategy", "fedbuff", "--buffer-size", "2", "--min-workers", "4", "--max-updates", "30", *common)
-    worker(procs, shards, 0, common, env={"FEDMQ_FAULT_CRASH": "after-confirm"})
+    start_crashing_worker(procs, shards, 0, common, crash_at="update_confirmed")
     for i in range(1, WORKERS):
         worker(procs, shards, i, common)
     assert procs.wait("w0", 60) == -signal.SIGKILL, procs.log("w0")

@@ -81,8 +81,9 @@ def test_a_second_aggregator_is_refused(amqp_url: str, namespace: str, tmp_path:
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
     try:
         procs.start("agg1", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(tmp_path / "r1"),
-                    "--min-workers", "2", *common)
-        wait_for(lambda: "waiting for 2 worker" in procs.log("agg1"), 30, "the first aggregator to start")
+                    "--min-workers", "2", "--log-format", "json", *common)
+        waiting = wait_for(lambda: procs.events("agg1", "waiting_for_workers"), 30, "the first aggregator to start")
+        assert waiting[0]["need"] == 2
         ledger = tmp_path / "r1" / "updates.jsonl"
         ledger.write_bytes(b"")  # the first aggregator's ledger, as it is now
         before = ledger.stat()
@@ -97,3 +98,29 @@ def test_a_second_aggregator_is_refused(amqp_url: str, namespace: str, tmp_path:
         assert not (tmp_path / "r1" / "checkpoint").exists()
     finally:
         procs.close()
+
+
+def test_deleting_a_namespace_that_does_not_exist_says_so(amqp_url: str, namespace: str) -> None:
+    code, out = invoke("broker", "delete", "--yes", "--amqp-url", amqp_url, "--namespace", namespace)
+    assert code == 0, out
+    assert f"namespace {namespace!r} does not exist" in out and "deleted" not in out.replace("nothing to delete", "")
+    assert "guest:guest@" not in out  # the URL it names is masked
+    code, out = invoke("broker", "setup", "--amqp-url", amqp_url, "--namespace", namespace)
+    assert code == 0, out
+    code, out = invoke("broker", "delete", "--yes", "--amqp-url", amqp_url, "--namespace", namespace)
+    assert code == 0 and f"namespace {namespace!r} deleted" in out, out
+
+
+def test_dlq_show_says_the_true_total_when_it_stops_at_its_limit(amqp_url: str, namespace: str) -> None:
+    topology = Topology(namespace)
+    with Client(BrokerSettings.from_url(amqp_url), topology) as client:
+        for i in range(5):
+            client.publish("updates", b"junk", exchange=topology.dlx, message_id=f"dl-{i}",
+                           headers={"x-fedmq-reason": "not msgpack", "x-first-death-reason": "rejected"})
+    code, out = invoke("broker", "dlq", "--show", "--limit", "2", "--amqp-url", amqp_url, "--namespace", namespace)
+    assert code == 0, out
+    assert out.splitlines()[0].startswith("5 dead-lettered message(s) (showing 2"), out
+    assert sum(1 for line in out.splitlines() if "dl-" in line) == 2
+    code, out = invoke("broker", "dlq", "--show", "--json", "--amqp-url", amqp_url, "--namespace", namespace)
+    doc = json.loads(out)
+    assert doc["total"] == 5 and doc["shown"] == 5 and len(doc["messages"]) == 5

@@ -42,23 +42,26 @@ def test_run_trains_to_90_percent_and_draws_curves(amqp_url: str, tmp_path: Path
     assert not leftovers(str(out))
 
 
-def test_sigint_stops_everything_and_leaves_nothing_behind(amqp_url: str, tmp_path: Path) -> None:
+def test_sigint_exits_130_after_the_aggregator_checkpointed_and_still_plots(amqp_url: str, tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_cmd(tmp_path, "--workers", "4", "--mode", "async", "--strategy", "fedasync", "--max-updates", "100000",
                    "--slow-workers", "1.0", "--slowdown", "50", "--out", str(out), amqp_url=amqp_url)
     try:
-        wait_for(lambda: history_len(out) >= 1 or proc.poll() is not None, 90, "the run to start")
+        wait_for(lambda: history_len(out) >= 1 or proc.poll() is not None, 90, "the first evaluated version")
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=30)
+        output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
+    assert proc.returncode == 130, output
     assert "interrupted by SIGINT" in output.splitlines()[-1]
     assert not leftovers(str(out)), leftovers(str(out))
     hist = json.loads((out / "history.json").read_text())  # consistent: a complete JSON document
     assert hist["final"]["interrupted"] is True
+    assert (out / "checkpoint").is_dir() and (out / "model.npz").exists()  # the aggregator left in order
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert "final version" in output and "--resume" in output  # the summary, as for a finished run
 
 
 @pytest.mark.skipif(not PrivateNode.available(), reason="needs rabbitmq-server for a private node")
@@ -70,3 +73,27 @@ def test_run_starts_and_stops_its_own_broker_when_none_answers(tmp_path: Path) -
     assert proc.returncode == 0, output
     assert read_history(out)["final"]["rounds"] == 3
     assert not leftovers("fedmq-rabbit-"), leftovers("fedmq-rabbit-")
+
+
+def test_a_config_the_aggregator_refuses_starts_nothing(amqp_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cmd(tmp_path, "--workers", "2", "--mode", "sync", "--strategy", "fedbuff", "--out", str(out),
+                   amqp_url=amqp_url)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    assert "strategy fedbuff does not run in sync mode" in output and "Traceback" not in output
+    assert not list(out.glob("logs/worker*")) and not (out / "shards").exists()
+    assert not leftovers(str(out))
+
+
+def test_a_failing_aggregator_says_why_and_no_worker_starts(amqp_url: str, tmp_path: Path) -> None:
+    """The aggregator fails after `run` checked its settings: its own error line is shown."""
+    out = tmp_path / "run"
+    proc = run_cmd(tmp_path, "--workers", "2", "--rounds", "2", "--trainer", "nosuch_module_x:Thing", "--out", str(out),
+                   amqp_url=amqp_url)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, output
+    last = output.strip().splitlines()[-1]
+    assert "the aggregator exited with code 1" in last and "nosuch_module_x" in last, output
+    assert not list(out.glob("logs/worker*")), "workers started although the aggregator never came up"
+    assert not leftovers(str(out))

@@ -29,10 +29,10 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from fedmq.aggregator.config import AggregatorConfig  # noqa: E402
 from fedmq.broker.settings import BrokerSettings  # noqa: E402
 from fedmq.broker.topology import Topology  # noqa: E402
-from fedmq.cli import AGGREGATOR_KEYS, main  # noqa: E402
+from fedmq.cli import main  # noqa: E402
+from fedmq.options import aggregator_config  # noqa: E402
 from fedmq.shared import messages  # noqa: E402
 from fedmq.shared.data import BUILTINS  # noqa: E402
 
@@ -286,8 +286,7 @@ def test_aggregator_command(services: dict[str, dict[str, Any]], definitions: di
     assert p["namespace"] == env["FEDMQ_NAMESPACE"] == NAMESPACE
     _broker_url_checks(p["amqp_url"], AGGREGATOR_USER, definitions)
     # what the command does with the options: build and validate the config
-    AggregatorConfig(test_data=p["test_data"], out=p["out"], resume=p["resume"],
-                     **{k: p[k] for k in AGGREGATOR_KEYS}).validate()
+    aggregator_config(p)  # every AggregatorConfig field is an option of `fedmq aggregator`
     # files it reads and writes are on its volumes, the test set where the split writes it
     _, split_ctx = parse_fedmq(command(services["split"]), {}, monkeypatch)
     assert p["test_data"] == f"{split_ctx.params['out']}/test.npz"

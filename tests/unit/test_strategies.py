@@ -9,9 +9,11 @@ import pytest
 
 from fedmq.aggregator.strategies import (
     STRATEGIES,
+    Contribution,
     FedAsync,
     FedAvg,
     FedBuff,
+    Strategy,
     fedbuff_staleness,
     make_staleness,
     make_strategy,
@@ -50,7 +52,10 @@ def test_unknown_names_are_config_errors() -> None:
 # ------------------------------------------------------------------ FedAvg
 def test_fedavg_is_sample_weighted_average() -> None:
     ups = [(params(i), n) for i, n in enumerate([10, 30, 60])]
-    out = FedAvg().aggregate(ups)
+    res = FedAvg().aggregate(params(99), [Contribution(p, n) for p, n in ups])
+    assert res.weights == (0.1, 0.3, 0.6)
+    out = res.params
+    assert out is not None
     for k in out:
         expected = np.average(np.stack([p[k] for p, _ in ups]), axis=0, weights=[10, 30, 60])
         np.testing.assert_allclose(out[k], expected, rtol=1e-6, atol=1e-7)
@@ -106,17 +111,30 @@ def test_fedbuff_state_round_trips_through_a_checkpoint() -> None:
 
 # ------------------------------------------------------------------ the shared contract
 def _run(name: str, x: dict[str, np.ndarray], ups: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    strat = make_strategy(name, buffer_size=len(ups))
-    if isinstance(strat, FedAvg):
-        return strat.aggregate([(u, 10) for u in ups])
-    out = None
-    for u in ups:
-        delta = {k: u[k] - x[k] for k in x} if strat.update_kind == "delta" else u
-        res = strat.apply(x, delta, 10, 0)
-        out = res.params or out
-        x = res.params or x
-    assert out is not None
-    return out
+    """Offer every update to the strategy in one call, through the Strategy protocol only."""
+    strat: Strategy = make_strategy(name, buffer_size=len(ups))
+    contributions = [Contribution({k: u[k] - x[k] for k in x} if strat.update_kind == "delta" else u, 10, 0) for u in ups]
+    res = strat.aggregate(x, contributions)
+    assert len(res.weights) == len(ups)
+    assert res.params is not None
+    return res.params
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_round_trips_its_state(name: str) -> None:
+    """state() then restore() on a fresh instance continues exactly where the first one was."""
+    x = params(0)
+    a, b = make_strategy(name, buffer_size=2), make_strategy(name, buffer_size=2)
+    first = Contribution(params(1) if a.update_kind == "weights" else {k: params(1)[k] - x[k] for k in x}, 10, 1)
+    a.aggregate(x, [first])
+    meta, arrays = a.state()
+    b.restore(meta, {k: v.copy() for k, v in arrays.items()})
+    second = [Contribution(params(2) if a.update_kind == "weights" else {k: params(2)[k] - x[k] for k in x}, 20, 0)]
+    ra, rb = a.aggregate(x, second), b.aggregate(x, second)
+    assert ra.weights == rb.weights
+    assert (ra.params is None) == (rb.params is None)
+    if ra.params is not None and rb.params is not None:
+        assert all(np.array_equal(ra.params[k], rb.params[k]) for k in x)
 
 
 @pytest.mark.parametrize("name", STRATEGIES)

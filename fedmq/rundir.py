@@ -1,0 +1,75 @@
+"""Reading a run directory (``history.json``, ``updates.jsonl``) and checking its ledger.
+
+Used by the tests, the benchmarks and ``scripts/``; none of them parse log messages for what
+these files record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fedmq.shared import events
+
+
+def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
+    """The entries of ``updates.jsonl`` (one per update message the aggregator settled)."""
+    path = Path(run_dir) / "updates.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_history(run_dir: Path) -> dict[str, Any]:
+    """``history.json``: the evaluated versions and the final result."""
+    return json.loads((Path(run_dir) / "history.json").read_text())
+
+
+def history_len(run_dir: Path) -> int:
+    """How many evaluated versions ``history.json`` holds (0 while it does not exist)."""
+    try:
+        return len(read_history(run_dir)["history"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def events_in(log_text: str, name: str | None = None) -> list[dict[str, Any]]:
+    """The events (``name`` only, if given) in a process's JSON log (``--log-format json``)."""
+    found = (events.parse(line) for line in log_text.splitlines())
+    return [e for e in found if e is not None and (name is None or e["event"] == name)]
+
+
+def confirmed_updates(log_text: str) -> list[dict[str, Any]]:
+    """The updates a worker saw confirmed by the broker: its ``update_confirmed`` events."""
+    return events_in(log_text, "update_confirmed")
+
+
+def ledger_problems(run_dir: Path, confirmed: Iterable[dict[str, Any]]) -> list[str]:
+    """What breaks exactly-once-in-effect in ``updates.jsonl``; empty when nothing does.
+
+    Every update the broker confirmed (``confirmed``: ``update_confirmed`` events) must be in
+    the ledger with a fate, and no task id applied twice. A message may appear more than once
+    only as a redelivery whose first copy was already applied (e.g. after a broker restart
+    voided the ack); such copies must not be applied again.
+    """
+    ledger = read_ledger(run_dir)
+    problems: list[str] = []
+    if not all("fate" in e for e in ledger):
+        problems.append("a ledger line without a fate")
+    seen = Counter(e.get("message_id") for e in ledger)
+    missing = [c for c in confirmed if seen[c["message_id"]] == 0]
+    if missing:
+        problems.append(f"{len(missing)} confirmed update(s) missing from updates.jsonl: {missing[:3]}")
+    applied = Counter(e.get("task_id") for e in ledger if e.get("fate") == "applied")
+    twice = [t for t, n in applied.items() if n > 1]
+    if twice:
+        problems.append(f"task ids applied twice: {twice}")
+    for message_id, n in seen.items():
+        if message_id is not None and n > 1:
+            fates = [e.get("fate") for e in ledger if e.get("message_id") == message_id]
+            if fates.count("applied") > 1 or not all(f in ("applied", "duplicate", "stale", "late") for f in fates):
+                problems.append(f"message {message_id} recorded {n} times with fates {fates}")
+    return problems
