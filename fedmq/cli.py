@@ -102,11 +102,14 @@ def data() -> None:
 @click.option("--shards-per-worker", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--test-fraction", type=float, default=0.2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--scale", type=click.Choice(["central", "per-shard"]), default="central", show_default=True,
+              help="central: every shard scaled with the whole training set's statistics (a simulation); "
+                   "per-shard: each shard standardised with its own, as independent sites would.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the shards to.")
 @logging_options
 @fails_cleanly
 def data_split(dataset: str | None, data_file: str | None, label_column: str | None, workers: int, partition: str,
-               alpha: float, shards_per_worker: int, test_fraction: float, seed: int, out: str,
+               alpha: float, shards_per_worker: int, test_fraction: float, seed: int, scale: str, out: str,
                log_level: str, log_format: str) -> None:
     """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
     setup_logging(log_level, log_format)
@@ -119,7 +122,7 @@ def data_split(dataset: str | None, data_file: str | None, label_column: str | N
     column = parse_label_column(label_column, data_file)
     ds = load_dataset(dataset, data_file, test_fraction=test_fraction, seed=seed, label_column=column)
     manifest = split_dataset(ds, out, num_workers=workers, method=partition, alpha=alpha,
-                             shards_per_worker=shards_per_worker, seed=seed)
+                             shards_per_worker=shards_per_worker, seed=seed, scale=scale)
     click.echo(format_table(manifest))
     click.echo(f"wrote {workers} shards, test.npz and manifest.json to {out}")
 

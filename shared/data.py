@@ -142,6 +142,42 @@ def standardise(X_train: np.ndarray, X_test: np.ndarray) -> tuple[np.ndarray, np
     )
 
 
+def standardise_one(X: np.ndarray) -> np.ndarray:
+    """Scale ``X`` with its own mean/std (std 0 -> 1): what a site without shared statistics can do."""
+    return standardise(X, X[:0])[0]
+
+
+# A feature whose mean is this many of its standard deviations away from 0, or whose standard
+# deviation is this far from 1 (either way), is "far from standardised".
+_FAR_MEAN, _FAR_STD = 3.0, 10.0
+
+
+def scaling_warning(X: np.ndarray, what: str) -> str | None:
+    """One line when ``X``'s features are far from standardised, else None.
+
+    The network is trained with plain SGD and a learning rate chosen for standardised features;
+    raw features (pixel values 0-255, money, counts) stall it at the majority class. Each site
+    must scale its features the same way (``fedmq data split --scale``; see the README).
+    """
+    if X.ndim != 2 or X.shape[0] < 2:
+        return None
+    mean = X.mean(axis=0, dtype=np.float64)
+    std = X.std(axis=0, dtype=np.float64)
+    varying = std > 0
+    if not varying.any():
+        return None
+    far_mean = np.abs(mean[varying]) > _FAR_MEAN * np.maximum(std[varying], 1.0)
+    far_std = (std[varying] > _FAR_STD) | (std[varying] < 1.0 / _FAR_STD)
+    bad = int(np.count_nonzero(far_mean | far_std))
+    if bad == 0:
+        return None
+    return (
+        f"{what}: {bad} of {X.shape[1]} features look unscaled (mean up to {np.abs(mean).max():.3g}, "
+        f"std from {std[varying].min():.3g} to {std[varying].max():.3g}); standardise every site's "
+        "features the same way (fedmq data split --scale), or training may stall at the majority class"
+    )
+
+
 def encode_labels(*parts: np.ndarray) -> tuple[list[np.ndarray], int]:
     """Map labels of any kind (ints, floats, strings) jointly to ``0..k-1`` via ``np.unique``."""
     joined = np.concatenate(parts)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.shared.data import Dataset
+from fedmq.shared.data import Dataset, standardise_one
 from fedmq.shared.errors import DataError
 from fedmq.shared.files import atomic_write_bytes
 from fedmq.shared.partition import label_histograms, partition
@@ -27,6 +27,9 @@ from fedmq.shared.partition import label_histograms, partition
 MANIFEST = "manifest.json"
 TEST_FILE = "test.npz"
 _WORKER_FILE = re.compile(r"^worker-(\d+)\.npz$")
+
+
+SCALES = ("central", "per-shard")
 
 
 def worker_file(index: int) -> str:
@@ -91,8 +94,16 @@ def split_dataset(
     alpha: float = 0.5,
     shards_per_worker: int = 2,
     seed: int = 0,
+    scale: str = "central",
 ) -> dict[str, Any]:
-    """Partition ``ds``'s training set among ``num_workers`` shards in ``out_dir``; returns the manifest."""
+    """Partition ``ds``'s training set among ``num_workers`` shards in ``out_dir``; returns the manifest.
+
+    ``scale``: ``central`` keeps the dataset's standardisation (statistics of the whole training
+    set, which a real federation does not have); ``per-shard`` re-standardises every shard with
+    its own mean and standard deviation, as sites that prepare their data alone would.
+    """
+    if scale not in SCALES:
+        raise DataError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     parts = partition(
         ds.y_train, num_workers, method, alpha=alpha, shards_per_worker=shards_per_worker, seed=seed
     )
@@ -104,10 +115,12 @@ def split_dataset(
     manifest = build_manifest(
         ds, parts, method=method, alpha=alpha, shards_per_worker=shards_per_worker, seed=seed
     )
+    manifest["scale"] = scale
     for i, idx in enumerate(parts):
-        write_shard(
-            os.path.join(out, worker_file(i)), ds.X_train[idx], ds.y_train[idx], ds.num_classes
-        )
+        X = ds.X_train[idx]
+        if scale == "per-shard":
+            X = standardise_one(X)
+        write_shard(os.path.join(out, worker_file(i)), X, ds.y_train[idx], ds.num_classes)
     write_shard(os.path.join(out, TEST_FILE), ds.X_test, ds.y_test, ds.num_classes)
     _remove_stale_shards(out, num_workers)
     text = json.dumps(manifest, indent=2) + "\n"

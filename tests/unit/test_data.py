@@ -327,3 +327,32 @@ def test_format_table(tmp_path):
     for w, line in zip(manifest["workers"], lines[2:], strict=True):
         assert line.split()[:2] == [str(w["worker"]), str(w["size"])]
         assert " ".join(str(c) for c in w["label_histogram"]) in line
+
+
+# ---------------------------------------------------------------- scaling of sites' own data
+def test_scaling_warning_names_unscaled_features_and_is_quiet_on_standardised_ones():
+    from fedmq.shared.data import scaling_warning, standardise_one
+
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0, 255, size=(200, 8)).astype(np.float32)  # pixel values
+    line = scaling_warning(raw, "shard worker-3.npz")
+    assert line is not None and line.startswith("shard worker-3.npz: 8 of 8 features look unscaled")
+    assert "--scale" in line
+    assert scaling_warning(standardise_one(raw), "shard") is None
+    assert scaling_warning(np.ones((10, 3), dtype=np.float32), "constant") is None
+
+
+def test_split_per_shard_standardises_each_shard_with_its_own_statistics(tmp_path):
+    from fedmq.shared.split import split_dataset
+
+    ds = load_dataset("digits")
+    manifest = split_dataset(ds, tmp_path, num_workers=3, method="dirichlet", alpha=0.5, scale="per-shard")
+    assert manifest["scale"] == "per-shard"
+    for i in range(3):
+        with np.load(tmp_path / f"worker-{i}.npz") as z:
+            X = z["X"]
+        varying = X.std(axis=0) > 0
+        np.testing.assert_allclose(X.mean(axis=0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(X.std(axis=0)[varying], 1.0, atol=1e-3)
+    with pytest.raises(DataError, match="scale must be one of central, per-shard"):
+        split_dataset(ds, tmp_path, num_workers=3, scale="global")
