@@ -175,6 +175,7 @@ class _Subscription:
     paused: bool = False
     settle_on_return: bool = False
     bind_exchange: str | None = None
+    expires_s: float | None = None  # a private queue that outlives its connection for this long
     consumer_tag: str | None = None
 
 
@@ -347,19 +348,23 @@ class Client:
         paused: bool = False,
         settle_on_return: bool = False,
         bind_exchange: str | None = None,
+        expires_s: float | None = None,
     ) -> None:
         """Consume ``queue`` (now if connected, and after every reconnect).
 
         ``arguments`` may be a callable, evaluated at every (re)subscription (e.g. a stream
         offset). With ``settle_on_return`` the client acks each delivery as soon as the
         handler returns: for streams, whose acks are only flow-control credit.
-        With ``bind_exchange`` the queue is a private one (exclusive, auto-delete), declared
-        and bound to that exchange at every (re)connection.
+        With ``bind_exchange`` the queue is a private one, declared and bound to that exchange
+        at every (re)connection and consumed exclusively: exclusive and auto-delete, or, with
+        ``expires_s``, durable and kept by the broker while unused for up to ``expires_s``
+        seconds (``x-expires``), so that what is sent to it while the connection is down (a
+        broker restart included) waits for the reconnect; :meth:`close` deletes it.
         """
         args = arguments if callable(arguments) or arguments is None else (lambda a=arguments: a)
         sub = _Subscription(
             queue, handler, prefetch, args, exclusive or bool(bind_exchange), paused,
-            settle_on_return, bind_exchange,
+            settle_on_return, bind_exchange, expires_s,
         )
         self._subs[queue] = sub
         if self._thread is not None:
@@ -688,7 +693,11 @@ class Client:
 
         try:
             if sub.bind_exchange:
-                chan.queue_declare(sub.queue, exclusive=True, auto_delete=True, durable=False)
+                if sub.expires_s is None:
+                    chan.queue_declare(sub.queue, exclusive=True, auto_delete=True, durable=False)
+                else:
+                    chan.queue_declare(sub.queue, durable=True,
+                                       arguments={"x-expires": max(1000, int(sub.expires_s * 1000))})
                 chan.queue_bind(sub.queue, sub.bind_exchange)
             chan.basic_qos(prefetch_count=sub.prefetch)
             sub.consumer_tag = chan.basic_consume(
@@ -945,6 +954,10 @@ class Client:
         if self._conn is not None and self._chan is not None:
             with contextlib.suppress(Exception):
                 self._drain()  # flush acks and publishes queued before close()
+            for sub in self._subs.values():
+                if sub.bind_exchange and sub.expires_s is not None:
+                    with contextlib.suppress(Exception):
+                        self._chan.queue_delete(sub.queue)  # ours alone, and no longer wanted
         self._connected.clear()
         conn, self._conn, self._chan = self._conn, None, None
         if conn is not None:

@@ -43,7 +43,7 @@ log = logging.getLogger("fedmq.cli")
 
 
 def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Report a FedmqError as one line (URL passwords masked) and exit 1."""
+    """Report a FedmqError as one line (URL passwords masked) and exit with its code (1; 2 for a refusal)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,7 +51,7 @@ def fails_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except FedmqError as exc:
             click.echo(f"fedmq: error: {mask_secrets(str(exc))}", err=True)
-            sys.exit(1)
+            sys.exit(exc.exit_code)
 
     return wrapper
 
@@ -267,6 +267,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Seconds to pause after a trainer failure (doubling up to 32x).")(fn)
     fn = click.option("--amqp-heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
                       help="AMQP connection heartbeat in seconds.")(fn)
+    fn = click.option("--serve", is_flag=True, default=False,
+                      help="After a run's stop, wait for the next run instead of exiting; stop with SIGTERM/SIGINT.")(fn)
     return fn
 
 
@@ -285,7 +287,7 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @logging_options
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
-           failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str,
+           failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
            log_format: str) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
@@ -294,7 +296,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user)
+                       trust_user=trust_user, serve=serve)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -313,7 +315,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @logging_options
 @fails_cleanly
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
-            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
+            log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -322,7 +325,7 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
     stop = threading.Event()
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
-                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat))
+                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve))
 
 
 # ====================================================================== aggregator

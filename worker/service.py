@@ -68,6 +68,8 @@ log = logging.getLogger("fedmq.worker")
 MAX_TASK_BYTES = 64 * 1024
 #: after a stop request, how much longer an update already published may take to be confirmed
 STOP_CONFIRM_GRACE_S = 10.0
+#: how long the broker keeps a worker's control queue (and the stop in it) while the worker is away
+CONTROL_QUEUE_EXPIRES_S = 600.0
 #: a model version further ahead than this of the newest known of its run is not believed
 MAX_VERSION_JUMP = 1000
 #: bad model messages logged one by one; later ones are counted
@@ -408,6 +410,7 @@ class Worker:
             exclusive=True,
             settle_on_return=True,
             bind_exchange=self.topology.control,
+            expires_s=CONTROL_QUEUE_EXPIRES_S,  # a stop sent while we reconnect is not lost
         )
         client.start()
         log.info("worker %s: %d samples from %s; connected to %s, namespace %s; waiting for a model and a task%s",
@@ -488,8 +491,10 @@ class Worker:
         assert isinstance(task, messages.Task)
         run, sync = task.run_id, task.mode == "sync"
         self.serving = run
+
         def check(m: messages.ModelVersion) -> str | None:
-            return runner.spec_problem(m.spec)
+            # a model this worker does not fit is refused below (_joins), not skipped as a bad one
+            return None if runner.misfit(m.spec) is not None else runner.spec_problem(m.spec)
 
         latest = self.models.latest(run)
         if sync and task.version is not None and latest is not None and latest > task.version:
@@ -511,9 +516,9 @@ class Worker:
             if self.stop.is_set():
                 client.reject(delivery, requeue=True)
             else:
-                what = f"model version {task.version}" if sync else "no model"
-                self._give_back(delivery, task.task_id,
-                                f"{what} of run {run_name(run)} did not arrive within {cfg.model_wait_s:.0f} s")
+                what = f"model version {task.version} of run {run_name(run)} did not arrive" if sync \
+                    else f"no model of run {run_name(run)} arrived"
+                self._give_back(delivery, task.task_id, f"{what} within {cfg.model_wait_s:.0f} s")
             return
         if isinstance(model, Unusable):
             self._report_failure(delivery, task, f"the model cannot be used: {model.reason}")

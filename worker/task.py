@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -84,6 +84,18 @@ def same_trainer(a: str, b: str) -> bool:
     return [part.strip() for part in a.split(":")] == [part.strip() for part in b.split(":")]
 
 
+def trainer_names(factory: object) -> set[str]:
+    """The references a trainer factory answers to: its own and, for a class, those of the
+    classes it derives from (a test trainer built on MLPTrainer trains MLPTrainer's models)."""
+    classes = factory.__mro__ if isinstance(factory, type) else (factory,)
+    names = set()
+    for cls in classes:
+        module, name = getattr(cls, "__module__", None), getattr(cls, "__qualname__", None)
+        if cls is not object and isinstance(module, str) and isinstance(name, str):
+            names.add(f"{module}:{name}")
+    return names
+
+
 def trainer_spec(spec: dict) -> dict:
     """``spec`` as a trainer factory gets it: without the trainer reference."""
     return {k: v for k, v in spec.items() if k != SPEC_TRAINER_KEY} if SPEC_TRAINER_KEY in spec else spec
@@ -93,16 +105,19 @@ def _count(value: object) -> int | None:
     return int(value) if isinstance(value, int | np.integer) and not isinstance(value, bool) else None
 
 
-def misfit(spec: dict, X: np.ndarray, y: np.ndarray, trainer_ref: str | None) -> str | None:
+def misfit(spec: dict, X: np.ndarray, y: np.ndarray, trainer_ref: str | None,
+           also: Iterable[str] = ()) -> str | None:
     """Why a worker with shard ``(X, y)`` and trainer ``trainer_ref`` cannot train the model of
     ``spec``; None if nothing says it cannot.
 
-    Checked: the trainer the spec names (``spec["trainer"]``, where given), the feature count
+    Checked: the trainer the spec names (``spec["trainer"]``, where given): ``trainer_ref`` or
+    one of the references in ``also`` (see :func:`trainer_names`); the feature count
     (``input_dim``) and the classes (``num_classes``) of specs that have them, as
     :func:`fedmq.shared.trainer.mlp_spec` writes them. Other specs are the trainer's business.
     """
     named = spec.get(SPEC_TRAINER_KEY)
-    if isinstance(named, str) and trainer_ref is not None and not same_trainer(named, trainer_ref):
+    if isinstance(named, str) and trainer_ref is not None \
+            and not any(same_trainer(named, ref) for ref in (trainer_ref, *also)):
         return f"the model is for trainer {named!r}, this worker runs {trainer_ref!r} (--trainer)"
     features = int(np.prod(X.shape[1:])) if X.ndim >= 2 else 1
     input_dim = _count(spec.get("input_dim"))
@@ -162,6 +177,7 @@ class TaskRunner:
         self.y = y
         self.worker_id = worker_id
         self.trainer_ref = trainer_ref  # the --trainer reference, compared with the spec's
+        self._names = trainer_names(factory)  # and the references it also answers to
         self.clock = clock
         self._trainer: tuple[str, Trainer] | None = None
         self._unbuildable: dict[str, str] = {}  # spec key -> why the factory failed on it
@@ -178,7 +194,7 @@ class TaskRunner:
 
     def misfit(self, spec: dict) -> str | None:
         """Why this shard and trainer cannot take part in a run of ``spec`` (see :func:`misfit`)."""
-        return misfit(spec, self.X, self.y, self.trainer_ref)
+        return misfit(spec, self.X, self.y, self.trainer_ref, self._names)
 
     def trainer(self, spec: dict) -> Trainer:
         """The trainer for ``spec`` (built once per spec; the last one is kept)."""

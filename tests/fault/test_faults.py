@@ -1,11 +1,12 @@
 """Fault injection against a real broker: killed workers, a killed aggregator, a restarted
-broker, hostile messages and a crash-looping trainer. Every test ends with the ledger
+broker, hostile messages and a trainer that always fails. Every test ends with the ledger
 invariant: each update the broker confirmed is in updates.jsonl with a fate, and no task id
 is applied twice. Tests that stop the broker run on a private node of their own.
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import pika
 import pytest
 
 from fedmq.broker.admin import Admin
+from fedmq.broker.client import Client, Delivery
 from fedmq.broker.provision import PrivateNode
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
@@ -28,6 +30,7 @@ from tests.helpers import (
     Procs,
     assert_ledger_invariant,
     confirmed_updates,
+    events_in,
     history_len,
     read_history,
     read_ledger,
@@ -215,9 +218,24 @@ def _publish_raw(url: str, queue: str, body: bytes, message_id: str) -> None:
         conn.close()
 
 
-def _update(params: dict[str, np.ndarray], task_id: str, base_version: int = 0) -> messages.Update:
+def _update(params: dict[str, np.ndarray], task_id: str, base_version: int = 0, run_id: str = "") -> messages.Update:
     return messages.Update(task_id=task_id, worker_id="mallory", base_version=base_version, num_samples=100, params=params,
-                           kind="weights", train_loss=0.1, train_accuracy=0.9, duration_s=0.1)
+                           kind="weights", train_loss=0.1, train_accuracy=0.9, duration_s=0.1, run_id=run_id)
+
+
+def _current_run(amqp_url: str, topology: Topology) -> str:
+    """The run id of the newest model on the namespace's model stream (what any worker reads)."""
+    got: queue.Queue[str] = queue.Queue()
+
+    def on_model(delivery: Delivery) -> None:
+        msg = messages.decode(delivery.body, expect=messages.ModelVersion)
+        assert isinstance(msg, messages.ModelVersion)
+        got.put(msg.run_id)
+
+    client = Client(BrokerSettings.from_url(amqp_url), topology, declare=False)
+    client.subscribe(topology.models, on_model, arguments={"x-stream-offset": "last"}, settle_on_return=True)
+    with client:
+        return got.get(timeout=30)
 
 
 def test_hostile_updates_are_rejected_with_reasons(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
@@ -229,24 +247,25 @@ def test_hostile_updates_are_rejected_with_reasons(amqp_url: str, namespace: str
         worker(procs, shards, i, common, "--slowdown", "20")  # a run long enough to see every hostile message
     wait_for(lambda: any(e["fate"] == "applied" for e in read_ledger(run)), 60, "a first applied update")
     applied = next(e for e in read_ledger(run) if e["fate"] == "applied")
+    run_id = _current_run(amqp_url, Topology(namespace))  # hostile, but knowing the run: checked on content
     good = {"dense_0/W": np.zeros((64, 64), np.float32), "dense_0/b": np.zeros(64, np.float32),
             "dense_1/W": np.zeros((64, 10), np.float32), "dense_1/b": np.zeros(10, np.float32)}
     wrong_shape = {**good, "dense_1/W": np.zeros((64, 9), np.float32)}
     marked = {**good, "dense_0/b": np.full(64, 1.25, np.float32)}
-    nan_body = messages.encode(_update(marked, "evil-nan"))
+    nan_body = messages.encode(_update(marked, "evil-nan", run_id=run_id))
     at = nan_body.index(struct.pack("<f", 1.25) * 64)
     nan_body = nan_body[:at] + struct.pack("<f", float("nan")) + nan_body[at + 4:]
     hostile = {
         "corrupt": b"\x93\xc1\xff garbage",
-        "shape": messages.encode(_update(wrong_shape, "evil-shape")),
+        "shape": messages.encode(_update(wrong_shape, "evil-shape", run_id=run_id)),
         "nan": nan_body,
         "oversize": b"\x00" * 2_000_000,
-        "future": messages.encode(_update(good, "evil-future", base_version=10**6)),
-        "replay": messages.encode(_update(good, applied["task_id"], base_version=applied["base_version"])),
+        "future": messages.encode(_update(good, "evil-future", base_version=10**6, run_id=run_id)),
+        "replay": messages.encode(_update(good, applied["task_id"], base_version=applied["base_version"], run_id=run_id)),
     }
-    queue = Topology(namespace).updates
+    updates_queue = Topology(namespace).updates
     for name, body in hostile.items():
-        _publish_raw(amqp_url, queue, body, f"hostile-{name}")
+        _publish_raw(amqp_url, updates_queue, body, f"hostile-{name}")
     assert procs.wait("agg", 150) == 0, procs.dump()
     hist = read_history(run)
     assert hist["final"]["reached_target"], hist["final"]
@@ -269,32 +288,46 @@ def test_hostile_updates_are_rejected_with_reasons(amqp_url: str, namespace: str
 
 
 # ---------------------------------------------------------------------------------- 6
-def test_crash_looping_trainer_ends_in_the_dead_letter_queue(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
+def _failed_tasks_dead_lettered(amqp_url: str, topology: Topology) -> list:
+    with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
+        return [d for d in admin.dead_letters() if d.queue == topology.tasks_dlq]
+
+
+def test_a_failing_trainer_is_reported_and_its_work_reissued(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
+    """docs/protocol.md, failure reports: the worker reports and acks; the aggregator, not the
+    broker's delivery limit, records the failure and issues the work again."""
     run = tmp_path / "run"
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
     topology = Topology(namespace)
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
-                "--strategy", "fedasync", "--min-workers", "1", "--concurrency", "4", "--max-updates", "40",
-                "--task-timeout", "5", *common)
-    # the failing worker is alone at first: the tasks it returns come back to it until the limit
+                "--strategy", "fedasync", "--min-workers", "4", "--concurrency", "4", "--max-updates", "40",
+                "--task-timeout", "30", *common)
     worker(procs, shards, 1, common, "--trainer", "tests.trainers:FailingTrainer", "--failure-backoff", "0.02")
-
-    def dead_tasks() -> int:
-        with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
-            return next(q.ready or 0 for q in admin.queue_status() if q.name == topology.tasks_dlq)
-
-    wait_for(dead_tasks, 90, "a crash-looping task to be dead-lettered", interval=0.5)
     for i in (0, 2, 3):
         worker(procs, shards, i, common)
     assert procs.wait("agg", 150) == 0, procs.dump()
-    with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
-        dead = admin.dead_letters()
-    tasks_dead = [d for d in dead if d.queue == topology.tasks_dlq]
-    assert tasks_dead and all(d.reason == "delivery_limit" for d in tasks_dead), dead
-    hist = read_history(run)
-    assert hist["final"]["updates_applied"] >= 40
-    assert all(e["worker_id"] != "w1" for e in read_ledger(run) if e["fate"] == "applied")
-    assert_ledger_invariant(run, all_confirmed(procs))
+    ledger = assert_ledger_invariant(run, all_confirmed(procs))
+    failed = [e for e in ledger if e["fate"] == "failed"]
+    assert failed and all(e["worker_id"] == "w1" and "this trainer always fails" in e["reason"] for e in failed), failed
+    assert all(e["worker_id"] != "w1" for e in ledger if e["fate"] == "applied")
+    assert read_history(run)["final"]["updates_applied"] >= 40
+    reports = events_in(procs.log("w1"), "task_failed")
+    assert reports and len(failed) <= len(reports)
+    assert not _failed_tasks_dead_lettered(amqp_url, topology)  # acked after the report, never returned
+
+
+def test_a_run_where_every_task_fails_stops_with_the_reason(amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    topology = Topology(namespace)
+    procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
+                "--strategy", "fedasync", "--min-workers", "1", "--concurrency", "2", "--max-updates", "40",
+                "--task-timeout", "30", *common)
+    worker(procs, shards, 1, common, "--trainer", "tests.trainers:FailingTrainer", "--failure-backoff", "0.02")
+    assert procs.wait("agg", 120) == 1, procs.dump()
+    assert "this trainer always fails" in procs.log("agg")
+    assert [e["fate"] for e in read_ledger(run)] and all(e["fate"] == "failed" for e in read_ledger(run))
+    assert not _failed_tasks_dead_lettered(amqp_url, topology)
 
 
 # ---------------------------------------------------------------------------------- SIGTERM

@@ -182,6 +182,20 @@ def test_a_shard_or_trainer_that_does_not_fit_is_a_misfit(spec: dict, words: str
     assert reason is not None and words in reason, reason
 
 
+def test_a_trainer_derived_from_the_models_trainer_fits() -> None:
+    """A straggler or failing test trainer built on MLPTrainer trains MLPTrainer's models."""
+
+    class Slow(MLPTrainer):
+        pass
+
+    X, y = shard()
+    spec = {**SPEC, "trainer": "fedmq.shared.trainer:MLPTrainer"}
+    assert TaskRunner(Slow, X, y, "w0", trainer_ref="my.module:Slow").misfit(spec) is None
+    reason = TaskRunner(MLPTrainer, X, y, "w0", trainer_ref="fedmq.shared.trainer:MLPTrainer").misfit(
+        {**SPEC, "trainer": "my.module:Slow"})
+    assert reason is not None and "'my.module:Slow'" in reason  # not the other way round
+
+
 def test_the_spec_names_the_trainer_without_it_being_part_of_the_architecture() -> None:
     X, y = shard()
     spec = {**SPEC, "trainer": " fedmq.shared.trainer : MLPTrainer "}

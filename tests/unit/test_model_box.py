@@ -1,0 +1,111 @@
+"""The worker's ModelBox without a broker: versions per run, and nothing on the stream raises."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedmq.broker.client import Delivery
+from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER
+from fedmq.shared import messages
+from fedmq.worker.service import ModelBox, Unusable
+
+SPEC = {"input_dim": 4, "num_classes": 2}
+NEVER = threading.Event()
+
+
+def body(version: int, run: str, spec: dict[str, Any] = SPEC) -> bytes:
+    params = {"w": np.full((4, 2), version, np.float32)}
+    return messages.encode(messages.ModelVersion(version=version, params=params, spec=spec, run_id=run))
+
+
+def delivery(data: bytes, headers: dict[str, Any] | None = None) -> Delivery:
+    return Delivery(queue="ns.models", body=data, delivery_tag=1, redelivered=False, generation=1, message_id=None,
+                    headers=headers or {})
+
+
+def offer(box: ModelBox, version: int, run: str, *, headers: bool = True, **kw: Any) -> None:
+    box.offer(delivery(body(version, run, **kw), {VERSION_HEADER: version, RUN_HEADER: run} if headers else None))
+
+
+def get(box: ModelBox, run: str, version: int | None = None, **kw: Any) -> Any:
+    return box.get(run, version, 0.0, NEVER, **kw)
+
+
+def test_versions_are_kept_per_run_and_a_task_gets_its_runs() -> None:
+    box = ModelBox()
+    for v in range(6):
+        offer(box, v, "A")
+    offer(box, 0, "B", headers=False)  # without headers: decoded to learn its run and version
+    assert box.latest("A") == 5 and box.latest("B") == 0 and box.last_run == "B"
+    m = get(box, "B")
+    assert isinstance(m, messages.ModelVersion) and (m.run_id, m.version) == ("B", 0)
+    assert get(box, "A").version == 5 and get(box, "A", 4).version == 4
+    assert get(box, "C") is None  # no model of that run (yet)
+
+
+def test_only_the_last_few_runs_are_kept() -> None:
+    box = ModelBox(runs=2)
+    for run in ("A", "B", "C"):
+        offer(box, 0, run)
+    assert box.latest("A") is None and list(box.known()) == ["B", "C"]
+
+
+def test_bad_model_messages_are_skipped_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    box = ModelBox()
+    offer(box, 0, "A")
+    box.offer(delivery(b"\x00garbage"))
+    box.offer(delivery(b"\x00garbage", {VERSION_HEADER: 1, RUN_HEADER: "A"}))  # believable headers, junk body
+    box.offer(delivery(body(2, "Z"), {VERSION_HEADER: 2, RUN_HEADER: "A"}))  # headers that lie
+    offer(box, 10**6, "A")  # absurdly far ahead of run A
+    assert box.latest("A") == 2 and box.skipped == 2
+    with caplog.at_level(logging.WARNING, "fedmq.worker"):
+        m = get(box, "A")
+    assert isinstance(m, messages.ModelVersion) and m.version == 0  # 2 and 1 found bad, dropped
+    assert box.skipped == 4 and box.latest("A") == 0
+    assert any("does not decode" in r.getMessage() for r in caplog.records)
+    assert any("body version 2 of run Z" in r.getMessage() for r in caplog.records)
+
+
+def test_a_version_asked_for_that_is_bad_is_unusable_with_the_reason() -> None:
+    box = ModelBox()
+    offer(box, 3, "A", spec={**SPEC, "kind": "nonsense"})
+    out = get(box, "A", 3, check=lambda m: "cannot build" if "kind" in m.spec else None)
+    assert isinstance(out, Unusable) and "version 3 of run A: cannot build" in out.reason
+    assert box.latest("A") is None
+
+
+def test_a_newer_version_of_the_run_or_a_new_run_wakes_a_waiting_sync_worker() -> None:
+    box = ModelBox()
+    offer(box, 3, "A")
+    woken: list[str] = []
+    box.when_newer_than("A", 3, lambda: woken.append("x"))
+    offer(box, 3, "A")  # the same version again: no
+    assert not woken
+    offer(box, 0, "B")  # the next run
+    assert woken == ["x"]
+    box.when_newer_than("A", 3, lambda: woken.append("y"))  # at once: a newer run was read since
+    assert woken == ["x", "y"]
+
+
+def test_a_waiting_get_returns_when_the_model_arrives() -> None:
+    box = ModelBox()
+    waits: list[int] = []
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(box.get("A", 0, 30.0, NEVER, on_wait=lambda: waits.append(1))))
+    t.start()
+    offer(box, 0, "A")
+    t.join(30)
+    assert isinstance(got[0], messages.ModelVersion) and got[0].version == 0
+    assert len(waits) <= 1
+
+
+def test_a_stopped_run_is_forgotten() -> None:
+    box = ModelBox()
+    offer(box, 0, "A")
+    box.forget("A")
+    assert box.latest("A") is None and get(box, "A") is None
