@@ -22,6 +22,9 @@ class AggregatorConfig:
     time_limit: float | None = None
     workers_per_round: int | None = None  # default: every live worker
     min_workers: int = 1
+    join_grace: float = field(default=5.0, metadata={"help": (
+        "Seconds to wait for more workers once --min-workers are live, before the first round "
+        "(sync) or task (async); each new worker restarts the wait, up to 3x this in all.")})
     round_timeout: float = 60.0
     concurrency: int | None = None  # async tasks outstanding; default: live workers
     buffer_size: int = 3
@@ -44,6 +47,9 @@ class AggregatorConfig:
     checkpoint_every: int = 10
     checkpoint_interval: float = 5.0
     task_timeout: float = 300.0
+    task_retries: int = field(default=2, metadata={"help": (
+        "Sync: replacement tasks a task of a round gets when workers report it failed; a round "
+        "that can then no longer get --min-workers updates stops the run (exit 1).")})
     drain_timeout: float = 10.0
     max_update_bytes: int | None = None
     presence_timeout: float = 20.0
@@ -81,6 +87,10 @@ class AggregatorConfig:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.max_staleness is not None and self.max_staleness < 0:
             raise ConfigError(f"--max-staleness must be >= 0, got {self.max_staleness}")
+        if self.join_grace < 0:
+            raise ConfigError(f"--join-grace must be >= 0, got {self.join_grace}")
+        if self.task_retries < 0:
+            raise ConfigError(f"--task-retries must be >= 0, got {self.task_retries}")
         if self.proximal_mu < 0:
             raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
         if not self.hidden or any(h <= 0 for h in self.hidden):

@@ -9,18 +9,30 @@ are opaque tokens it hands back in :class:`Settle`.
 
 What it decides:
 
-* the fate of each update message, exactly once: ``rejected`` (undecodable or does not fit
-  the model), ``late`` (the run is stopping), ``duplicate`` (its task was applied already, or
-  its worker already contributed to the round), ``stale`` (for another round, or older than
-  ``--max-staleness``) or ``applied``;
+* the fate of each message on the updates queue, exactly once: ``stale`` (from another run, for
+  another round, or older than ``--max-staleness``), ``rejected`` (undecodable, does not fit the
+  model, or answers no task this run issued), ``late`` (the run is stopping), ``duplicate``
+  (its task was applied or answered already, or its worker already contributed to the round),
+  ``failed`` (a worker's failure report, ``Control(kind="failed")``: the work is issued again)
+  or ``applied``;
+* which work counts: an update or failure report must answer a task this run issued (async: the
+  ids handed out, the last :data:`ISSUED_MEMORY` besides the outstanding ones, kept through a
+  checkpoint; sync: the tasks of the current round, or a worker's contribution to it), once;
 * when a version or a round closes, which tasks go out and when (delegated to a
   :class:`Policy`: :class:`~fedmq.aggregator.policy.SyncRounds` or
-  :class:`~fedmq.aggregator.policy.AsyncUpdates`);
+  :class:`~fedmq.aggregator.policy.AsyncUpdates`), and when no update can succeed any more
+  (:attr:`Coordinator.failure`: the run stops and the shell raises :class:`RunFailed`);
 * which workers are live: those whose last hello or heartbeat *arrived* (by ``now``) less
-  than ``--presence-timeout`` seconds ago; a worker's own clock plays no part;
-* when the run stops (rounds, max updates, target accuracy, time limit, a stop request), the
-  drain that follows, and what a checkpoint holds (:meth:`Coordinator.to_meta`,
-  :meth:`Coordinator.from_meta`).
+  than ``--presence-timeout`` seconds ago; a worker's own clock plays no part; a worker that
+  refused the run is not live; before the first round or task, once ``--min-workers`` are live,
+  a grace of ``--join-grace`` seconds (restarted by each new worker, :data:`JOIN_GRACE_MAX`
+  times it at most) lets the others join;
+* when the run stops (rounds, max updates, target accuracy, time limit (which also bounds the
+  wait for the first workers), failure, a stop request), the drain that follows, and what a
+  checkpoint holds (:meth:`Coordinator.to_meta`, :meth:`Coordinator.from_meta`), the run id
+  included: ``--resume`` continues the same run.
+
+Waits are reported: the wait for workers and an open round every :data:`REPORT_EVERY_S` seconds.
 
 A round or version that closes yields :class:`Evaluate`; the shell answers it with
 :meth:`Coordinator.evaluated` before anything else, and the run only moves on (next round, stop
@@ -30,7 +42,8 @@ rules) once it has.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -40,7 +53,7 @@ from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
 from fedmq.aggregator.validate import check_update
 from fedmq.shared import messages
-from fedmq.shared.errors import ValidationError
+from fedmq.shared.errors import FedmqError, ValidationError
 from fedmq.shared.events import FATES
 
 Token: TypeAlias = Any  # a delivery handle, opaque to the core
@@ -49,6 +62,22 @@ Token: TypeAlias = Any  # a delivery handle, opaque to the core
 DRAIN_GRACE_S = 1.0
 #: while workers are still live in a stopping run, the stop broadcast is repeated this often
 STOP_REPEAT_S = 2.0
+#: a wait (for workers, for a round's updates) is reported this often
+REPORT_EVERY_S = 30.0
+#: the join grace restarts with each new worker, but lasts at most this many --join-grace in all
+JOIN_GRACE_MAX = 3.0
+#: asynchronous task ids remembered besides the outstanding ones (answers to older ones are rejected)
+ISSUED_MEMORY = 4096
+#: resumed incarnations of a run whose unrecorded task ids are still recognised
+MAX_PREDECESSORS = 8
+#: identical failures in a row from one worker before "keeps failing" is said (once)
+KEEPS_FAILING_AFTER = 3
+#: asynchronous runs fail after this many times --concurrency failures in a row, nothing applied
+ASYNC_FAILURE_FACTOR = 3
+
+
+class RunFailed(FedmqError):
+    """The run cannot succeed (every task fails, no worker came within --time-limit); exit 1."""
 
 
 # ====================================================================== inputs
@@ -67,6 +96,17 @@ class Candidate:
     update: messages.Update
     entry: dict[str, Any]  # its ledger line so far
     staleness: int
+
+
+@dataclass
+class FailureReport:
+    """A worker's report that it could not train task ``task_id`` (from this run, not late)."""
+
+    token: Token
+    task_id: str
+    worker_id: str
+    reason: str
+    entry: dict[str, Any]  # its ledger line so far
 
 
 # ====================================================================== decisions
@@ -143,6 +183,69 @@ class WorkerLeft:
 
 
 @dataclass(frozen=True)
+class WorkerRefused:
+    """A worker refused the run (its shard or trainer does not fit the model); it is not live."""
+
+    worker_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerKeepsFailing:
+    """A worker reported the same failure ``times`` times in a row (said once per reason)."""
+
+    worker_id: str
+    reason: str
+    times: int
+
+
+@dataclass(frozen=True)
+class JoinGrace:
+    """``have`` workers are live, enough to start; the run waits up to ``grace_s`` for more."""
+
+    have: int
+    grace_s: float
+
+
+@dataclass(frozen=True)
+class RoundWaiting:
+    """A synchronous round is still open after ``waited_s`` seconds (said every REPORT_EVERY_S)."""
+
+    round: int
+    have: int
+    wanted: int
+    waited_s: float
+    failed: tuple[str, ...] = ()  # "worker: reason" of the round's failed tasks
+
+
+@dataclass(frozen=True)
+class RoundShort:
+    """A round runs on ``tasks`` workers though ``seen`` were live in this run (``missing`` are not)."""
+
+    round: int
+    tasks: int
+    seen: int
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskRetried:
+    """Task ``failed_task`` was reported failed; ``task_id`` replaces it (retry ``attempt`` of ``retries``)."""
+
+    failed_task: str
+    task_id: str
+    attempt: int
+    retries: int
+
+
+@dataclass(frozen=True)
+class Failing:
+    """No update can succeed: the run stops, and ends with :class:`RunFailed` (``reason``)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class TaskExpired:
     """An asynchronous task went unanswered for ``after_s`` seconds; a replacement goes out."""
 
@@ -173,11 +276,17 @@ class VersionEvaluated:
 
 Decision: TypeAlias = (
     Settle | IssueTask | PublishModel | Evaluate | Checkpoint | BroadcastStop | PurgeTasks
-    | WaitingForWorkers | WorkerJoined | WorkerLeft | TaskExpired | RoundOpened | RoundClosed | VersionEvaluated
+    | WaitingForWorkers | WorkerJoined | WorkerLeft | WorkerRefused | WorkerKeepsFailing | JoinGrace
+    | TaskExpired | TaskRetried | RoundOpened | RoundClosed | RoundWaiting | RoundShort | VersionEvaluated | Failing
 )
 
 
 # ====================================================================== state
+def new_worker_stats() -> dict[str, Any]:
+    """A worker's figures in the run (history.json's ``workers`` is made from them)."""
+    return {"updates_applied": 0, "staleness_sum": 0.0, "failures": 0, "last_train_loss": None, "last_seen_s": None}
+
+
 @dataclass
 class RunState:
     """Everything a checkpoint holds about the run (besides the model and strategy arrays)."""
@@ -193,6 +302,13 @@ class RunState:
     ledger_offset: int = 0
     reached_target: bool = False
     staleness_since_version: list[int] = field(default_factory=list)
+    run_id: str = ""
+    # async task ids issued, oldest first -> "open" or "failed" (the last ISSUED_MEMORY + outstanding)
+    issued: dict[str, str] = field(default_factory=dict)
+    # (incarnation, task_seq) of the checkpoints this run was resumed from: that incarnation may
+    # have issued tasks after its last checkpoint, with higher sequence numbers
+    predecessors: list[tuple[str, int]] = field(default_factory=list)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker id -> new_worker_stats()
 
     def to_meta(self, now: float) -> dict[str, Any]:
         """JSON-like; outstanding tasks are stored by age, so no clock value leaves the process."""
@@ -204,6 +320,9 @@ class RunState:
             "task_seq": self.task_seq, "ledger_offset": self.ledger_offset,
             "reached_target": self.reached_target,
             "staleness_since_version": list(self.staleness_since_version),
+            "run_id": self.run_id, "issued": dict(self.issued),
+            "predecessors": [list(p) for p in self.predecessors],
+            "workers": {w: dict(v) for w, v in self.workers.items()},
         }
 
     @classmethod
@@ -220,6 +339,14 @@ class RunState:
         st.task_seq, st.ledger_offset = int(meta["task_seq"]), int(meta["ledger_offset"])
         st.reached_target = bool(meta["reached_target"])
         st.staleness_since_version = list(meta.get("staleness_since_version", []))
+        st.run_id = str(meta.get("run_id", ""))
+        # an older checkpoint did not record issued ids: its outstanding ones at least were
+        st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
+        st.workers = {str(w): {**new_worker_stats(), **v} for w, v in meta.get("workers", {}).items()}
+        predecessors = [(str(i), int(n)) for i, n in meta.get("predecessors", [])]
+        if "incarnation" in meta:  # the incarnation that wrote this checkpoint
+            predecessors.append((str(meta["incarnation"]), st.task_seq))
+        st.predecessors = predecessors[-MAX_PREDECESSORS:]
         return st
 
 
@@ -253,8 +380,16 @@ class Policy(Protocol):
         """After every input while running: open or close rounds, expire and issue tasks."""
         ...
 
+    def unissued(self, run: Coordinator, update: messages.Update) -> str | None:
+        """Why ``update`` answers no task this run issued (it is rejected); None if it answers one."""
+        ...
+
     def accept(self, run: Coordinator, candidate: Candidate, now: float) -> list[Decision]:
-        """Apply, hold or settle an update that is valid, not a duplicate task and not late."""
+        """Apply, hold or settle an update that is valid, issued, not a duplicate task and not late."""
+        ...
+
+    def failed(self, run: Coordinator, report: FailureReport, now: float) -> list[Decision]:
+        """Settle a failure report of this run (not late, its task not applied); issue the work again."""
         ...
 
     def holds(self, task_id: str) -> bool:
@@ -287,23 +422,37 @@ class Coordinator:
         *,
         state: RunState | None = None,
         incarnation: str = "0",
+        run_id: str = "",
     ) -> None:
         self.config = config
         self.strategy = strategy
         self.policy = policy
         self.params = params
         self.state = state if state is not None else RunState()
+        if not self.state.run_id:
+            self.state.run_id = run_id  # a resumed run keeps its own
         self.incarnation = incarnation  # makes async task ids unique across restarts
         self.phase = Phase.RUNNING
         self.interrupted = False
+        self.failure: str | None = None  # why no update can succeed: the run stops, and fails
         self.live: dict[str, float] = {}  # worker id -> when its last hello/heartbeat arrived
+        self.seen: set[str] = set()  # workers live at some point of this run (in this process)
+        self.refused: set[str] = set()  # workers that refused the run (until they say hello again)
+        self._started_at: float | None = None  # when start() was called: --time-limit counts from it
         self._clock_start: float | None = None
         self._awaiting: int | None = None  # the version whose evaluation is outstanding
-        self._announced = False
+        self._announced = False  # waiting for workers, and said so
+        self._report_at = 0.0  # when to say it again
+        self._released = False  # the first round or task went out (the join grace is over)
+        self._quorum_since: float | None = None  # --min-workers live since, before the release
+        self._grace_until = 0.0
+        self._grace_said = False
         self._stop_requested = False
         self._drain_until = 0.0
         self._last_left = False
         self._stop_sent = 0.0
+        self._failing: dict[str, tuple[str, int]] = {}  # worker -> (its last failure, how often in a row)
+        self._said_failing: set[tuple[str, str]] = set()
 
     @classmethod
     def from_meta(
@@ -316,46 +465,71 @@ class Coordinator:
         params: Params,
         now: float,
         incarnation: str = "0",
+        run_id: str = "",
     ) -> Coordinator:
-        """A coordinator resumed from :meth:`to_meta` (``strategy`` restored by the caller)."""
-        return cls(config, strategy, policy, params, state=RunState.from_meta(meta, now), incarnation=incarnation)
+        """A coordinator resumed from :meth:`to_meta` (``strategy`` restored by the caller); it keeps
+        the checkpoint's run id (``run_id`` only for a checkpoint that has none)."""
+        return cls(config, strategy, policy, params, state=RunState.from_meta(meta, now), incarnation=incarnation,
+                   run_id=run_id)
 
     def to_meta(self, now: float, *, ledger_offset: int | None = None) -> dict[str, Any]:
         """The run state for a checkpoint taken at ``now`` (with the ledger's committed length)."""
         meta = self.state.to_meta(now)
         meta["elapsed_s"] = self.elapsed(now)
+        meta["incarnation"] = self.incarnation
         if ledger_offset is not None:
             meta["ledger_offset"] = ledger_offset
         return meta
 
+    @property
+    def run_id(self) -> str:
+        return self.state.run_id
+
     # ------------------------------------------------------------------ inputs
     def start(self, now: float) -> list[Decision]:
         """The run begins (fresh or resumed)."""
+        if self._started_at is None:
+            self._started_at = now
         return self.policy.start(self, now) + self._advance(now)
 
     def presence(self, msg: messages.Control, now: float) -> list[Decision]:
-        """A presence message arrived at ``now``. Its ``sent_s`` (the worker's clock) is ignored."""
+        """A presence message arrived at ``now``. Its ``sent_s`` (the worker's clock) is ignored.
+
+        A ``refused`` of this run takes the worker out of the live ones; its heartbeats are
+        ignored until it says hello again (restarted, e.g. with the right trainer).
+        """
         out: list[Decision] = []
         wid = msg.worker_id
-        if wid and msg.kind == "bye":
+        if wid and msg.kind == "refused":
+            if not msg.run_id or msg.run_id == self.run_id:  # another run's refusal is history
+                self.live.pop(wid, None)
+                self.seen.discard(wid)
+                self.refused.add(wid)
+                out.append(WorkerRefused(wid, one_line(str(msg.info.get("reason") or "no reason given"))))
+        elif wid and msg.kind == "bye":
             if self.live.pop(wid, None) is not None:
                 out.append(WorkerLeft(wid, "bye"))
-        elif wid and msg.kind in ("hello", "heartbeat"):
+        elif wid and msg.kind in ("hello", "heartbeat") and not (msg.kind == "heartbeat" and wid in self.refused):
+            self.refused.discard(wid)
             if wid not in self.live:
                 out.append(WorkerJoined(wid))
+                self._extend_grace(now)
             self.live[wid] = now
+            self.seen.add(wid)
+            self._worker(wid)["last_seen_s"] = round(self.elapsed(now), 3)
         return out + self._advance(now)
 
     def receive(
         self,
         token: Token,
-        update: messages.Update | Undecodable,
+        update: messages.Update | messages.Control | Undecodable,
         now: float,
         *,
         message_id: str | None,
         redelivered: bool = False,
     ) -> list[Decision]:
-        """An update message: decide its fate (or hold it for the round).
+        """A message from the updates queue (an update, or a worker's failure report): decide its
+        fate (or hold it for the round).
 
         After an interrupt nothing is settled: the message stays unacked, for the broker to
         deliver again to the resumed aggregator. After a finished run it is late.
@@ -367,24 +541,13 @@ class Coordinator:
             "message_id": message_id, "time_s": round(self.elapsed(now), 3),
             "version": st.version, "redelivered": redelivered,
         }
-        if isinstance(update, Undecodable):
-            return [self.settle(token, entry, "rejected", update.reason)] + self._advance(now)
-        try:
-            check_update(update, self._shapes(), expected_kind=self.strategy.update_kind, current_version=st.version)
-        except ValidationError as exc:
-            return [self.settle(token, entry, "rejected", str(exc))] + self._advance(now)
-        entry.update(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
-                     num_samples=update.num_samples)
-        st.outstanding.pop(update.task_id, None)
-        tau = st.version - update.base_version
-        entry["staleness"] = tau
         out: list[Decision]
-        if self.phase is not Phase.RUNNING or self._stop_due(now):
-            out = [self.settle(token, entry, "late", "arrived after the run stopped")]
-        elif update.task_id in st.applied_tasks or self.policy.holds(update.task_id):
-            out = [self.settle(token, entry, "duplicate", f"task {update.task_id} was already applied")]
+        if isinstance(update, Undecodable):
+            out = [self.settle(token, entry, "rejected", update.reason)]
+        elif isinstance(update, messages.Control):
+            out = self._report(token, update, entry, now)
         else:
-            out = self.policy.accept(self, Candidate(token, update, entry, tau), now)
+            out = self._update(token, update, entry, now)
         return out + self._advance(now)
 
     def evaluated(self, version: int, loss: float, accuracy: float, now: float) -> list[Decision]:
@@ -434,6 +597,13 @@ class Coordinator:
             return self.state.elapsed_s
         return self.state.elapsed_s + (now - self._clock_start)
 
+    def limit_elapsed(self, now: float) -> float:
+        """What ``--time-limit`` bounds: the run time, and in this process also the wait for the
+        first workers (the run time starts with the first work)."""
+        if self._started_at is None:
+            return self.elapsed(now)
+        return self.state.elapsed_s + (now - self._started_at)
+
     def live_workers(self) -> int:
         return len(self.live)
 
@@ -442,8 +612,13 @@ class Coordinator:
         cfg = self.config
         times = [seen + cfg.presence_timeout for seen in self.live.values()]
         times += self.policy.deadlines(self, now)
-        if cfg.time_limit is not None and self._clock_start is not None:
-            times.append(self._clock_start + cfg.time_limit - self.state.elapsed_s)
+        if self.phase is Phase.RUNNING:
+            if cfg.time_limit is not None and self._started_at is not None:
+                times.append(self._started_at + cfg.time_limit - self.state.elapsed_s)
+            if self._announced:
+                times.append(self._report_at)
+            if not self._released and self._quorum_since is not None:
+                times.append(self._grace_until)
         if self.phase is Phase.FINISHING:
             times.append(self._drain_until)
             if self.live:
@@ -463,13 +638,41 @@ class Coordinator:
             "rounds": self.policy.round_of(st),
         }
 
+    def workers_report(self) -> dict[str, dict[str, Any]]:
+        """Per worker id: updates applied, their mean staleness, failures reported, the train loss
+        of its last applied update, and when it was last seen (run time, seconds)."""
+        out: dict[str, dict[str, Any]] = {}
+        for wid in sorted(self.state.workers):
+            w = self.state.workers[wid]
+            n = int(w["updates_applied"])
+            out[wid] = {
+                "updates_applied": n,
+                "mean_staleness": round(float(w["staleness_sum"]) / n, 4) if n else None,
+                "failures": int(w["failures"]),
+                "last_train_loss": w["last_train_loss"],
+                "last_seen_s": w["last_seen_s"],
+            }
+        return out
+
     # ------------------------------------------------------------------ helpers for policies
     def settle(self, token: Token, entry: dict[str, Any], fate: str, reason: str | None = None) -> Settle:
-        """Give an update its fate: counted, and recorded in ``entry``."""
+        """Give an update its fate: counted, and recorded in ``entry`` (and the worker's figures)."""
         entry["fate"] = fate
         if reason:
             entry["reason"] = reason
         self.state.counts[fate] += 1
+        wid = entry.get("worker_id")
+        if wid and fate != "rejected":  # a rejected message may name anyone
+            w = self._worker(str(wid))
+            w["last_seen_s"] = max(float(w["last_seen_s"] or 0.0), float(entry["time_s"]))
+            if fate == "applied":
+                w["updates_applied"] += 1
+                w["staleness_sum"] += float(entry.get("staleness") or 0)
+                if entry.get("train_loss") is not None:
+                    w["last_train_loss"] = entry["train_loss"]
+                self._failing.pop(str(wid), None)
+            elif fate == "failed":
+                w["failures"] += 1
         return Settle(token, fate, reason, dict(entry))
 
     def task(self, task_id: str, *, version: int | None, round_: int | None, seed: int) -> IssueTask:
@@ -477,7 +680,38 @@ class Coordinator:
         return IssueTask(messages.Task(
             task_id=task_id, version=version, mode=cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.strategy.update_kind,
+            run_id=self.run_id,
         ))
+
+    def remember_issued(self, task_id: str) -> None:
+        """An asynchronous task went out: remember its id (the last ISSUED_MEMORY, and every outstanding one)."""
+        st = self.state
+        st.issued[task_id] = "open"
+        excess = len(st.issued) - ISSUED_MEMORY - len(st.outstanding)
+        if excess > 0:
+            old = [t for t in itertools.islice(st.issued, excess + len(st.outstanding)) if t not in st.outstanding]
+            for t in old[:excess]:
+                del st.issued[t]
+
+    def task_failed(self, report: FailureReport) -> list[Decision]:
+        """Settle a genuine failure report as ``failed`` (with the worker's reason); say once when
+        a worker keeps failing the same way."""
+        out: list[Decision] = [self.settle(report.token, report.entry, "failed", report.reason)]
+        wid, reason = report.worker_id, report.reason
+        last, times = self._failing.get(wid, ("", 0))
+        times = times + 1 if last == reason else 1
+        self._failing[wid] = (reason, times)
+        if times >= KEEPS_FAILING_AFTER and (wid, reason) not in self._said_failing:
+            self._said_failing.add((wid, reason))
+            out.append(WorkerKeepsFailing(wid, reason, times))
+        return out
+
+    def fail(self, reason: str) -> list[Decision]:
+        """No update can succeed: the run stops (and the shell raises :class:`RunFailed`)."""
+        if self.failure is not None:
+            return []
+        self.failure = reason
+        return [Failing(reason)]
 
     def model(self, round_: int | None = None) -> PublishModel:
         """Publish the current model."""
@@ -490,19 +724,45 @@ class Coordinator:
         self._awaiting = self.state.version
         return Evaluate(self.state.version, params)
 
-    def workers_ready(self) -> bool:
-        """At least --min-workers are live (and the next wait will be announced again)."""
-        if self.live_workers() >= self.config.min_workers:
-            self._announced = False
-            return True
-        return False
+    def workers_ready(self, now: float) -> bool:
+        """At least --min-workers are live (and the next wait will be announced again), and,
+        before the first round or task, the join grace is over.
 
-    def wait_for_workers(self) -> list[Decision]:
-        """Too few workers: say so once per wait."""
-        if self._announced:
+        The grace (``--join-grace``) starts when --min-workers are live, restarts with every
+        new worker, and lasts JOIN_GRACE_MAX times --join-grace at most; it is skipped when as
+        many workers are live as the run can use (--workers-per-round, --concurrency).
+        """
+        cfg = self.config
+        live = self.live_workers()
+        if live < cfg.min_workers:
+            if not self._released:
+                self._quorum_since, self._grace_said = None, False
+            return False
+        if not self._released:
+            usable = cfg.workers_per_round if cfg.synchronous else cfg.concurrency
+            if cfg.join_grace > 0 and not (usable is not None and live >= usable):
+                if self._quorum_since is None:
+                    self._quorum_since, self._grace_until = now, now + cfg.join_grace
+                if now < self._grace_until:
+                    return False
+            self._released = True
+        self._announced = False
+        return True
+
+    def wait_for_workers(self, now: float) -> list[Decision]:
+        """Too few workers (said when the wait starts, then every REPORT_EVERY_S), or the join grace
+        (said once)."""
+        live = self.live_workers()
+        if live >= self.config.min_workers:
+            if self._grace_said:
+                return []
+            self._grace_said = True
+            return [JoinGrace(live, round(self._grace_until - now, 3))]
+        if self._announced and now < self._report_at:
             return []
         self._announced = True
-        return [WaitingForWorkers(self.live_workers(), self.config.min_workers)]
+        self._report_at = now + REPORT_EVERY_S
+        return [WaitingForWorkers(live, self.config.min_workers)]
 
     def start_clock(self, now: float) -> None:
         """Run time counts from the first moment there is work (not while waiting at first)."""
@@ -510,21 +770,88 @@ class Coordinator:
             self._clock_start = now
 
     # ------------------------------------------------------------------ internals
+    def _worker(self, wid: str) -> dict[str, Any]:
+        return self.state.workers.setdefault(wid, new_worker_stats())
+
+    def _extend_grace(self, now: float) -> None:
+        """A new worker during the join grace: the grace starts again (up to its maximum)."""
+        if not self._released and self._quorum_since is not None:
+            cap = self._quorum_since + JOIN_GRACE_MAX * self.config.join_grace
+            self._grace_until = max(self._grace_until, min(now + self.config.join_grace, cap))
+
+    def _other_run(self, run_id: str) -> str | None:
+        if run_id == self.run_id:
+            return None
+        return f"from run {run_id or '(none)'}; this run is {self.run_id}"
+
+    def _update(self, token: Token, update: messages.Update, entry: dict[str, Any], now: float) -> list[Decision]:
+        st = self.state
+        entry.update(task_id=update.task_id, worker_id=update.worker_id, base_version=update.base_version,
+                     num_samples=update.num_samples)
+        other = self._other_run(update.run_id)
+        if other is not None:
+            return [self.settle(token, entry, "stale", other)]
+        try:
+            check_update(update, self._shapes(), expected_kind=self.strategy.update_kind, current_version=st.version)
+        except ValidationError as exc:
+            return [self.settle(token, entry, "rejected", str(exc))]
+        entry.update(train_loss=update.train_loss, train_accuracy=update.train_accuracy,
+                     duration_s=round(update.duration_s, 4))
+        tau = st.version - update.base_version
+        entry["staleness"] = tau
+        if self.phase is not Phase.RUNNING or self._stop_due(now):
+            return [self.settle(token, entry, "late", "arrived after the run stopped")]
+        if update.task_id in st.applied_tasks or self.policy.holds(update.task_id):
+            return [self.settle(token, entry, "duplicate", f"task {update.task_id} was already applied")]
+        why = self.policy.unissued(self, update)
+        if why is not None:
+            return [self.settle(token, entry, "rejected", why)]
+        st.outstanding.pop(update.task_id, None)
+        return self.policy.accept(self, Candidate(token, update, entry, tau), now)
+
+    def _report(self, token: Token, msg: messages.Control, entry: dict[str, Any], now: float) -> list[Decision]:
+        """A control message on the updates queue: a worker's failure report, or out of place."""
+        if msg.kind != "failed":
+            return [self.settle(token, entry, "rejected", f"a {msg.kind!r} control message on the updates queue")]
+        task_id, reason = msg.info.get("task_id"), msg.info.get("reason")
+        if not msg.worker_id or not isinstance(task_id, str) or not task_id or not isinstance(reason, str):
+            return [self.settle(token, entry, "rejected",
+                                "a failure report needs a worker_id, info.task_id and info.reason")]
+        entry.update(task_id=task_id, worker_id=msg.worker_id, report="failed")
+        other = self._other_run(msg.run_id)
+        if other is not None:
+            return [self.settle(token, entry, "stale", other)]
+        if self.phase is not Phase.RUNNING or self._stop_due(now):
+            return [self.settle(token, entry, "late", "arrived after the run stopped")]
+        if task_id in self.state.applied_tasks:
+            return [self.settle(token, entry, "duplicate", f"task {task_id} was already applied")]
+        report = FailureReport(token, task_id, msg.worker_id, one_line(reason) or "no reason given", entry)
+        return self.policy.failed(self, report, now)
+
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.params.items()}
 
-    def _stop_due(self, now: float) -> bool:
+    def _stop_reason(self, now: float) -> str | None:
         st, cfg = self.state, self.config
-        if self._stop_requested or st.reached_target:
-            return True
+        if self.failure is not None:
+            return "failed"
+        if self._stop_requested:
+            return "stop requested"
+        if st.reached_target:
+            return "target accuracy"
         rounds = cfg.effective_rounds
         round_ = self.policy.round_of(st)
         if rounds is not None and (st.version if round_ is None else round_) >= rounds:
-            return True
+            return "rounds"
         max_updates = cfg.effective_max_updates
         if max_updates is not None and st.counts["applied"] >= max_updates:
-            return True
-        return cfg.time_limit is not None and self.elapsed(now) >= cfg.time_limit
+            return "max updates"
+        if cfg.time_limit is not None and self.limit_elapsed(now) >= cfg.time_limit:
+            return "time limit"
+        return None
+
+    def _stop_due(self, now: float) -> bool:
+        return self._stop_reason(now) is not None
 
     def _advance(self, now: float) -> list[Decision]:
         """What time and the last input make due: the one place the run moves on."""
@@ -533,8 +860,9 @@ class Coordinator:
             return out
         if self.phase is Phase.FINISHING:
             return out + self._drain(now)
-        if self._stop_due(now):
-            return out + self._finish(now)
+        reason = self._stop_reason(now)
+        if reason is not None:
+            return out + self._finish(now, reason)
         return out + self.policy.advance(self, now)
 
     def _expire_workers(self, now: float) -> list[Decision]:
@@ -544,8 +872,13 @@ class Coordinator:
             del self.live[wid]
         return [WorkerLeft(w, "silent") for w in silent]
 
-    def _finish(self, now: float) -> list[Decision]:
-        out = self.policy.wind_down(self, now)
+    def _finish(self, now: float, reason: str) -> list[Decision]:
+        out: list[Decision] = []
+        if reason == "time limit" and self._clock_start is None:
+            # no work ever started in this process: nobody came (or not enough)
+            out += self.fail(f"--time-limit {self.config.time_limit:g} s passed while waiting for workers "
+                             f"({self.live_workers()} of {self.config.min_workers} live)")
+        out += self.policy.wind_down(self, now)
         if self._awaiting is not None:
             return out  # a last round closed: finish once its version is evaluated
         self.phase = Phase.FINISHING
@@ -567,3 +900,22 @@ class Coordinator:
             self._stop_sent = now
             return [BroadcastStop(self.state.version)]
         return []
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` on one line (whitespace runs become one space), at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def describe_failures(failures: Iterable[tuple[str, str]], limit: int = 3) -> str:
+    """``(worker, reason)`` pairs as one line: each distinct reason once, with its workers."""
+    by_reason: dict[str, list[str]] = {}
+    for worker, reason in failures:
+        workers = by_reason.setdefault(reason, [])
+        if worker not in workers:
+            workers.append(worker)
+    parts = [f"{reason} ({', '.join(workers)})" for reason, workers in list(by_reason.items())[:limit]]
+    if len(by_reason) > limit:
+        parts.append(f"and {len(by_reason) - limit} other reason(s)")
+    return "; ".join(parts)

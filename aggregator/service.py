@@ -14,6 +14,13 @@ publishes, fsync the ledger, write the checkpoint, ack. A crash therefore loses 
 (unacked updates are redelivered) and applies nothing twice (the checkpoint holds the set of
 applied task ids, and the ledger is truncated back to the checkpoint on ``--resume``).
 
+Every run has an id (``YYYYmmddTHHMMSSZ-xxxxxx``, docs/protocol.md), made here when a run starts
+and kept by the checkpoint (``--resume`` continues the run); models (body and the
+:data:`~fedmq.broker.topology.RUN_HEADER`), tasks and the stop broadcast carry it, and the model
+spec names the trainer (``spec["trainer"]``, the ``--trainer`` reference). A run that cannot
+succeed (:class:`~fedmq.aggregator.core.RunFailed`) still stops its workers, drains and writes
+its files; then :meth:`Aggregator.run` raises, so the command exits 1 with one line.
+
 Worker liveness is the arrival time of hello/heartbeat messages on this machine's monotonic
 clock, never the worker's own clock. The presence stream is read from a timestamp offset
 ``--presence-timeout`` seconds back (the broker's clock filters old history), so that workers
@@ -40,36 +47,52 @@ from fedmq.aggregator.core import (
     Coordinator,
     Decision,
     Evaluate,
+    Failing,
     IssueTask,
+    JoinGrace,
     PublishModel,
     PurgeTasks,
     RoundClosed,
     RoundOpened,
+    RoundShort,
+    RoundWaiting,
+    RunFailed,
     Settle,
     TaskExpired,
+    TaskRetried,
     Token,
     Undecodable,
     VersionEvaluated,
     WaitingForWorkers,
     WorkerJoined,
+    WorkerKeepsFailing,
     WorkerLeft,
+    WorkerRefused,
 )
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.validate import expected_update_bytes
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import Topology
+from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import messages
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError
-from fedmq.shared.events import emit
+from fedmq.shared.events import SCHEMA, emit
 from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
 
 # the longest the main loop sleeps without looking at the stop flag and the clock
 _MAX_WAIT_S = 2.0
+#: the spec entry naming the trainer reference the model is for (the workers check it)
+SPEC_TRAINER_KEY = "trainer"
+
+
+def new_run_id(now_s: float | None = None) -> str:
+    """A fresh run id: UTC time and 6 hex digits, ``YYYYmmddTHHMMSSZ-xxxxxx``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now_s is None else now_s))
+    return f"{stamp}-{secrets.token_hex(3)}"
 
 
 class Aggregator:
@@ -128,10 +151,12 @@ class Aggregator:
             staleness_b=cfg.staleness_b, buffer_size=cfg.buffer_size, server_lr=cfg.server_lr,
         )
         self.policy = make_policy(cfg)
-        self.spec = mlp_spec(
+        architecture = mlp_spec(
             int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
         )
-        self.trainer: Trainer = load_trainer_factory(cfg.trainer)(self.spec)
+        # what the models carry: the architecture and the trainer it is for (workers check it)
+        self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
+        self.trainer: Trainer = load_trainer_factory(cfg.trainer)(architecture)
         self._initial = self.trainer.init_params()
         self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
@@ -151,14 +176,17 @@ class Aggregator:
             self.core = Coordinator.from_meta(
                 meta["state"], config=cfg, strategy=self.strategy, policy=self.policy,
                 params=durable.split_prefix(arrays, "model/"), now=time.monotonic(), incarnation=incarnation,
+                run_id=new_run_id(),  # only for a checkpoint without one
             )
             st = self.core.state
             self.ledger = durable.Ledger(self.out / "updates.jsonl", truncate_to=st.ledger_offset)
-            log.info("resumed from checkpoint: version %d, round %d, %d updates applied",
-                     st.version, st.round, st.counts["applied"])
+            log.info("resumed run %s from checkpoint: version %d, round %d, %d updates applied",
+                     st.run_id, st.version, st.round, st.counts["applied"])
         else:
-            self.core = Coordinator(cfg, self.strategy, self.policy, initial, incarnation=incarnation)
+            self.core = Coordinator(cfg, self.strategy, self.policy, initial, incarnation=incarnation,
+                                    run_id=new_run_id())
             self.ledger = durable.Ledger(self.out / "updates.jsonl")
+            log.info("run %s starts", self.core.run_id)
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
 
     def _connect(self) -> None:
@@ -209,10 +237,14 @@ class Aggregator:
             self.client.close()
             self.ledger.close()
         final = self.final()
+        required, optional = SCHEMA["finished"]
         emit(log, "finished", "%s: version %d, accuracy %s, %d applied, %d rejected, %d stale, %d duplicate, %d late",
-             "interrupted" if final["interrupted"] else "finished", final["version"], final["accuracy"],
-             final["updates_applied"], final["updates_rejected"], final["updates_stale"],
-             final["updates_duplicate"], final["updates_late"], **final)
+             "interrupted" if final["interrupted"] else "failed" if core.failure else "finished", final["version"],
+             final["accuracy"], final["updates_applied"], final["updates_rejected"], final["updates_stale"],
+             final["updates_duplicate"], final["updates_late"],
+             **{k: v for k, v in final.items() if k in required | optional})
+        if core.failure is not None and not core.interrupted:
+            raise RunFailed(f"run {core.run_id} on namespace {self.topology.namespace} failed: {core.failure}")
         return final
 
     def _stop_news(self) -> bool:
@@ -244,6 +276,7 @@ class Aggregator:
             kind, item = "wake", None
         if client.failure is not None:  # permanent: out of run(), so the command fails
             raise client.failure
+        self._raise_refused_publishes()
         if kind == "wake":
             self._carry(core.tick(time.monotonic()))
             self._checkpoint()
@@ -280,15 +313,17 @@ class Aggregator:
         return self._core.receive(token, self._decode(delivery), time.monotonic(),
                                   message_id=delivery.message_id, redelivered=delivery.redelivered)
 
-    def _decode(self, delivery: Delivery) -> messages.Update | Undecodable:
+    def _decode(self, delivery: Delivery) -> messages.Update | messages.Control | Undecodable:
+        """An update, or a control message (a worker's failure report), or why it is neither."""
         size = len(delivery.body)
         if size > self.max_update_bytes:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
         try:
-            msg = messages.decode(delivery.body, expect=messages.Update, max_bytes=self.max_update_bytes)
+            msg = messages.decode(delivery.body, expect=(messages.Update, messages.Control),
+                                  max_bytes=self.max_update_bytes)
         except DecodeError as exc:
             return Undecodable(str(exc))
-        assert isinstance(msg, messages.Update)
+        assert isinstance(msg, messages.Update | messages.Control)
         return msg
 
     # ------------------------------------------------------------------ carrying out decisions
@@ -301,10 +336,11 @@ class Aggregator:
                 case IssueTask(task=task):
                     self._publish(self.topology.tasks, messages.encode(task), message_id=task.task_id)
                 case PublishModel():
+                    run_id = self._core.run_id
                     msg = messages.ModelVersion(version=d.version, params=d.params, spec=self.spec, round=d.round,
-                                                created_s=time.time())
-                    self._publish(self.topology.models, messages.encode(msg), message_id=f"model-{d.version}",
-                                  headers={"x-fedmq-version": d.version})
+                                                created_s=time.time(), run_id=run_id)
+                    self._publish(self.topology.models, messages.encode(msg), message_id=f"model-{run_id}-{d.version}",
+                                  headers={VERSION_HEADER: d.version, RUN_HEADER: run_id})
                 case Evaluate():
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)
                     self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic()))
@@ -324,8 +360,31 @@ class Aggregator:
                     emit(log, "round_closed", "round %d closed with %d updates: version %d", d.round, d.updates,
                          d.version, round=d.round, version=d.version, updates=d.updates)
                 case WaitingForWorkers():
-                    emit(log, "waiting_for_workers", "waiting for %d worker(s) to say hello (%d live)", d.need,
-                         d.have, namespace=self.topology.namespace, have=d.have, need=d.need)
+                    emit(log, "waiting_for_workers", "waiting for %d worker(s) to say hello on namespace %s (%d live)",
+                         d.need, self.topology.namespace, d.have, namespace=self.topology.namespace, have=d.have,
+                         need=d.need)
+                case JoinGrace():
+                    log.info("%d worker(s) live; waiting up to %.1f s for more to join before the first %s",
+                             d.have, d.grace_s, "round" if self.cfg.synchronous else "task")
+                case WorkerRefused():
+                    emit(log, "worker_refused", "worker %s refused: %s", d.worker_id, d.reason, level=logging.WARNING,
+                         worker_id=d.worker_id, reason=d.reason)
+                case WorkerKeepsFailing():
+                    log.warning("worker %s keeps failing: %s", d.worker_id, d.reason)
+                case TaskRetried():
+                    log.info("task %s failed; issuing %s (retry %d of %d)", d.failed_task, d.task_id, d.attempt,
+                             d.retries)
+                case RoundWaiting():
+                    failed = f"; {len(d.failed)} task(s) failed: {'; '.join(d.failed)}" if d.failed else ""
+                    fields: dict[str, Any] = {"failed": list(d.failed)} if d.failed else {}
+                    emit(log, "round_waiting", "round %d: %d/%d updates after %.0f s%s", d.round, d.have, d.wanted,
+                         d.waited_s, failed, level=logging.WARNING, round=d.round, have=d.have, wanted=d.wanted,
+                         waited_s=d.waited_s, **fields)
+                case RoundShort():
+                    log.warning("round %d runs on %d worker(s); %d were live in this run (not live now: %s)",
+                                d.round, d.tasks, d.seen, ", ".join(d.missing) or "none")
+                case Failing():
+                    log.error("the run cannot succeed and stops: %s", d.reason)
                 case WorkerJoined():
                     emit(log, "worker_joined", "worker %s joined", d.worker_id, worker_id=d.worker_id)
                 case WorkerLeft():
@@ -349,8 +408,9 @@ class Aggregator:
         self.ledger.record(entry)
         self._pending.append(_ack_handle(delivery))
         fields = {k: entry[k] for k in ("task_id", "worker_id", "reason", "staleness", "weight") if entry.get(k) is not None}
-        if d.fate == "rejected":
-            emit(log, "update_settled", "rejecting update message %s: %s", delivery.message_id, d.reason,
+        if d.fate in ("rejected", "failed"):
+            what = "rejecting update message %s: %s" if d.fate == "rejected" else "task failed (report %s): %s"
+            emit(log, "update_settled", what, delivery.message_id, d.reason,
                  level=logging.WARNING, message_id=delivery.message_id, fate=d.fate, **fields)
         else:
             emit(log, "update_settled", "update %s from %s: %s%s", entry.get("task_id", "?"), entry.get("worker_id", "?"),
@@ -369,7 +429,8 @@ class Aggregator:
 
     def _broadcast_stop(self, version: int) -> None:
         assert self.client is not None
-        stop = messages.Control(kind="stop", worker_id="", sent_s=time.time(), info={"version": version})
+        stop = messages.Control(kind="stop", worker_id="", sent_s=time.time(), info={"version": version},
+                                run_id=self._core.run_id)
         try:
             self.client.publish("", messages.encode(stop), exchange=self.topology.control, mandatory=False, sign=True)
         except BrokerError as exc:
@@ -411,6 +472,21 @@ class Aggregator:
         self._pending = []
         self._last_checkpoint = time.monotonic()
 
+    def _raise_refused_publishes(self) -> None:
+        """A model or task the broker refused for good (e.g. over its message size) ends the run now.
+
+        Its confirm is otherwise only waited for at the next checkpoint, which a sync round whose
+        model never reached the workers would not get to.
+        """
+        for pub in self._unconfirmed:
+            if not pub.done:
+                continue
+            try:
+                pub.wait(0)  # raises the publish's own error, if it has one
+            except BrokerError as exc:
+                if not exc.retryable:
+                    raise
+
     def _confirm_publishes(self) -> None:
         """Wait for every outstanding model and task publish (before acking anything)."""
         pending, self._unconfirmed = self._unconfirmed, []
@@ -422,8 +498,11 @@ class Aggregator:
         return self._core.summary(time.monotonic())
 
     def _write_history(self) -> None:
+        core = self._core
+        final = {**self.final(), "finished": core.done and not core.interrupted}
         doc = {"config": self.cfg.to_json(), "spec": self.spec, "namespace": self.topology.namespace,
-               "history": self._core.state.history, "final": self.final()}
+               "run_id": core.run_id, "history": core.state.history, "final": final,
+               "counts": dict(core.state.counts), "workers": core.workers_report(), "failure": core.failure}
         durable.atomic_write_json(self.out / "history.json", doc)
 
 

@@ -100,8 +100,10 @@ def test_long_task_survives_short_heartbeat(amqp_url: str, namespace: str, shard
     """A task that trains for several AMQP heartbeat intervals keeps its connection."""
     run = tmp_path / "run"
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    # the model names its trainer (spec["trainer"]) and a worker refuses a model for another one
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run),
-                "--mode", "sync", "--rounds", "2", "--min-workers", "1", "--workers-per-round", "1", *common)
+                "--mode", "sync", "--rounds", "2", "--min-workers", "1", "--workers-per-round", "1",
+                "--trainer", "tests.trainers:SleepyTrainer", *common)
     # each fit blocks for 4 s, four intervals of a 1 s AMQP heartbeat
     procs.start("w0", "worker", "--data", str(shards / "worker-0.npz"), "--worker-id", "w0", "--log-format", "json",
                 "--amqp-heartbeat", "1", "--trainer", "tests.trainers:SleepyTrainer", *common,

@@ -25,23 +25,31 @@ from fedmq.aggregator.core import (
     Coordinator,
     Decision,
     Evaluate,
+    Failing,
     IssueTask,
+    JoinGrace,
     PublishModel,
     PurgeTasks,
     RoundClosed,
+    RoundShort,
+    RoundWaiting,
     Settle,
     TaskExpired,
+    TaskRetried,
     Undecodable,
     VersionEvaluated,
     WaitingForWorkers,
     WorkerJoined,
+    WorkerKeepsFailing,
     WorkerLeft,
+    WorkerRefused,
 )
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.shared import messages
 
 SHAPES = {"dense_0/W": (4, 3), "dense_0/b": (3,)}
+RUN = "20260101T000000Z-abcdef"
 
 
 def model(value: float = 0.0) -> dict[str, np.ndarray]:
@@ -49,19 +57,28 @@ def model(value: float = 0.0) -> dict[str, np.ndarray]:
 
 
 def config(**kw: Any) -> AggregatorConfig:
+    kw.setdefault("join_grace", 0.0)  # the tests of the join grace set it
     return AggregatorConfig(test_data="unused.npz", out="unused", **kw).validate()
 
 
 def coordinator(cfg: AggregatorConfig, params: dict[str, np.ndarray] | None = None) -> Coordinator:
     strategy = make_strategy(cfg.strategy_name, mixing=cfg.mixing, buffer_size=cfg.buffer_size, server_lr=cfg.server_lr)
-    return Coordinator(cfg, strategy, make_policy(cfg), params if params is not None else model(), incarnation="t")
+    return Coordinator(cfg, strategy, make_policy(cfg), params if params is not None else model(), incarnation="t",
+                       run_id=RUN)
 
 
 def update(task_id: str, worker: str = "w0", *, base: int = 0, round_: int | None = None, value: float = 1.0,
-           n: int = 10, kind: str = "weights", params: dict[str, np.ndarray] | None = None) -> messages.Update:
+           n: int = 10, kind: str = "weights", params: dict[str, np.ndarray] | None = None, run: str = RUN,
+           loss: float = 0.1) -> messages.Update:
     return messages.Update(task_id=task_id, worker_id=worker, base_version=base, num_samples=n,
-                           params=params if params is not None else model(value), kind=kind, train_loss=0.1,
-                           train_accuracy=0.9, duration_s=0.01, round=round_)
+                           params=params if params is not None else model(value), kind=kind, train_loss=loss,
+                           train_accuracy=0.9, duration_s=0.01, round=round_, run_id=run)
+
+
+def failure(task_id: str, worker: str = "w0", reason: str = "trainer raised RuntimeError: boom",
+            run: str = RUN) -> messages.Control:
+    """A worker's failure report, as docs/protocol.md has it."""
+    return messages.Control(kind="failed", worker_id=worker, run_id=run, info={"task_id": task_id, "reason": reason})
 
 
 def hello(worker: str, sent_s: float = 1e9, kind: str = "hello") -> messages.Control:
@@ -100,7 +117,7 @@ class Driver:
     def bye(self, worker: str, now: float) -> list[Decision]:
         return self._record(self.core.presence(hello(worker, kind="bye"), now), now)
 
-    def send(self, msg: messages.Update | Undecodable, now: float, *, message_id: str | None = None,
+    def send(self, msg: messages.Update | messages.Control | Undecodable, now: float, *, message_id: str | None = None,
              redelivered: bool = False, token: int | None = None) -> list[Decision]:
         token = next(self.tokens) if token is None else token
         decisions = self.core.receive(token, msg, now, message_id=message_id or f"m{token}", redelivered=redelivered)
@@ -153,7 +170,7 @@ def test_async_fates_applied_duplicate_stale_rejected_late() -> None:
     [settle] = of(Settle, got)
     assert settle.entry["weight"] == pytest.approx(0.6) and settle.entry["fate"] == "applied"
     assert {"message_id", "time_s", "version", "redelivered", "task_id", "worker_id", "base_version", "num_samples",
-            "staleness", "weight", "fate"} == set(settle.entry)
+            "staleness", "weight", "fate", "train_loss", "train_accuracy", "duration_s"} == set(settle.entry)
     assert [type(d) for d in got if isinstance(d, PublishModel | Evaluate | VersionEvaluated)] == [
         PublishModel, Evaluate, VersionEvaluated]
     assert run.core.state.version == 1
@@ -390,16 +407,15 @@ def test_stop_at_the_target_accuracy() -> None:
     assert run.core.state.reached_target and run.core.summary(3.0)["accuracy"] == 0.95
 
 
-def test_stop_at_the_time_limit_counted_from_the_first_work() -> None:
+def test_the_time_limit_counts_the_wait_for_workers_too() -> None:
     run = async_run(time_limit=5.0, max_updates=None)
     run.start(100.0)
-    assert run.tick(200.0) == []  # waiting for workers: the clock has not started
-    run.hello("w0", 200.0)
-    assert run.core.next_wake(200.0) == 205.0
-    assert not of(BroadcastStop, run.tick(204.999))
-    assert run.core.elapsed(204.999) == pytest.approx(4.999)
-    got = run.tick(205.0)
-    assert of(BroadcastStop, got) == [BroadcastStop(0)]
+    assert run.core.next_wake(100.0) == 105.0
+    run.hello("w0", 102.0)
+    assert run.core.elapsed(104.999) == pytest.approx(2.999)  # run time starts with the first work
+    assert not of(BroadcastStop, run.tick(104.999))
+    got = run.tick(105.0)
+    assert of(BroadcastStop, got) == [BroadcastStop(0)] and run.core.failure is None
 
 
 def test_sync_time_limit_closes_a_round_that_has_min_workers() -> None:
@@ -591,3 +607,387 @@ def test_prefetch_follows_the_policy() -> None:
     assert make_policy(config(mode="sync", workers_per_round=4)).prefetch(10**6) == 12
     assert make_policy(config(mode="async", checkpoint_every=10)).prefetch(10**6) == 12
     assert make_policy(config(mode="async", checkpoint_every=10)).prefetch(100 * 1024 * 1024) == 2
+
+
+# ====================================================================== run identity
+def test_tasks_name_the_run_and_updates_of_another_run_are_stale() -> None:
+    run = async_run(concurrency=1)
+    run.start(0.0)
+    [task] = tasks(run.hello("w0", 0.0))
+    assert task.run_id == RUN == run.core.run_id
+    other = "20250101T000000Z-000000"
+    got = run.send(update(task.task_id, run=other), 1.0)
+    assert fates(got) == ["stale"]
+    assert of(Settle, got)[0].reason == f"from run {other}; this run is {RUN}"
+    got = run.send(update(task.task_id, run=""), 1.1)  # a message that names no run
+    assert fates(got) == ["stale"] and "from run (none)" in str(of(Settle, got)[0].reason)
+    # an update of another run is stale even where its model would not fit this one
+    assert fates(run.send(update("a000001-t", run=other, base=50), 1.2)) == ["stale"]
+    assert fates(run.send(failure(task.task_id, run=other), 1.3)) == ["stale"]
+    assert fates(run.send(update(task.task_id), 2.0)) == ["applied"]
+
+
+def test_a_checkpoint_keeps_the_run_id() -> None:
+    cfg = config(mode="async", strategy="fedasync", concurrency=1)
+    run = Driver(coordinator(cfg))
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    saved = checkpoint(run.core, 1.0)
+    assert saved[0]["run_id"] == RUN
+    meta, strategy_meta, strategy_arrays, params = saved
+    resumed = Coordinator.from_meta(meta, config=cfg, strategy=make_strategy("fedasync"), policy=make_policy(cfg),
+                                    params=params, now=0.0, incarnation="u", run_id="20990101T000000Z-ffffff")
+    assert resumed.run_id == RUN  # the given id is only for a checkpoint without one
+    legacy = {k: v for k, v in meta.items() if k not in ("run_id", "issued", "workers")}
+    fresh = Coordinator.from_meta(legacy, config=cfg, strategy=make_strategy("fedasync"), policy=make_policy(cfg),
+                                  params=params, now=0.0, incarnation="u", run_id="20990101T000000Z-ffffff")
+    assert fresh.run_id == "20990101T000000Z-ffffff"
+
+
+def test_new_run_ids_have_the_documented_form() -> None:
+    import re
+
+    from fedmq.aggregator.service import new_run_id
+
+    assert new_run_id(0.0).startswith("19700101T000000Z-")
+    ids = {new_run_id() for _ in range(20)}
+    assert len(ids) > 1 and all(re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", i) for i in ids)
+
+
+# ====================================================================== only issued work counts
+def test_async_updates_for_tasks_never_issued_are_rejected() -> None:
+    run = async_run(concurrency=2)
+    run.start(0.0)
+    out = [t.task_id for t in tasks(run.hello("w0", 0.0))]
+    assert out == ["a000001-t", "a000002-t"]
+    got = run.send(update("a000001-t"), 1.0)
+    assert fates(got) == ["applied"]
+    # a forged update, and a replay of the applied one under a task id nobody issued
+    for forged in ("forged-1", "a000099-t", "a000001-x"):
+        got = run.send(update(forged, base=1), 1.1)
+        assert fates(got) == ["rejected"], forged
+        assert of(Settle, got)[0].reason == f"task {forged!r} was never issued by run {RUN} (or too long ago)"
+    # the replay under its own task id: at most once
+    assert fates(run.send(update("a000001-t"), 1.2)) == ["duplicate"]
+    assert run.core.state.counts["applied"] == 1 and run.core.state.version == 1
+    assert fates(run.send(update("a000002-t"), 1.3)) == ["applied"]
+
+
+def test_async_issued_ids_survive_a_resume_and_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedmq.aggregator.core as core_module
+
+    monkeypatch.setattr(core_module, "ISSUED_MEMORY", 5)
+    cfg = config(mode="async", strategy="fedasync", concurrency=2, max_updates=1000)
+    run = Driver(coordinator(cfg))
+    run.start(0.0)
+    run.hello("w0", 0.0)  # a1, a2
+    for i in range(1, 9):  # a1..a8 applied, a3..a10 issued
+        assert fates(run.send(update(f"a{i:06d}-t", base=i - 1), float(i))) == ["applied"]
+    st = run.core.state
+    assert sorted(st.outstanding) == ["a000009-t", "a000010-t"]
+    assert list(st.issued) == [f"a{i:06d}-t" for i in range(4, 11)]  # 5 + the 2 outstanding
+    resumed = Driver(restore(cfg, checkpoint(run.core, 9.0), 100.0))
+    resumed.start(100.0)
+    resumed.hello("w0", 100.0)
+    # a task issued before the checkpoint is answered after the resume: it counts
+    assert fates(resumed.send(update("a000010-t", base=8), 101.0)) == ["applied"]
+    # one remembered but answered already is a duplicate; one forgotten is rejected
+    assert fates(resumed.send(update("a000004-t", base=3), 102.0)) == ["duplicate"]
+    assert fates(resumed.send(update("a000003-t", base=2), 103.0)) == ["duplicate"]  # applied ids are all kept
+    assert "never issued" in str(of(Settle, resumed.send(update("a000001-u", base=2), 104.0))[0].reason)
+
+
+def test_tasks_issued_after_the_last_checkpoint_still_count_after_a_crash() -> None:
+    cfg = config(mode="async", strategy="fedasync", concurrency=2, max_updates=1000)
+    run = Driver(coordinator(cfg))
+    run.start(0.0)
+    run.hello("w0", 0.0)  # a1, a2
+    saved = checkpoint(run.core, 1.0)
+    run.send(update("a000001-t"), 2.0)  # a3 goes out; then the aggregator is killed before a checkpoint
+    assert "a000003-t" in run.core.state.outstanding
+    meta, strategy_meta, strategy_arrays, params = saved
+    strategy = make_strategy(cfg.strategy_name)
+    resumed = Driver(Coordinator.from_meta(meta, config=cfg, strategy=strategy, policy=make_policy(cfg), params=params,
+                                           now=100.0, incarnation="u"))
+    resumed.start(100.0)
+    got = resumed.hello("w0", 100.0)
+    assert not tasks(got)  # a1 and a2 are still outstanding
+    assert fates(resumed.send(update("a000001-t"), 101.0)) == ["applied"]  # redelivered: not acked before the crash
+    assert fates(resumed.send(update("a000003-t", base=1), 102.0)) == ["applied"]  # issued after the checkpoint
+    assert fates(resumed.send(failure("a000004-t"), 103.0)) == ["failed"]  # likewise
+    # another incarnation, or far beyond what the crashed one could have issued, was never issued
+    assert fates(resumed.send(update("a000005-x", base=2), 104.0)) == ["rejected"]
+    assert fates(resumed.send(update("a999999-t", base=2), 105.0)) == ["rejected"]
+    # and the resumed incarnation's own checkpoint still knows both
+    again = checkpoint(resumed.core, 106.0)[0]
+    assert again["predecessors"] == [["t", 2]] and again["incarnation"] == "u"
+
+
+def test_a_late_answer_to_a_reissued_task_counts_weighted_by_its_staleness() -> None:
+    run = async_run(concurrency=1, task_timeout=10.0, mixing=0.5)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w0", 10.0)
+    got = run.tick(10.5)
+    assert of(TaskExpired, got) == [TaskExpired("a000001-t", 10.0)] and [t.task_id for t in tasks(got)] == ["a000002-t"]
+    assert fates(run.send(update("a000002-t"), 11.0)) == ["applied"]
+    got = run.send(update("a000001-t", base=0), 12.0)  # the expired one, trained on version 0
+    [settle] = of(Settle, got)
+    assert settle.fate == "applied" and settle.entry["staleness"] == 1
+    assert settle.entry["weight"] == pytest.approx(0.5 * 2 ** -0.5, abs=1e-6)  # mixing * (1 + tau) ** -0.5
+
+
+def test_sync_only_the_current_rounds_work_counts() -> None:
+    run = sync_run(workers_per_round=2, min_workers=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    # the worker's contribution id (docs/protocol.md: r<round>:<worker>) and the round's tasks count
+    for forged, why in [
+        (update("r00001:w9", "w0", round_=1), "was never issued"),  # another worker's contribution id
+        (update("x-1", "w0", round_=1), "was never issued"),
+        (update("r00001-007", "w0", round_=1), "was never issued"),  # round 1 has 2 tasks
+        (update("r00002:w0", "w0", round_=2), "round 2 has not started"),
+        (update("r00001:w0", "w0", round_=2), "of round 1, the update says round 2"),
+    ]:
+        got = run.send(forged, 0.5)
+        assert fates(got) == ["rejected"] and why in str(of(Settle, got)[0].reason), (forged.task_id, got)
+    assert run.send(update("r00001:w0", "w0", round_=1), 1.0) == []  # held
+    assert fates(run.send(update("r00001:w0", "w0", round_=1), 1.1)) == ["duplicate"]
+    got = run.send(update("r00001-001", "w1", round_=1), 1.2)
+    assert fates(got) == ["applied", "applied"] and of(RoundClosed, got) == [RoundClosed(1, 1, 2)]
+    # a late answer for round 1 is stale, not rejected: it was issued
+    assert fates(run.send(update("r00001:w2", "w2", round_=1), 2.0)) == ["stale"]
+
+
+# ====================================================================== failure reports
+def test_async_failure_reports_reissue_the_work() -> None:
+    run = async_run(concurrency=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    got = run.send(failure("a000001-t", "w1", "trainer raised ValueError: bad"), 1.0, message_id="failed-a000001-t-w1")
+    [settle] = of(Settle, got)
+    assert settle.fate == "failed" and settle.reason == "trainer raised ValueError: bad"
+    assert settle.entry["task_id"] == "a000001-t" and settle.entry["worker_id"] == "w1"
+    assert settle.entry["reason"] == "trainer raised ValueError: bad"
+    assert [t.task_id for t in tasks(got)] == ["a000003-t"]  # the work goes out again
+    assert sorted(run.core.state.outstanding) == ["a000002-t", "a000003-t"]
+    assert run.core.state.counts["failed"] == 1
+    # the same report again, one for a task never issued, and a control that has no business here
+    assert fates(run.send(failure("a000001-t", "w1"), 1.1, redelivered=True)) == ["duplicate"]
+    got = run.send(failure("nope-1", "w1"), 1.2)
+    assert fates(got) == ["rejected"] and "never issued" in str(of(Settle, got)[0].reason)
+    got = run.send(messages.Control(kind="hello", worker_id="w1", run_id=RUN), 1.3)
+    assert fates(got) == ["rejected"] and "on the updates queue" in str(of(Settle, got)[0].reason)
+    got = run.send(messages.Control(kind="failed", worker_id="w1", run_id=RUN, info={"reason": "x"}), 1.4)
+    assert fates(got) == ["rejected"] and "info.task_id" in str(of(Settle, got)[0].reason)
+    # a late answer to the failed task (its worker crashed after reporting, another one trained it) counts
+    assert fates(run.send(update("a000001-t", "w0"), 2.0)) == ["applied"]
+    assert fates(run.send(failure("a000001-t", "w0"), 2.1)) == ["duplicate"]  # applied already
+    assert not run.core.failure
+
+
+def test_a_worker_that_keeps_failing_is_named_once() -> None:
+    run = async_run(concurrency=4)
+    run.start(0.0)
+    for w in ("w0", "w1", "w2", "w3"):
+        run.hello(w, 0.0)
+    seq = itertools.count(1)
+    notes = []
+    for i in range(5):
+        notes += of(WorkerKeepsFailing, run.send(failure(f"a{next(seq):06d}-t", "w3", "trainer raised X"), 1.0 + i))
+    assert notes == [WorkerKeepsFailing("w3", "trainer raised X", 3)]
+    assert of(WorkerKeepsFailing, run.send(failure(f"a{next(seq):06d}-t", "w3", "another reason"), 7.0)) == []
+
+
+def test_async_run_fails_after_3_x_concurrency_failures_in_a_row() -> None:
+    run = async_run(concurrency=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    seq = itertools.count(1)
+    for i in range(5):
+        run.send(failure(f"a{next(seq):06d}-t", f"w{i % 2}", "trainer raised RuntimeError: always"), 1.0 + i)
+    assert fates(run.send(update(f"a{next(seq):06d}-t"), 6.0)) == ["applied"]  # the streak starts again
+    for i in range(5):
+        got = run.send(failure(f"a{next(seq):06d}-t", f"w{i % 2}", "trainer raised RuntimeError: always"), 7.0 + i)
+        assert not of(Failing, got) and not of(BroadcastStop, got)
+    got = run.send(failure(f"a{next(seq):06d}-t", "w1", "trainer raised RuntimeError: always"), 12.0)
+    [failing] = of(Failing, got)
+    assert of(BroadcastStop, got) == [BroadcastStop(1)] and not tasks(got)
+    assert failing.reason == run.core.failure
+    assert failing.reason.startswith("6 tasks failed in a row with no update applied (3 x concurrency 2)")
+    assert "trainer raised RuntimeError: always (w0, w1)" in failing.reason
+    drain(run, 13.0, ("w0", "w1"))
+
+
+def test_sync_failed_tasks_are_reissued_up_to_task_retries() -> None:
+    run = sync_run(workers_per_round=2, min_workers=1, task_retries=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    assert run.send(update("r00001:w0", "w0", round_=1), 0.5) == []
+    got = run.send(failure("r00001-001", "w1"), 1.0)
+    assert fates(got) == ["failed"] and [t.task_id for t in tasks(got)] == ["r00001-001-1"]
+    [task] = tasks(got)
+    assert (task.round, task.version, task.run_id) == (1, 0, RUN)
+    assert of(TaskRetried, got) == [TaskRetried("r00001-001", "r00001-001-1", 1, 2)]
+    assert fates(run.send(failure("r00001-001", "w1"), 1.1)) == ["duplicate"]
+    assert [t.task_id for t in tasks(run.send(failure("r00001-001-1", "w1"), 2.0))] == ["r00001-001-2"]
+    # the last retry fails too: the round gives up on that task and closes with what it has
+    got = run.send(failure("r00001-001-2", "w1"), 3.0)
+    assert fates(got) == ["failed", "applied"] and of(RoundClosed, got) == [RoundClosed(1, 1, 1)]
+    assert not run.core.failure and run.core.state.counts["failed"] == 3
+    assert [t.task_id for t in tasks(got)] == ["r00002-000", "r00002-001"]  # round 2: both workers again
+    # a report for round 1 now is stale
+    assert fates(run.send(failure("r00001-000", "w1"), 4.0)) == ["stale"]
+
+
+def test_sync_run_fails_when_a_round_cannot_reach_min_workers() -> None:
+    run = sync_run(workers_per_round=2, min_workers=2, task_retries=1)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    assert run.send(update("r00001:w0", "w0", round_=1), 0.5) == []  # held
+    run.send(failure("r00001-001", "w1", "trainer raised RuntimeError: this trainer always fails"), 1.0)
+    got = run.send(failure("r00001-001-1", "w1", "trainer raised RuntimeError: this trainer always fails"), 2.0)
+    [failing] = of(Failing, got)
+    assert failing.reason == (
+        "round 1 cannot get --min-workers 2 update(s): 1 of its 2 task(s) failed 2 time(s) (1 update(s) arrived); "
+        "the workers said: trainer raised RuntimeError: this trainer always fails (w1)"
+    )
+    # the run stops: the held update is late, the workers are told, no task goes out
+    assert fates(got) == ["failed", "late"] and of(BroadcastStop, got) == [BroadcastStop(0)] and not tasks(got)
+    assert run.core.failure == failing.reason
+    drain(run, 3.0, ("w0", "w1"))
+
+
+def test_sync_round_waiting_is_reported_every_30_s() -> None:
+    run = sync_run(workers_per_round=3, min_workers=3, round_timeout=1000.0, presence_timeout=1e6)
+    run.start(0.0)
+    for w in ("w0", "w1", "w2"):
+        run.hello(w, 0.0)
+    run.send(update("r00001:w0", "w0", round_=1), 1.0)
+    run.send(failure("r00001-001", "w1", "trainer raised X"), 2.0)
+    assert run.core.next_wake(2.0) == 30.0
+    assert run.tick(29.9) == []
+    assert run.tick(30.0) == [RoundWaiting(1, 1, 3, 30.0, ("w1: trainer raised X",))]
+    assert run.tick(45.0) == [] and run.core.next_wake(45.0) == 60.0
+    assert run.tick(61.0) == [RoundWaiting(1, 1, 3, 61.0, ("w1: trainer raised X",))]
+
+
+def test_waiting_for_workers_is_said_again_every_30_s() -> None:
+    run = sync_run(min_workers=2, presence_timeout=1e6)
+    assert of(WaitingForWorkers, run.start(0.0)) == [WaitingForWorkers(0, 2)]
+    run.hello("w0", 1.0)
+    assert run.tick(29.9) == [] and run.core.next_wake(29.9) == 30.0
+    assert run.tick(30.0) == [WaitingForWorkers(1, 2)]
+
+
+def test_a_time_limit_reached_while_waiting_for_workers_fails_the_run() -> None:
+    run = sync_run(min_workers=2, time_limit=60.0, rounds=None, presence_timeout=1e6)
+    run.start(0.0)
+    run.hello("w0", 1.0)
+    got = run.tick(60.0)
+    assert of(Failing, got) == [Failing("--time-limit 60 s passed while waiting for workers (1 of 2 live)")]
+    assert of(BroadcastStop, got) == [BroadcastStop(0)]
+    drain(run, 61.0, ("w0",))
+
+
+def test_a_refusing_worker_is_not_live() -> None:
+    run = sync_run(min_workers=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w3", 0.0)  # the round opens with both
+    refusal = messages.Control(kind="refused", worker_id="w3", run_id=RUN,
+                               info={"reason": "the shard has 10 features per sample,\nthe model takes 64"})
+    got = run.core.presence(refusal, 1.0)
+    assert of(WorkerRefused, got) == [WorkerRefused("w3", "the shard has 10 features per sample, the model takes 64")]
+    assert run.core.live_workers() == 1 and not of(WorkerLeft, got)
+    assert not of(WorkerJoined, run.core.presence(hello("w3", kind="heartbeat"), 1.5))  # it is on its way out
+    assert run.core.live_workers() == 1
+    # another run's refusal (the presence stream is read from a while back) is history
+    old = messages.Control(kind="refused", worker_id="w0", run_id="20200101T000000Z-000000", info={"reason": "x"})
+    assert run.core.presence(old, 2.0) == [] and run.core.live_workers() == 1
+    # restarted (say with the right trainer), it says hello and is live again
+    assert of(WorkerJoined, run.core.presence(hello("w3"), 3.0)) == [WorkerJoined("w3")]
+
+
+# ====================================================================== by-hand defaults: the join grace
+def test_the_first_round_waits_for_more_workers_for_the_join_grace() -> None:
+    run = sync_run(join_grace=5.0)  # min_workers 1
+    run.start(0.0)
+    got = run.hello("w0", 0.0)
+    assert not tasks(got) and of(JoinGrace, got) == [JoinGrace(1, 5.0)]
+    assert run.core.next_wake(0.0) == 5.0
+    assert not tasks(run.hello("w1", 3.0))  # the grace starts again: until 8
+    assert not tasks(run.hello("w2", 7.0))  # until 12
+    assert run.tick(11.999) == []
+    got = run.tick(12.0)
+    assert [t.task_id for t in tasks(got)] == ["r00001-000", "r00001-001", "r00001-002"]
+    run.hello("w3", 12.5)  # too late for round 1
+    for i, w in enumerate(("w0", "w1", "w2")):
+        got = run.send(update(f"r00001:{w}", w, round_=1), 13.0 + i)
+    # later rounds: every live worker, at once
+    assert [t.task_id for t in tasks(got)] == [f"r00002-{i:03d}" for i in range(4)]
+
+
+def test_the_join_grace_is_bounded() -> None:
+    run = async_run(join_grace=5.0)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    for i in range(1, 4):  # a new worker every 4 s: without a bound the grace would never end
+        assert not tasks(run.hello(f"w{i}", 4.0 * i))
+    assert run.core.next_wake(12.0) == 15.0  # 3 x the grace after the first
+    got = run.tick(15.0)
+    assert len(tasks(got)) == 4
+
+
+def test_no_join_grace_when_as_many_workers_are_live_as_a_round_uses() -> None:
+    run = sync_run(join_grace=5.0, workers_per_round=2)
+    run.start(0.0)
+    assert not tasks(run.hello("w0", 0.0))
+    assert len(tasks(run.hello("w1", 1.0))) == 2
+
+
+def test_a_round_on_fewer_workers_than_were_seen_is_warned_about() -> None:
+    run = sync_run(presence_timeout=10.0, round_timeout=15.0, min_workers=2)
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.0)
+    assert len(tasks(run.all)) == 2
+    run.send(update("r00001:w0", "w0", round_=1), 1.0)
+    run.hello("w0", 9.0)
+    assert of(WorkerLeft, run.tick(10.5)) == [WorkerLeft("w1", "silent")]
+    run.hello("w0", 14.0)
+    run.hello("w2", 14.0)
+    got = run.send(update("r00001:w1", "w1", round_=1), 14.5)  # sent before it went silent
+    assert of(RoundClosed, got) == [RoundClosed(1, 1, 2)] and len(tasks(got)) == 2
+    assert of(RoundShort, got) == [RoundShort(2, 2, 3, ("w1",))]
+    # said once for the same missing workers
+    run.send(update("r00002:w0", "w0", base=1, round_=2), 15.0)
+    got = run.send(update("r00002:w2", "w2", base=1, round_=2), 15.5)
+    assert of(RoundClosed, got) == [RoundClosed(2, 2, 2)] and not of(RoundShort, got)
+
+
+# ====================================================================== per-worker figures
+def test_per_worker_figures_and_ledger_lines() -> None:
+    run = async_run(concurrency=2, strategy="fedasync")
+    run.start(0.0)
+    run.hello("w0", 0.0)
+    run.hello("w1", 0.5)
+    got = run.send(update("a000001-t", "w0", loss=0.7), 1.0)
+    [entry] = [s.entry for s in of(Settle, got)]
+    assert (entry["train_loss"], entry["train_accuracy"], entry["num_samples"], entry["duration_s"]) == (0.7, 0.9, 10, 0.01)
+    run.send(update("a000002-t", "w0", loss=0.5, base=0), 2.0)  # staleness 1
+    run.send(failure("a000003-t", "w1"), 3.0)
+    run.send(update("forged", "w9"), 4.0)  # rejected: names nobody
+    report = run.core.workers_report()
+    assert report == {
+        "w0": {"updates_applied": 2, "mean_staleness": 0.5, "failures": 0, "last_train_loss": 0.5, "last_seen_s": 2.0},
+        "w1": {"updates_applied": 0, "mean_staleness": None, "failures": 1, "last_train_loss": None, "last_seen_s": 3.0},
+    }
+    cfg = run.core.config
+    resumed = restore(cfg, checkpoint(run.core, 5.0), 0.0)
+    assert resumed.workers_report() == report
