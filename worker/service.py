@@ -58,7 +58,7 @@ from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import events, messages
-from fedmq.shared.data import load_shard
+from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
@@ -390,6 +390,9 @@ class Worker:
         (:class:`~fedmq.shared.errors.WorkerRefused` when its shard or trainer does not fit a run)."""
         cfg = self.config
         X, y = load_shard(cfg.data)
+        unscaled = scaling_warning(X, f"worker {cfg.worker_id}: shard {cfg.data}")
+        if unscaled:
+            log.warning("%s", unscaled)
         self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer)
         client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}", declare=cfg.declare)
         client.on_failure = self._on_client_failure

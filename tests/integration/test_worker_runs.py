@@ -393,3 +393,15 @@ def test_a_worker_says_where_it_waits(
     start = logs.saying("connected to")[0]
     assert f"namespace {ns}" in start and "guest:guest" not in start and "waiting for a model" in start
     assert w.finish() == {"code": 0}
+
+
+def test_a_worker_with_unscaled_features_says_so(amqp_url: str, namespace: str, tmp_path: Path, procs: Procs) -> None:
+    """A site that did not standardise its features is warned at start, before any training."""
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "raw.npz"
+    np.savez(shard, X=rng.uniform(0, 255, size=(50, 64)).astype(np.float32), y=rng.integers(0, 10, 50).astype(np.int64),
+             num_classes=np.int64(10))
+    procs.start("w0", "worker", "--data", str(shard), "--worker-id", "w0", "--amqp-url", amqp_url,
+                "--namespace", namespace)
+    wait_for(lambda: "look unscaled" in procs.log("w0"), 30, "the unscaled-features warning")
+    assert "64 of 64 features look unscaled" in procs.log("w0")
