@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedmq.aggregator.strategies import STRATEGIES
+from fedmq.aggregator.tracking import check_tracker
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
 
@@ -53,6 +54,10 @@ class AggregatorConfig:
     drain_timeout: float = 10.0
     max_update_bytes: int | None = None
     presence_timeout: float = 20.0
+    track: str | None = field(default=None, metadata={"help": (
+        "Experiment tracking: tensorboard (RUN_DIR/tensorboard) or mlflow (--track-uri, default "
+        "RUN_DIR/mlruns); needs the fedmq[tensorboard] or fedmq[mlflow] extra.")})
+    track_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (default: a file store in RUN_DIR/mlruns)."})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -64,6 +69,7 @@ class AggregatorConfig:
         return self.mode == "sync"
 
     def validate(self) -> AggregatorConfig:
+        check_tracker(self.track)
         if self.mode not in ("sync", "async"):
             raise ConfigError(f"--mode must be sync or async, got {self.mode!r}")
         if self.strategy_name not in STRATEGIES:

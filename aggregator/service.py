@@ -71,6 +71,7 @@ from fedmq.aggregator.core import (
 )
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
+from fedmq.aggregator.tracking import SafeTracker, make_tracker
 from fedmq.aggregator.validate import expected_update_bytes
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
@@ -119,6 +120,7 @@ class Aggregator:
         # model and task publishes whose confirms we have not waited for yet: the next
         # checkpoint waits for them before it acks anything
         self._unconfirmed: list[PendingPublish] = []
+        self._tracker = SafeTracker(None)  # --track: made in run(), once the run id is known
         self._tokens = 0
         self._told = (False, False)  # (stop, interrupted) as passed to the core
         self._last_checkpoint = 0.0
@@ -219,6 +221,8 @@ class Aggregator:
             raise
         core = self._core
         self._last_checkpoint = time.monotonic()
+        self._tracker = SafeTracker(make_tracker(self.cfg.track, self.out, self.cfg.track_uri))
+        self._tracker.call("start", core.run_id, self.cfg.to_json())
         try:
             try:
                 self._carry(core.start(time.monotonic()))
@@ -237,6 +241,8 @@ class Aggregator:
             self.client.close()
             self.ledger.close()
         final = self.final()
+        self._tracker.call("finish", {**final, "failed": core.failure is not None}, dict(core.state.counts),
+                           self.out / "model.npz")
         required, optional = SCHEMA["finished"]
         emit(log, "finished", "%s: version %d, accuracy %s, %d applied, %d rejected, %d stale, %d duplicate, %d late",
              "interrupted" if final["interrupted"] else "failed" if core.failure else "finished", final["version"],
@@ -354,6 +360,7 @@ class Aggregator:
                     where = f"round {e['round']:3d}" if "round" in e else f"version {e['version']:4d}"
                     emit(log, "version_evaluated", "%s  accuracy %.4f  loss %.4f  updates %d  staleness %.2f  t=%.1fs",
                          where, e["accuracy"], e["loss"], e["updates_applied"], e["staleness_mean"], e["time_s"], **e)
+                    self._tracker.call("version", e)
                 case RoundOpened():
                     log.debug("round %d: %d tasks on version %d", d.round, d.tasks, d.version)
                 case RoundClosed():

@@ -8,20 +8,29 @@ broker in the same run, end to end from the first publish to the last update con
   ``delivery_mode=2`` to a quorum queue; a consumer (this process, its own connection) acks
   each message manually (prefetch 12, the aggregator's async prefetch).
 * ``aggregator`` (the headline, the real code path): the real ``fedmq aggregator --mode async
-  --strategy fedbuff --buffer-size 3`` process (NoiseTrainer spec, so evaluation is free) and
-  a publisher process acting as the worker: it says hello on the presence stream, then
-  encodes M ``Update(kind="delta")`` with ``fedmq.shared.messages.encode`` and publishes each
-  through ``fedmq.broker.client.Client.publish`` (confirmed) to ``<ns>.updates``. The aggregator
-  decodes, validates, applies with FedBuff, republishes the model every K=3 updates,
-  writes its ledger and checkpoints every 10 updates (acking after the fsync), exactly as in
-  a federation. The end time is the ``ts`` of its ``version_evaluated`` event for the
-  M-th applied update. (Task dispatch is left out: ``--concurrency 1``; in a federation
-  each applied update also costs one small confirmed task publish.)
-* ``pipeline`` (diagnostic): the same publisher, and an in-script consumer doing only the
-  aggregator's per-update work: ``fedmq.broker.client.Client`` subscription -> ``messages.decode``
+  --strategy fedbuff --buffer-size 3 --concurrency 12`` process (NoiseTrainer spec, so
+  evaluation is free) and a publisher process acting as the workers. The aggregator only
+  accepts updates that answer a task it issued in this run (docs/protocol.md), so the
+  publisher does what a worker does: it says hello on the presence stream, reads the models
+  stream (from ``last``; the version and run id from the model's headers), consumes
+  ``messages.Task`` from ``<ns>.tasks`` (``Client.subscribe``, manual ack, prefetch 12) and,
+  for each of M tasks, encodes an ``Update(kind="delta")`` with that ``task_id``, the task's
+  ``run_id`` and ``base_version`` = the newest model of that run it has read, publishes it
+  through ``fedmq.broker.client.Client.publish`` (confirmed) to ``<ns>.updates`` and then acks
+  the task. ``--concurrency 12`` (the aggregator's prefetch) keeps as many tasks outstanding as
+  a federation of 12 workers would, so the publisher is not held to one round trip per
+  update; each applied update costs the aggregator one small task publish, as in a
+  federation. The aggregator decodes, validates, applies with FedBuff, republishes the model
+  every K=3 updates, issues the next task, writes its ledger and checkpoints every 10 updates
+  (acking after the fsync), exactly as in a federation. The time runs from the moment the
+  publisher holds its first task to the ``ts`` of the aggregator's ``version_evaluated`` event
+  for the M-th applied update; the run's ledger must show all M updates ``applied``.
+* ``pipeline`` (diagnostic): the same publisher without tasks (synthetic task ids, no run id:
+  nothing checks them here), and an in-script consumer doing only the aggregator's per-update
+  work: ``fedmq.broker.client.Client`` subscription -> ``messages.decode``
   -> ``aggregator.validate.check_update`` -> ``FedBuff.apply`` (K=3) -> ``client.ack`` per
-  update. The gap between ``pipeline`` and ``aggregator`` is what model republishing,
-  the ledger and checkpoints cost.
+  update. The gap between ``pipeline`` and ``aggregator`` is what task dispatch (and the
+  publisher's model reads), model republishing, the ledger and checkpoints cost.
 
 Each repeat runs the three paths back to back; reported are the best rate per path and the
 ratio = median over repeats of (fedmq rate / floor rate of the same repeat), goal >= 0.7 for
@@ -38,6 +47,7 @@ import queue
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,17 +81,20 @@ from bench._common import (  # noqa: E402
 GOAL = 0.7
 K = 3
 PREFETCH = 12  # the aggregator's async prefetch: checkpoint_every (10) + 2
+TASKS_OUTSTANDING = PREFETCH  # the aggregator's --concurrency: as if 12 workers kept it busy
+MAX_TASK_BYTES = 1024 * 1024
 COUNTS = {"100k": 201, "1M": 99, "10M": 30}  # multiples of K
 QUICK_COUNTS = {"100k": 60, "1M": 30, "10M": 9}
 
 
 # ====================================================================== publisher roles
-def make_update(hidden: int, i: int, params: dict[str, np.ndarray]) -> Any:
+def make_update(hidden: int, i: int, params: dict[str, np.ndarray], *, task_id: str | None = None,
+                run_id: str = "", base_version: int = 0) -> Any:
     from fedmq.shared.messages import Update
 
     return Update(
-        task_id=f"bench-{i:06d}", worker_id="bench-w0", base_version=0, num_samples=32,
-        params=params, kind="delta", train_loss=0.5, train_accuracy=0.5, duration_s=0.01,
+        task_id=task_id or f"bench-{i:06d}", worker_id="bench-w0", base_version=base_version, num_samples=32,
+        params=params, kind="delta", train_loss=0.5, train_accuracy=0.5, duration_s=0.01, run_id=run_id,
     )
 
 
@@ -107,33 +120,93 @@ def role_floor_pub(queue_name: str, size: int, count: int) -> dict[str, float]:
     return {"t0": t0, "t1": t1}
 
 
-def role_fedmq_pub(namespace: str, hidden: int, count: int, hello: bool) -> dict[str, float]:
+def role_fedmq_pub(namespace: str, hidden: int, count: int, answer_tasks: bool) -> dict[str, float]:
+    """Publish ``count`` updates; with ``answer_tasks`` one per task the aggregator issues, as a worker does."""
     from fedmq.broker.client import Client
     from fedmq.shared import messages
 
     settings, topology = broker_settings(namespace)
-    client = Client(settings, topology, name="bench-worker").start()
+    client = Client(settings, topology, name="bench-worker")
     params = random_params(hidden)
+    headers = {"x-fedmq-worker": "bench-w0"}
+    if not answer_tasks:
+        client.start()
+        try:
+            t0 = time.time()
+            for i in range(count):
+                body = messages.encode(make_update(hidden, i, params))  # a worker encodes every update
+                client.publish(topology.updates, body, message_id=f"u{i}",
+                               headers={**headers, "x-fedmq-task": f"bench-{i:06d}"})
+            t1 = time.time()
+        finally:
+            client.close()
+        return {"t0": t0, "t1": t1}
+
+    models = _NewestModels()
+    tasks: queue.Queue[Any] = queue.Queue()
+    client.subscribe(topology.models, models.offer, prefetch=2, arguments=lambda: {"x-stream-offset": "last"},
+                     settle_on_return=True)
+    client.subscribe(topology.tasks, tasks.put, prefetch=TASKS_OUTSTANDING)
+    client.start()
     try:
-        if hello:
-            msg = messages.Control(kind="hello", worker_id="bench-w0", sent_s=time.time(), info={"samples": 32})
-            client.publish(topology.presence, messages.encode(msg))
-        t0 = time.time()
+        msg = messages.Control(kind="hello", worker_id="bench-w0", sent_s=time.time(), info={"samples": 32})
+        client.publish(topology.presence, messages.encode(msg))
+        t0, waited = 0.0, 0.0
         for i in range(count):
-            body = messages.encode(make_update(hidden, i, params))  # a worker encodes every update
-            client.publish(topology.updates, body, message_id=f"u{i}",
-                           headers={"x-fedmq-task": f"bench-{i:06d}", "x-fedmq-worker": "bench-w0"})
+            w0 = time.time()
+            delivery = tasks.get(timeout=300)
+            if i == 0:
+                t0 = time.time()  # the first moment there is work
+            else:
+                waited += time.time() - w0  # no task in hand: the aggregator has not issued the next one yet
+            task = messages.decode(delivery.body, expect=messages.Task, max_bytes=MAX_TASK_BYTES)
+            assert isinstance(task, messages.Task)
+            base = models.newest(task.run_id, timeout=60)
+            update = make_update(hidden, i, params, task_id=task.task_id, run_id=task.run_id, base_version=base)
+            body = messages.encode(update)  # a worker encodes every update
+            client.publish(topology.updates, body, message_id=f"u{i}", headers={**headers, "x-fedmq-task": task.task_id})
+            client.ack(delivery)  # after the confirm, like a worker
         t1 = time.time()
     finally:
         client.close()
-    return {"t0": t0, "t1": t1}
+    return {"t0": t0, "t1": t1, "task_wait_s": waited}
+
+
+class _NewestModels:
+    """The newest model version read from the models stream, per run id (from the model's headers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._newest: dict[str, int] = {}
+
+    def offer(self, delivery: Any) -> None:  # the client's I/O thread
+        from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER
+        from fedmq.shared import messages
+
+        version, run = delivery.headers.get(VERSION_HEADER), delivery.headers.get(RUN_HEADER)
+        if isinstance(run, bytes):
+            run = run.decode()
+        if type(version) is not int or not isinstance(run, str):
+            msg = messages.decode(delivery.body, expect=messages.ModelVersion, max_bytes=len(delivery.body))
+            assert isinstance(msg, messages.ModelVersion)
+            version, run = msg.version, msg.run_id
+        with self._cond:
+            if version > self._newest.get(run, -1):
+                self._newest[run] = version
+                self._cond.notify_all()
+
+    def newest(self, run_id: str, timeout: float) -> int:
+        with self._cond:
+            if not self._cond.wait_for(lambda: run_id in self._newest, timeout):
+                raise TimeoutError(f"no model of run {run_id!r} in {timeout:.0f} s")
+            return self._newest[run_id]
 
 
 def run_role(args: argparse.Namespace) -> int:
     if args.role == "floor-pub":
         out = role_floor_pub(args.queue, args.size, args.count)
     else:
-        out = role_fedmq_pub(args.namespace, args.hidden, args.count, args.hello)
+        out = role_fedmq_pub(args.namespace, args.hidden, args.count, args.tasks)
     print(json.dumps(out), flush=True)
     return 0
 
@@ -233,7 +306,8 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     run_dir = work / f"agg-{label}-{namespace}"
     argv = fedmq_argv(
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
-        "--max-updates", str(count), "--min-workers", "1", "--concurrency", "1", "--drain-timeout", "0",
+        "--max-updates", str(count), "--min-workers", "1", "--concurrency", str(TASKS_OUTSTANDING),
+        "--join-grace", "0", "--drain-timeout", "0",
         "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(test), "--out", str(run_dir), "--namespace", namespace, "--amqp-url", AMQP_URL,
         "--log-format", "json", *extra,
@@ -250,7 +324,7 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     reader = EventReader(agg.stderr, work / f"aggregator-{label}.jsonl", on_event)
     reader.wait_for(lambda d: d["event"] == "waiting_for_workers", timeout=60)
     pub = publisher(children, f"aggregator-pub-{label}", "fedmq-pub", "--namespace", namespace, "--hidden", str(hidden),
-                    "--count", str(count), "--hello")
+                    "--count", str(count), "--tasks")
     last = reader.wait_for(
         lambda d: d["event"] == "version_evaluated" and int(d["updates_applied"]) >= count, timeout=timeout
     )
@@ -261,14 +335,16 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     fates: dict[str, int] = {}
     for entry in ledger:
         fates[entry["fate"]] = fates.get(entry["fate"], 0) + 1
-    if fates.get("applied") != count:
-        raise RuntimeError(f"aggregator applied {fates} instead of {count}")
+    print(f"  {label}: ledger fates {fates}", file=sys.stderr)
+    if fates != {"applied": count}:  # anything else means the benchmark did not measure the apply path
+        raise RuntimeError(f"aggregator ledger fates {fates} instead of {count} applied")
     shutil.rmtree(run_dir, ignore_errors=True)
     marks = [m for m in cpu_marks if m[1] is not None]
     cpu_per_update = None
     if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
         cpu_per_update = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])  # type: ignore[operator]
     return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": float(last["ts"]), "fates": fates,
+            "publisher_task_wait_s": times.get("task_wait_s"),
             "aggregator_cpu_s_per_update": cpu_per_update}
 
 
@@ -290,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--namespace", help=argparse.SUPPRESS)
     parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--hello", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
         return run_role(args)
@@ -350,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                     "best_over_best": r["rate"] / best["floor"]["rate"],
                     "goal": GOAL if path == "aggregator" else None,
                     "pass": (ratio >= GOAL) if path == "aggregator" else None,
-                    **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates")},
+                    **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates",
+                                                                 "publisher_task_wait_s")},
                     "runs": [run.get(path) for run in runs],
                     "run_ratios": [run[path] / run["floor"] for run in runs if path in run],
                     "loadavg": [run["loadavg"] for run in runs],

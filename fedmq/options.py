@@ -279,6 +279,7 @@ AGGREGATOR_OPTION_DETAILS: dict[str, dict[str, Any]] = {
     "out": {"type": click.Path(file_okay=False), "help": "Run directory."},
     "resume": {"help": "Continue from the newest checkpoint in --out."},
     "mode": {"type": click.Choice(["sync", "async"])},
+    "track": {"type": click.Choice(["tensorboard", "mlflow"])},
     "strategy": {"type": lambda: _choices("strategy"), "help": "Default: fedavg for sync, fedbuff for async."},
     "rounds": {"type": _POSITIVE_INT, "help": "Sync rounds (default 20 if nothing else stops the run)."},
     "max_updates": {"type": _POSITIVE_INT, "help": "Stop after this many applied updates."},
