@@ -136,7 +136,7 @@ def check_label_column(label_column: str | None, data_file: str | None) -> None:
 # ====================================================================== broker
 @main.group()
 def broker() -> None:
-    """Declare, inspect and clean a namespace on RabbitMQ."""
+    """List the namespaces on RabbitMQ; declare, inspect and clean one."""
 
 
 def _admin(amqp_url: str, namespace: str) -> Any:
@@ -156,6 +156,38 @@ def broker_setup(amqp_url: str, namespace: str, log_level: str, log_format: str)
     with _admin(amqp_url, namespace) as admin:
         admin.setup()
         click.echo(f"namespace {namespace!r} declared: " + ", ".join(admin.topology.queues))
+
+
+@broker.command("list")
+@click.option("--amqp-url", default=DEFAULT_AMQP_URL, envvar="FEDMQ_AMQP_URL", show_default=True,
+              help="RabbitMQ URL (amqp:// or amqps://); its vhost is the one listed.")
+@click.option("--management-url", default=None, envvar="FEDMQ_MANAGEMENT_URL",
+              help="The management HTTP API (default: http://<the AMQP host>:15672).")
+@click.option("--json", "as_json", cls=FlagEnvOption, is_flag=True, help="Print JSON instead of a table.")
+@logging_options
+@fails_cleanly
+def broker_list(amqp_url: str, management_url: str | None, as_json: bool, log_level: str, log_format: str) -> None:
+    """The fedmq namespaces on the broker: every prefix <ns> of queues named <ns>.models,
+    <ns>.tasks, <ns>.updates, ... (from the management API, or a local rabbitmqctl)."""
+    setup_logging(log_level, log_format)
+    from fedmq.broker.admin import as_json as rows_json
+    from fedmq.broker.admin import list_namespaces
+    from fedmq.broker.settings import BrokerSettings
+
+    found, source = list_namespaces(BrokerSettings.from_url(amqp_url), management_url)
+    if as_json:
+        click.echo(json.dumps({"source": source, "namespaces": rows_json(found)}, indent=2))
+        return
+    if not found:
+        click.echo(f"no fedmq namespace on this broker (listed with {source})")
+        return
+    width = max(9, *(len(n.namespace) for n in found))
+    click.echo(f"{'namespace':<{width}}  {'queues':>6}  {'messages':>8}  {'consumers':>9}")
+    for n in found:
+        total = len(n.queues) + len(n.missing)
+        partial = f"  (missing: {', '.join(q[len(n.namespace) + 1:] for q in n.missing)})" if n.missing else ""
+        click.echo(f"{n.namespace:<{width}}  {len(n.queues):>2}/{total:<3}  {n.messages:>8}  {n.consumers:>9}{partial}")
+    click.echo(f"{len(found)} namespace(s), listed with {source}")
 
 
 @broker.command("status")
@@ -443,8 +475,9 @@ def status(run_dir: str | None, follow: bool, as_json: bool, interval: float, as
               help="Accuracy line to draw (default: each run's own --target-accuracy, if it had one).")
 @fails_cleanly
 def plot(run_dirs: tuple[str, ...], output: str, target: float | None) -> None:
-    """Plot accuracy and loss against wall time and updates, and the staleness of applied
-    updates, for one or more runs."""
+    """Plot accuracy and loss against wall time and updates, the staleness of applied updates,
+    and a timeline of each run's workers (which worker sent which update when, by fate), for
+    one or more runs."""
     from fedmq.plot import check_output, plot_runs
 
     check_output(output)

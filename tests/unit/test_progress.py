@@ -136,3 +136,99 @@ def test_summary_of_an_interrupted_run_says_how_to_continue_it(tmp_path: Path, c
     assert f"--resume --out {tmp_path}" in out
     progress.summary({"version": 7, "accuracy": 0.8, "updates_applied": 21, "interrupted": False}, tmp_path)
     assert "--resume" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ where the run goes, and the live table
+class Clock:
+    """A clock the test moves (what Progress measures the time since the last event with)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rounds_of(n: int, seconds: float) -> list[dict[str, Any]]:
+    """Sync rounds 1..n of ``seconds`` each (the aggregator's run time at each evaluation)."""
+    return [evaluated(r, round=r, time_s=r * seconds, updates_applied=2 * r) for r in range(1, n + 1)]
+
+
+def test_sync_shows_round_of_rounds_and_the_time_left_from_the_mean_round_time(capsys: pytest.CaptureFixture[str]) -> None:
+    clock = Clock()
+    progress = Progress({"mode": "sync", "rounds": 10}, total_workers=2, mode="plain", clock=clock)
+    assert progress.remaining_s() is None  # nothing to go by before the first round
+    for event in rounds_of(2, 1.0):
+        progress.event(event)
+    assert progress.where() == "round 2/10"
+    assert progress.remaining_s() == pytest.approx(8.0)  # 8 rounds left at 1 s each
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("round   2/10  acc") and out[-1].endswith("left ~8 s"), out
+    clock.now += 3.0  # 3 s into round 3: the estimate counts down
+    assert progress.remaining_s() == pytest.approx(5.0) and progress.run_time_s() == pytest.approx(5.0)
+    clock.now += 60.0  # slower than the mean: never below zero
+    assert progress.remaining_s() == 0.0
+
+
+def test_the_estimate_is_capped_by_the_time_limit_and_uses_max_updates_in_async() -> None:
+    clock = Clock()
+    capped = Progress({"mode": "sync", "rounds": 10, "time_limit": 5.0}, total_workers=2, mode="plain", clock=clock)
+    unbounded = Progress({"mode": "sync", "target_accuracy": 0.9}, total_workers=2, mode="plain", clock=clock)
+    default = Progress({"mode": "sync"}, total_workers=2, mode="plain", clock=clock)
+    for event in rounds_of(2, 1.0):
+        for p in (capped, unbounded, default):
+            p.event(event)
+    assert capped.remaining_s() == pytest.approx(3.0)  # the time limit comes before round 10
+    assert unbounded.where() == "round 2" and unbounded.remaining_s() is None
+    assert default.where() == "round 2/20" and default.remaining_s() == pytest.approx(18.0)  # the aggregator's default
+    progress = Progress({"mode": "async", "max_updates": 200}, total_workers=2, mode="plain", clock=clock)
+    progress.event(evaluated(10, updates_applied=30, time_s=3.0))
+    assert progress.where() == "updates 30/200" and progress.remaining_s() == pytest.approx(17.0)
+
+
+def frames(console: Any) -> int:
+    """How many times the live table was drawn on ``console``."""
+    return str(console.file.getvalue()).count("fedmq run: sync / fedavg")
+
+
+def test_live_table_is_redrawn_on_every_event_and_warnings_print_above_it() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), force_terminal=True, width=160, color_system=None)
+    clock = Clock()
+    progress = Progress({"mode": "sync", "rounds": 10}, total_workers=2, mode="live", console=console, clock=clock,
+                        auto_refresh=False)  # drawn only when something happens
+    progress.start()
+    try:
+        assert frames(console) == 1
+        stream = [
+            {"event": "waiting_for_workers", "namespace": "ns", "have": 0, "need": 2},
+            {"event": "worker_joined", "worker_id": "w0"},
+            {"event": "worker_joined", "worker_id": "w1"},
+            settled("m1", "applied", task_id="t1", worker_id="w0", staleness=0),
+            {"event": "round_closed", "round": 1, "version": 1, "updates": 2},
+            *rounds_of(2, 1.0),
+            {"event": "round_waiting", "round": 3, "have": 1, "wanted": 2, "waited_s": 12.0},
+            {"event": "something_new"},  # unknown: nothing changes, but it is drawn again
+        ]
+        for i, event in enumerate(stream, start=2):
+            progress.event(event)
+            assert frames(console) == i, event  # one more drawing per event
+        last = str(console.file.getvalue()).rsplit("fedmq run: sync / fedavg", 1)[1]
+        assert "2/10" in last and "~8 s" in last and "2/2" in last  # round 2 of 10, 8 s left, both workers
+        assert "round 3 waits for updates: 1/2 after 12 s" in last
+        progress.notice("warning", "worker w1 is [slow]")
+        text = str(console.file.getvalue())
+        assert "aggregator warning: worker w1 is [slow]" in text  # not read as markup
+        assert text.index("worker w1 is [slow]") < text.rindex("fedmq run: sync / fedavg")  # above the table
+        clock.now += 30.0
+        progress.event({"event": "finished", "version": 3, "accuracy": 0.9, "updates_applied": 6, "updates_rejected": 0,
+                        "updates_stale": 0, "updates_duplicate": 0, "updates_late": 0, "reached_target": False,
+                        "interrupted": False, "time_s": 3.0})
+        last = str(console.file.getvalue()).rsplit("fedmq run: sync / fedavg", 1)[1]
+        assert "3.0 s" in last and "done" in last  # the run's own time, not the clock's
+    finally:
+        progress.stop()
+    assert progress._live is None
