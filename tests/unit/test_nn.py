@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -121,16 +119,6 @@ def test_xor_reaches_95_percent():
     net.fit(ds.X_train, ds.y_train, epochs=200, batch_size=32, lr=0.5, seed=0)
     _, acc = net.evaluate(ds.X_test, ds.y_test)
     assert acc >= 0.95
-
-
-def test_digits_one_epoch_is_fast():
-    ds = load_dataset("digits", seed=0)
-    net = MLP([64, 64, 10], "relu", "cross-entropy", seed=0)
-    net.fit(ds.X_train, ds.y_train, epochs=1, batch_size=32, lr=0.1)  # warm-up
-    start = time.perf_counter()
-    net.fit(ds.X_train, ds.y_train, epochs=3, batch_size=32, lr=0.1)
-    per_epoch = (time.perf_counter() - start) / 3
-    assert per_epoch < 0.1, f"one epoch took {per_epoch * 1000:.0f} ms"
 
 
 def test_digits_centralised_reaches_96_percent():
