@@ -8,6 +8,7 @@ private node (``private_broker``), never the shared one.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 
 from fedmq.broker.admin import delete_namespace
 from fedmq.broker.provision import PrivateNode, broker_answers, docker_available, start_container
-from tests.helpers import Procs, split
+from tests.helpers import CapturedLogs, Procs, split
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -89,3 +90,16 @@ def private_broker() -> Iterator[PrivateNode]:
         yield node
     finally:
         node.remove()
+
+
+@pytest.fixture
+def worker_logs() -> Iterator[CapturedLogs]:
+    """What in-process workers (fedmq.worker) log during the test, at INFO and above."""
+    logger = logging.getLogger("fedmq.worker")
+    handler, level = CapturedLogs(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+

@@ -8,6 +8,7 @@ human log messages.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -126,3 +127,21 @@ def readme_config() -> str:
     text = (REPO / "README.md").read_text()
     section = text[text.index("## Configuration"):]
     return section[section.index("```toml") + len("```toml"):].split("```", 1)[0]
+
+
+class CapturedLogs(logging.Handler):
+    """Records an in-process logger emits during a test: its events and its messages."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [dict(r.__dict__) for r in list(self.records) if getattr(r, "event", None) == name]
+
+    def saying(self, words: str) -> list[str]:
+        return [text for r in list(self.records) if words in (text := r.getMessage())]
+

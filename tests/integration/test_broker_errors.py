@@ -6,7 +6,6 @@ stops) run on a private node; the rest use the shared test broker.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from fedmq.shared.errors import (
 from fedmq.shared.trainer import MLPTrainer
 from fedmq.worker.service import Worker, WorkerConfig
 from tests.conftest import new_namespace, skip_or_fail
-from tests.helpers import wait_for
+from tests.helpers import CapturedLogs, wait_for
 
 pytestmark = [pytest.mark.broker]
 
@@ -246,30 +245,6 @@ def test_confirm_waits_have_a_deadline_and_honour_stop_and_close(private_broker:
 SPEC = {"input_dim": 64, "num_classes": 10}
 
 
-class Events(logging.Handler):
-    """Events logged by fedmq.worker during a test."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if hasattr(record, "event"):
-            self.records.append(dict(record.__dict__))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [r for r in list(self.records) if r["event"] == name]
-
-
-@pytest.fixture
-def worker_events() -> Iterator[Events]:
-    logger = logging.getLogger("fedmq.worker")
-    handler, level = Events(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def start_worker(url: str, namespace: str, tmp_path: Path, settings: BrokerSettings | None = None,
@@ -304,15 +279,15 @@ def start_worker(url: str, namespace: str, tmp_path: Path, settings: BrokerSetti
 
 
 def test_a_worker_whose_update_is_not_routed_returns_the_task_and_goes_on(
-        amqp_url: str, namespace: str, tmp_path: Path, worker_events: Events) -> None:
+        amqp_url: str, namespace: str, tmp_path: Path, worker_logs: CapturedLogs) -> None:
     topology = Topology(namespace)
     # no updates queue: an update goes nowhere (mandatory, so the broker returns it)
     worker, thread, outcome = start_worker(amqp_url, namespace, tmp_path, declare=False,
                                            before=lambda ch: ch.queue_delete(topology.updates))
     try:
         # the task comes back to the same worker: it was rejected to the queue, not left unacked
-        wait_for(lambda: len(worker_events.named("task_started")) >= 2, 30, "the task to be delivered again")
-        failed = worker_events.named("task_failed")
+        wait_for(lambda: len(worker_logs.events("task_started")) >= 2, 30, "the task to be delivered again")
+        failed = worker_logs.events("task_failed")
         assert failed and failed[0]["task_id"] == "t1" and "route" in failed[0]["reason"]
         assert thread.is_alive() and not outcome
     finally:
@@ -322,7 +297,7 @@ def test_a_worker_whose_update_is_not_routed_returns_the_task_and_goes_on(
 
 
 def test_a_worker_whose_update_is_too_large_returns_the_task_and_stops_with_the_reason(
-        amqp_url: str, namespace: str, tmp_path: Path, worker_events: Events) -> None:
+        amqp_url: str, namespace: str, tmp_path: Path, worker_logs: CapturedLogs) -> None:
     settings = BrokerSettings.from_url(amqp_url, max_message_bytes=10_000)  # an update is ~19 KB
     worker, thread, outcome = start_worker(amqp_url, namespace, tmp_path, settings)
     try:
@@ -332,9 +307,9 @@ def test_a_worker_whose_update_is_too_large_returns_the_task_and_stops_with_the_
         worker.request_stop()
         thread.join(10)
     assert isinstance(outcome.get("error"), MessageTooLarge), outcome
-    failed = worker_events.named("task_failed")
+    failed = worker_logs.events("task_failed")
     assert [f["task_id"] for f in failed] == ["t1"] and "FEDMQ_MAX_MESSAGE_BYTES" in failed[0]["reason"]
-    assert not worker_events.named("update_confirmed")
+    assert not worker_logs.events("update_confirmed")
     topology = Topology(namespace)
     with Client(BrokerSettings.from_url(amqp_url), topology) as client:
         assert message_count(client, topology.tasks) == 1  # the task is back, for another worker

@@ -8,7 +8,6 @@ where the exit code or a ``--trainer`` reference is what is tested.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import signal
@@ -27,7 +26,7 @@ from fedmq.shared import messages
 from fedmq.shared.errors import WorkerRefused
 from fedmq.shared.trainer import MLPTrainer, mlp_spec
 from fedmq.worker.service import Worker, WorkerConfig
-from tests.helpers import Procs, events_in, wait_for
+from tests.helpers import CapturedLogs, Procs, events_in, wait_for
 
 pytestmark = [pytest.mark.broker]
 
@@ -120,32 +119,6 @@ def bench(amqp_url: str, namespace: str) -> Iterator[Bench]:
     b.close()
 
 
-class Captured(logging.Handler):
-    """Records logged by fedmq.worker during a test."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [dict(r.__dict__) for r in list(self.records) if getattr(r, "event", None) == name]
-
-    def saying(self, words: str) -> list[str]:
-        return [text for r in list(self.records) if words in (text := r.getMessage())]
-
-
-@pytest.fixture
-def logs() -> Iterator[Captured]:
-    logger = logging.getLogger("fedmq.worker")
-    handler, level = Captured(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 class Running:
@@ -225,16 +198,16 @@ def test_a_task_of_a_new_run_is_trained_on_that_runs_model_not_the_highest_versi
 
 
 def test_a_task_whose_model_does_not_come_goes_back_after_a_bounded_wait(
-        bench: Bench, tmp_path: Path, running: list[Running], logs: Captured) -> None:
+        bench: Bench, tmp_path: Path, running: list[Running], worker_logs: CapturedLogs) -> None:
     bench.model(3, RUN_A)
     w = start_worker(bench, write_shard(tmp_path / "s.npz"), model_wait_s=1.0)
     running.append(w)
     bench.task("b-1", RUN_B, version=0, mode="sync", round=0)
-    failed = wait_for(lambda: logs.events("task_failed"), 30, "the task to fail")[0]
+    failed = wait_for(lambda: worker_logs.events("task_failed"), 30, "the task to fail")[0]
     assert failed["task_id"] == "b-1" and RUN_B in failed["reason"] and "did not arrive" in failed["reason"]
     # returned, not lost: once run B's model is there the same task is trained
     bench.model(0, RUN_B)
-    assert logs.saying(f"waits for model version 0 of run {RUN_B}")
+    assert worker_logs.saying(f"waits for model version 0 of run {RUN_B}")
     u = expect_update(bench)
     assert (u.run_id, u.base_version) == (RUN_B, 0)
     assert w.finish() == {"code": 0}
@@ -279,7 +252,7 @@ def test_a_task_on_an_unusable_model_version_is_reported(
 
 # ---------------------------------------------------------------------------------- (c) join check
 def test_a_worker_whose_shard_does_not_fit_the_model_refuses_the_run(
-        bench: Bench, tmp_path: Path, running: list[Running], logs: Captured) -> None:
+        bench: Bench, tmp_path: Path, running: list[Running], worker_logs: CapturedLogs) -> None:
     bench.model(0, RUN_A)
     bench.task("t1", RUN_A)
     w = start_worker(bench, write_shard(tmp_path / "s13.npz", features=13))
@@ -290,7 +263,7 @@ def test_a_worker_whose_shard_does_not_fit_the_model_refuses_the_run(
     assert "13 features" in str(error) and "64" in str(error)
     refused = bench.next_presence("refused")
     assert (refused.worker_id, refused.run_id) == ("w0", RUN_A) and "13 features" in refused.info["reason"]
-    assert not logs.events("task_started"), "refused before training, not by a crash in numpy"
+    assert not worker_logs.events("task_started"), "refused before training, not by a crash in numpy"
     assert bench.updates.empty()
     assert bench.count(bench.topology.tasks) == 1  # back for a worker that fits
 
@@ -371,26 +344,26 @@ def test_a_serving_worker_trains_the_next_run_after_a_stop(
 
 
 def test_a_worker_ignores_the_stop_of_another_run_and_leaves_after_its_own(
-        bench: Bench, tmp_path: Path, running: list[Running], logs: Captured) -> None:
+        bench: Bench, tmp_path: Path, running: list[Running], worker_logs: CapturedLogs) -> None:
     bench.model(0, RUN_A)
     w = start_worker(bench, write_shard(tmp_path / "s.npz"))
     running.append(w)
     bench.task("a-1", RUN_A)
     assert expect_update(bench).run_id == RUN_A
     bench.stop(RUN_B)
-    wait_for(lambda: logs.saying(f"ignoring the stop of run {RUN_B}"), 30, "the other run's stop to be ignored")
+    wait_for(lambda: worker_logs.saying(f"ignoring the stop of run {RUN_B}"), 30, "the other run's stop to be ignored")
     assert w.alive()
     bench.stop(RUN_A)
     assert w.join(30) == {"code": 0}
 
 
 def test_a_worker_says_where_it_waits(
-        bench: Bench, tmp_path: Path, running: list[Running], logs: Captured) -> None:
+        bench: Bench, tmp_path: Path, running: list[Running], worker_logs: CapturedLogs) -> None:
     w = start_worker(bench, write_shard(tmp_path / "s.npz"), idle_log_s=0.2)
     running.append(w)
     ns = bench.topology.namespace
-    wait_for(lambda: logs.saying(f"still waiting for a task on namespace {ns}"), 30, "the idle line")
-    start = logs.saying("connected to")[0]
+    wait_for(lambda: worker_logs.saying(f"still waiting for a task on namespace {ns}"), 30, "the idle line")
+    start = worker_logs.saying("connected to")[0]
     assert f"namespace {ns}" in start and "guest:guest" not in start and "waiting for a model" in start
     assert w.finish() == {"code": 0}
 
