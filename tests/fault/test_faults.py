@@ -186,7 +186,7 @@ def test_broker_restart_mid_run(private_broker: PrivateNode, shards: Path, procs
     run = tmp_path / "run"
     common = ["--amqp-url", url, "--namespace", ns]
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
-                "--strategy", "fedbuff", "--buffer-size", "2", "--min-workers", "4", "--max-updates", "80",
+                "--strategy", "fedbuff", "--buffer-size", "2", "--min-workers", "4", "--max-updates", "400",
                 "--concurrency", "8", *common)
     for i in range(WORKERS):
         worker(procs, shards, i, common, "--slowdown", "10")
@@ -200,7 +200,7 @@ def test_broker_restart_mid_run(private_broker: PrivateNode, shards: Path, procs
     for i in range(WORKERS):
         assert procs.wait(f"w{i}", 60) == 0, procs.log(f"w{i}")
     assert any("reconnected" in procs.log(n) for n in procs.procs), "nobody reconnected: was the broker restarted?"
-    assert read_history(run)["final"]["updates_applied"] >= 80
+    assert read_history(run)["final"]["updates_applied"] >= 400
     assert_ledger_invariant(run, all_confirmed(procs))
     with Admin(BrokerSettings.from_url(url), Topology(ns)) as admin:
         dead = admin.dead_letters()
