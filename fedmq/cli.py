@@ -295,7 +295,7 @@ def keys() -> None:
 
 @keys.command("generate")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the keys to.")
-@click.option("--id", "key_ids", multiple=True, required=True,
+@click.option("--id", "key_ids", cls=FlagEnvOption, multiple=True, required=True,
               help="Whose key: a worker id, or `aggregator`; repeat for several.")
 @fails_cleanly
 def keys_generate(out: str, key_ids: tuple[str, ...]) -> None:
