@@ -21,6 +21,12 @@ spec names the trainer (``spec["trainer"]``, the ``--trainer`` reference). A run
 succeed (:class:`~fedmq.aggregator.core.RunFailed`) still stops its workers, drains and writes
 its files; then :meth:`Aggregator.run` raises, so the command exits 1 with one line.
 
+Signatures (:mod:`fedmq.shared.signing`, docs/protocol.md): with ``--signing-key`` every model,
+task and stop carries the aggregator's signature headers; with ``--worker-keys`` an update or
+failure report not signed by the worker it names, for this run, is rejected (dead-lettered
+with the reason, recorded in the ledger) as if it did not decode, and presence that does not
+verify is ignored.
+
 Worker liveness is the arrival time of hello/heartbeat messages on this machine's monotonic
 clock, never the worker's own clock. The presence stream is read from a timestamp offset
 ``--presence-timeout`` seconds back (the broker's clock filters old history), so that workers

@@ -15,6 +15,11 @@ stop for another run is ignored. Nothing read from the model stream stops a work
 that does not decode, whose spec the trainer cannot build, or whose version is absurdly far
 ahead of its run's is logged and skipped.
 
+Signatures (:mod:`fedmq.shared.signing`): with ``aggregator_key`` a model version, task or stop
+the aggregator did not sign is skipped (models, stops; logged) or dead-lettered (tasks), like
+one from an untrusted broker user (``trust_user``); with ``signing_key`` every update, failure
+report and presence message carries this worker's signature headers.
+
 Threads: the broker client's I/O thread only hands deliveries over (tasks into a queue, model
 versions into a :class:`ModelBox`); the worker's own thread trains. A task is acked only after
 its update (or its failure report) is confirmed by the broker, so a crash at any point leaves
