@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,12 +32,15 @@ from fedmq.shared import messages
 from fedmq.shared.signing import (
     AGGREGATOR_ID,
     SIGNER_HEADER,
+    PublicKeys,
     claims_of,
     load_private_key,
     sign_headers,
+    verify,
     write_key_pair,
 )
 from fedmq.shared.trainer import MLPTrainer, mlp_spec
+from fedmq.worker.service import Worker, WorkerConfig
 from tests.helpers import Procs, read_history, read_ledger, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -233,7 +237,7 @@ def test_workers_skip_forged_models_tasks_and_stops_and_the_run_completes(
         procs.start(name, "worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", name,
                     *keys.worker_args(name), "--log-format", "json", *common)
     for name in early:
-        wait_for(lambda n=name: "waiting for a model and a task" in procs.log(n), 60, f"{name} to be up")  # type: ignore[misc]
+        wait_for(lambda n=name: "waiting for a model and a task" in procs.log(n), 60, f"{name} to be up")
     agg_key, stranger = keys.private(AGGREGATOR_ID), Ed25519PrivateKey.generate()
 
     # models: believable next versions of this run
@@ -275,11 +279,11 @@ def test_workers_skip_forged_models_tasks_and_stops_and_the_run_completes(
                  "dead-lettering task forged-altered: bad signature"]
     for name in early:
         for words in model_skips + stop_skips:
-            wait_for(lambda n=name, w=words: w in procs.log(n), 60, f"{name} to log {words!r}")  # type: ignore[misc]
-        wait_for(lambda n=name: procs.log(n).count("ignoring a stop message") == 3, 60,  # type: ignore[misc]
+            wait_for(lambda n=name, w=words: w in procs.log(n), 60, f"{name} to log {words!r}")
+        wait_for(lambda n=name: procs.log(n).count("ignoring a stop message") == 3, 60,
                  f"{name} to ignore the three forged stops")
     for words in task_dead:
-        wait_for(lambda w=words: in_logs(procs, early, w), 60, f"a worker to log {words!r}")  # type: ignore[misc]
+        wait_for(lambda w=words: in_logs(procs, early, w), 60, f"a worker to log {words!r}")
     for name in early:
         assert procs.procs[name].poll() is None, procs.log(name)  # neither stopped by a forged stop
 
@@ -307,3 +311,65 @@ def test_run_sign_makes_keys_and_a_signed_run_completes(amqp_url: str, namespace
     assert "accepting only updates signed by the worker they name (2 key(s)" in (out / "logs" / "aggregator.log").read_text()
     hist = read_history(out)
     assert hist["final"]["updates_applied"] == 4 and hist["final"]["updates_rejected"] == 0
+
+
+def test_a_worker_signs_its_updates_failure_reports_and_presence(amqp_url: str, namespace: str, shards: Path,
+                                                                   tmp_path: Path, forger: Forger) -> None:
+    keys = Keys(tmp_path / "keys", ["w0", "wf"])
+    ring = PublicKeys(keys.root / "workers")
+    updates: queue.Queue[Delivery] = queue.Queue()
+    presence: queue.Queue[Delivery] = queue.Queue()
+    reader = Client(forger.settings, forger.topology, name="fedmq-test-reader")
+    reader.subscribe(forger.topology.updates, updates.put, settle_on_return=True)
+    reader.subscribe(forger.topology.presence, presence.put, arguments={"x-stream-offset": "first"}, prefetch=50,
+                     settle_on_return=True)
+    reader.start()
+    agg_key = keys.private(AGGREGATOR_ID)
+    model = messages.ModelVersion(version=0, params=params(), spec=SPEC, run_id=RUN_OLD)
+    body = messages.encode(model)
+    forger.model(body, {VERSION_HEADER: 0, RUN_HEADER: RUN_OLD, **sign_headers(agg_key, claims_of(model), body)})
+    for task_id in ("t-0", "t-1"):
+        task = messages.Task(task_id=task_id, version=None, mode="async", epochs=1, batch_size=32, lr=0.1, mu=0.0,
+                             seed=1, update_kind="delta", run_id=RUN_OLD)
+        body = messages.encode(task)
+        forger.task(body, sign_headers(agg_key, claims_of(task), body), task_id)
+    stop = threading.Event()
+    workers = [Worker(WorkerConfig(data=str(shards / f"worker-{i}.npz"), worker_id=wid, trainer=trainer,
+                                   failure_backoff_s=0.05, signing_key=str(keys.root / "workers" / f"{wid}.key"),
+                                   aggregator_key=str(keys.root / "aggregator.pub")),
+                      forger.settings, forger.topology, stop=stop)
+               for i, (wid, trainer) in enumerate([("w0", "fedmq.shared.trainer:MLPTrainer"),
+                                                    ("wf", "tests.trainers:FailingTrainer")])]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    try:
+        got: dict[str, messages.Update | messages.Control] = {}
+        while {"update", "failed"} - set(got):
+            try:
+                delivery = updates.get(timeout=60)
+            except queue.Empty:
+                raise AssertionError(f"only {sorted(got)} arrived on the updates queue") from None
+            msg = messages.decode(delivery.body, expect=(messages.Update, messages.Control))
+            assert isinstance(msg, messages.Update | messages.Control)
+            claims = claims_of(msg)
+            assert verify(delivery.headers, delivery.body, claims, ring) is None
+            other = replace(claims, signer="wf" if claims.signer == "w0" else "w0")
+            assert verify(delivery.headers, delivery.body, other, ring) is not None  # its own worker's, no other's
+            got["update" if isinstance(msg, messages.Update) else msg.kind] = msg
+        assert (got["update"].worker_id, got["failed"].worker_id) == ("w0", "wf")
+        hellos: set[str] = set()
+        while hellos != {"w0", "wf"}:
+            delivery = presence.get(timeout=30)
+            hello = messages.decode(delivery.body, expect=messages.Control)
+            assert isinstance(hello, messages.Control)
+            assert verify(delivery.headers, delivery.body, claims_of(hello), ring) is None, hello
+            if hello.kind == "hello":
+                hellos.add(hello.worker_id)
+    finally:
+        stop.set()
+        for w in workers:
+            w.request_stop()
+        for t in threads:
+            t.join(30)
+        reader.close()
