@@ -58,6 +58,12 @@ class AggregatorConfig:
         "Experiment tracking: tensorboard (RUN_DIR/tensorboard) or mlflow (--track-uri, default "
         "RUN_DIR/mlruns); needs the fedmq[tensorboard] or fedmq[mlflow] extra.")})
     track_uri: str | None = field(default=None, metadata={"help": "MLflow tracking URI (default: a file store in RUN_DIR/mlruns)."})
+    signing_key: str | None = field(default=None, metadata={"help": (
+        "Ed25519 private key (PEM, from `fedmq keys generate`): sign every model, task and stop; "
+        "workers verify them with --aggregator-key.")})
+    worker_keys: str | None = field(default=None, metadata={"help": (
+        "Directory of <worker id>.pub public keys: accept only updates and reports signed by the "
+        "worker they name, for this run; others are rejected (dead-lettered with the reason).")})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -21,6 +21,12 @@ spec names the trainer (``spec["trainer"]``, the ``--trainer`` reference). A run
 succeed (:class:`~fedmq.aggregator.core.RunFailed`) still stops its workers, drains and writes
 its files; then :meth:`Aggregator.run` raises, so the command exits 1 with one line.
 
+Signatures (:mod:`fedmq.shared.signing`, docs/protocol.md): with ``--signing-key`` every model,
+task and stop carries the aggregator's signature headers; with ``--worker-keys`` an update or
+failure report not signed by the worker it names, for this run, is rejected (dead-lettered
+with the reason, recorded in the ledger) as if it did not decode, and presence that does not
+verify is ignored.
+
 Worker liveness is the arrival time of hello/heartbeat messages on this machine's monotonic
 clock, never the worker's own clock. The presence stream is read from a timestamp offset
 ``--presence-timeout`` seconds back (the broker's clock filters old history), so that workers
@@ -38,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.aggregator import durable
 from fedmq.aggregator.config import AggregatorConfig
@@ -76,7 +84,7 @@ from fedmq.aggregator.validate import expected_update_bytes
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import messages
+from fedmq.shared import messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError
 from fedmq.shared.events import SCHEMA, emit
@@ -124,6 +132,9 @@ class Aggregator:
         self._tokens = 0
         self._told = (False, False)  # (stop, interrupted) as passed to the core
         self._last_checkpoint = 0.0
+        self._signing_key: Ed25519PrivateKey | None = None  # --signing-key, loaded by _setup
+        self._worker_keys: signing.PublicKeys | None = None  # --worker-keys
+        self._unsigned_presence: set[str] = set()  # workers whose unverified presence was logged
 
     # ------------------------------------------------------------------ I/O-thread handlers
     def _on_update(self, delivery: Delivery) -> None:
@@ -134,6 +145,14 @@ class Aggregator:
             msg = messages.decode(delivery.body, expect=messages.Control, max_bytes=64 * 1024)
         except DecodeError:
             return
+        assert isinstance(msg, messages.Control)
+        if self._worker_keys is not None:  # --worker-keys: a worker's hello, heartbeat or refusal must be its own
+            reason = signing.verify(delivery.headers, delivery.body, signing.claims_of(msg), self._worker_keys)
+            if reason is not None:
+                if len(self._unsigned_presence) < 100 and msg.worker_id not in self._unsigned_presence:
+                    self._unsigned_presence.add(msg.worker_id)
+                    log.warning("ignoring %s messages claiming worker %r: %s", msg.kind, msg.worker_id[:80], reason)
+                return
         self.inbox.put(("presence", msg))
 
     def request_stop(self) -> None:
@@ -162,6 +181,12 @@ class Aggregator:
         self._initial = self.trainer.init_params()
         self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
+        if cfg.signing_key:
+            self._signing_key = signing.load_private_key(cfg.signing_key)
+        if cfg.worker_keys:
+            self._worker_keys = signing.PublicKeys(cfg.worker_keys)
+            log.info("accepting only updates signed by the worker they name (%d key(s) in %s)",
+                     len(self._worker_keys.ids), cfg.worker_keys)
 
     def _restore(self) -> None:
         """Open the run directory: only once we hold the namespace's aggregator lock."""
@@ -330,7 +355,26 @@ class Aggregator:
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)
-        return msg
+        unverified = self._unverified(delivery, msg)
+        return msg if unverified is None else Undecodable(unverified)
+
+    def _unverified(self, delivery: Delivery, msg: messages.Update | messages.Control) -> str | None:
+        """With --worker-keys: why ``msg`` is not signed by the worker it names for this run, or None."""
+        if self._worker_keys is None:
+            return None
+        claims = signing.claims_of(msg)
+        reason = signing.verify(delivery.headers, delivery.body, claims, self._worker_keys)
+        run = self._core.run_id
+        if reason is None and msg.run_id != run:
+            reason = f"signed for run {msg.run_id or '(none)'}, not this run {run} (a replay, or left from another run)"
+        if reason is None:
+            return None
+        what = "update" if isinstance(msg, messages.Update) else f"{msg.kind} report"
+        return f"{what} for task {claims.task_id[:80] or '?'} claiming worker {claims.signer[:80]!r}: {reason}"
+
+    def _signed(self, msg: messages.Message, body: bytes) -> dict[str, Any]:
+        """The signature headers of ``msg`` (--signing-key), or none."""
+        return {} if self._signing_key is None else signing.sign_headers(self._signing_key, signing.claims_of(msg), body)
 
     # ------------------------------------------------------------------ carrying out decisions
     def _carry(self, decisions: list[Decision]) -> None:
@@ -340,13 +384,15 @@ class Aggregator:
                 case Settle():
                     self._settle(d)
                 case IssueTask(task=task):
-                    self._publish(self.topology.tasks, messages.encode(task), message_id=task.task_id)
+                    body = messages.encode(task)
+                    self._publish(self.topology.tasks, body, message_id=task.task_id, headers=self._signed(task, body))
                 case PublishModel():
                     run_id = self._core.run_id
                     msg = messages.ModelVersion(version=d.version, params=d.params, spec=self.spec, round=d.round,
                                                 created_s=time.time(), run_id=run_id)
-                    self._publish(self.topology.models, messages.encode(msg), message_id=f"model-{run_id}-{d.version}",
-                                  headers={VERSION_HEADER: d.version, RUN_HEADER: run_id})
+                    body = messages.encode(msg)
+                    self._publish(self.topology.models, body, message_id=f"model-{run_id}-{d.version}",
+                                  headers={VERSION_HEADER: d.version, RUN_HEADER: run_id, **self._signed(msg, body)})
                 case Evaluate():
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)
                     self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic()))
@@ -438,8 +484,10 @@ class Aggregator:
         assert self.client is not None
         stop = messages.Control(kind="stop", worker_id="", sent_s=time.time(), info={"version": version},
                                 run_id=self._core.run_id)
+        body = messages.encode(stop)
         try:
-            self.client.publish("", messages.encode(stop), exchange=self.topology.control, mandatory=False, sign=True)
+            self.client.publish("", body, exchange=self.topology.control, mandatory=False, sign=True,
+                                headers=self._signed(stop, body) or None)
         except BrokerError as exc:
             log.warning("could not broadcast stop: %s", exc)
 

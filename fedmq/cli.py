@@ -287,8 +287,34 @@ def broker_delete(amqp_url: str, namespace: str, yes: bool, log_level: str, log_
     click.echo(f"namespace {namespace!r} deleted ({len(existing)} queues)")
 
 
+# ====================================================================== keys
+@main.group()
+def keys() -> None:
+    """End-to-end signatures: make Ed25519 key pairs for the aggregator and the workers."""
+
+
+@keys.command("generate")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the keys to.")
+@click.option("--id", "key_ids", cls=FlagEnvOption, multiple=True, required=True,
+              help="Whose key: a worker id, or `aggregator`; repeat for several.")
+@fails_cleanly
+def keys_generate(out: str, key_ids: tuple[str, ...]) -> None:
+    """Write OUT/<id>.key (private, PEM PKCS#8, mode 0600) and OUT/<id>.pub (public, PEM) for
+    each --id; a directory of <worker id>.pub files is what `fedmq aggregator --worker-keys` reads."""
+    from fedmq.shared.signing import check_key_id, write_key_pair
+
+    for key_id in key_ids:
+        check_key_id(key_id)  # every id checked before any key is written
+    for key_id in key_ids:
+        private, public = write_key_pair(out, key_id)
+        click.echo(f"{key_id}: private key {private} (keep it secret), public key {public}")
+
+
 # ====================================================================== worker
 def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--aggregator-key", type=click.Path(dir_okay=False), default=None,
+                      help="The aggregator's public key (PEM, `fedmq keys generate`): accept only models, "
+                           "tasks and stops it signed; others are skipped or dead-lettered.")(fn)
     fn = click.option("--trainer", default=DEFAULT_TRAINER, show_default=True,
                       help="Trainer factory MODULE:ATTR (see README, 'Bring your own model').")(fn)
     fn = click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
@@ -314,11 +340,15 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--trust-user", default=None,
               help="Accept models, tasks and stop only when RabbitMQ vouches they come from this user "
                    "(the aggregator's); others are ignored or dead-lettered.")
+@click.option("--signing-key", type=click.Path(dir_okay=False), default=None,
+              help="This worker's private key (PEM, `fedmq keys generate --id WORKER_ID`): sign its updates, "
+                   "reports and presence, for an aggregator started with --worker-keys.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
+def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, signing_key: str | None,
+           aggregator_key: str | None, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
            log_format: str) -> None:
     """Train on a local shard for the federation."""
@@ -328,7 +358,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user, serve=serve)
+                       trust_user=trust_user, serve=serve, signing_key=signing_key, aggregator_key=aggregator_key)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -342,11 +372,14 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @click.option("--id-prefix", default="w", show_default=True, help="Worker ids are <prefix><i>.")
 @click.option("--slow", type=click.IntRange(min=0), default=0, show_default=True,
               help="Make the last N workers stragglers (with --slowdown).")
+@click.option("--signing-keys", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Directory of <worker id>.key private keys: each worker signs with its own.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
+def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_keys: str | None,
+            aggregator_key: str | None, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
             log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
@@ -357,7 +390,8 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
     stop = threading.Event()
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
-                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve))
+                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
+                      signing_keys=signing_keys, aggregator_key=aggregator_key))
 
 
 # ====================================================================== aggregator
@@ -397,6 +431,10 @@ def aggregator(amqp_url: str, namespace: str, log_level: str, log_format: str, *
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory (with --resume: the previous run's, continued).")
 @click.option("--in-process-workers", is_flag=True, help="Host the workers as threads of one process.")
+@click.option("--sign", is_flag=True,
+              help="End-to-end signatures: make a throwaway key pair for the aggregator and each worker in "
+                   "RUN_DIR/keys; the aggregator signs models, tasks and stops and accepts only updates its "
+                   "workers signed, the workers the reverse.")
 @click.option("--display", type=click.Choice(["auto", "live", "plain"]), default="auto", show_default=True)
 @broker_options
 @logging_options

@@ -251,8 +251,9 @@ def parse_int_list(_ctx: click.Context | None, _param: click.Parameter | None, v
 #: fields that are not command-line options (set by code, or not expressible as a flag)
 NOT_OPTIONS = frozenset({"extra"})
 #: fields only `fedmq aggregator` takes as generated options; `fedmq run` sets the test set
-#: itself and has its own --out (the run directory, which is also the aggregator's)
-AGGREGATOR_ONLY = frozenset({"test_data", "out"})
+#: itself and has its own --out (the run directory, which is also the aggregator's), and makes
+#: the keys of its aggregator and workers itself (`run --sign`)
+AGGREGATOR_ONLY = frozenset({"test_data", "out", "signing_key", "worker_keys"})
 
 _POSITIVE_INT = click.IntRange(min=1)
 _POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)

@@ -310,14 +310,40 @@ class Stop:
         return 128 + (self.signum or signal.SIGINT)
 
 
+def run_keys(out: Path, n: int) -> Path:
+    """``run --sign``: the run's key pairs, made where missing (kept for ``--resume``).
+
+    ``RUN_DIR/keys/aggregator.{key,pub}``, and ``RUN_DIR/keys/workers/w<i>.{key,pub}``, the
+    directory the aggregator reads as ``--worker-keys``.
+    """
+    from fedmq.shared.signing import AGGREGATOR_ID, PRIVATE_SUFFIX, PUBLIC_SUFFIX, write_key_pair
+
+    keys = out / "keys"
+    for directory, key_id in [(keys, AGGREGATOR_ID), *((keys / "workers", f"w{i}") for i in range(n))]:
+        if not ((directory / f"{key_id}{PRIVATE_SUFFIX}").exists() and (directory / f"{key_id}{PUBLIC_SUFFIX}").exists()):
+            for suffix in (PRIVATE_SUFFIX, PUBLIC_SUFFIX):
+                (directory / f"{key_id}{suffix}").unlink(missing_ok=True)  # half a pair: make a new one
+            write_key_pair(directory, key_id)
+    return keys
+
+
+def _aggregator_key_argv(options: dict[str, Any]) -> list[str]:
+    if not options.get("sign"):
+        return []
+    keys = Path(options["out"]) / "keys"
+    return ["--signing-key", str(keys / "aggregator.key"), "--worker-keys", str(keys / "workers")]
+
+
 def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest: dict[str, Any],
            stop: Stop, n: int) -> int:
     out = Path(options["out"])
     shards = out / "shards"
+    if options.get("sign"):
+        run_keys(out, n)
     agg = fed.spawn(
         "aggregator",
         fedmq_argv("aggregator", "--test-data", str(shards / "test.npz"), "--out", str(out), *aggregator_argv(options),
-                   *common, "--log-format", "json", "--log-level", "info"),
+                   *_aggregator_key_argv(options), *common, "--log-format", "json", "--log-level", "info"),
         capture_stderr=True,
     )
     progress = Progress(options, total_workers=n, mode=options.get("display", "auto"))
@@ -382,16 +408,21 @@ def _final_of(lines: list[str]) -> dict[str, Any] | None:
 
 def _spawn_workers(options: dict[str, Any], fed: Federation, common: list[str], n: int) -> None:
     shards = Path(options["out"]) / "shards"
+    keys = Path(options["out"]) / "keys"
     n_slow = round(n * options["slow_workers"])
+    signed = ["--aggregator-key", str(keys / "aggregator.pub")] if options.get("sign") else []
     if options.get("in_process_workers"):
+        if signed:
+            signed += ["--signing-keys", str(keys / "workers")]
         argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
-                          "--trainer", options["trainer"], *common)
+                          "--trainer", options["trainer"], *signed, *common)
         fed.spawn("workers", argv)
         return
     for i in range(n):
         slow = ["--slowdown", str(options["slowdown"])] if i >= n - n_slow else []
+        key = ["--signing-key", str(keys / "workers" / f"w{i}.key")] if signed else []
         fed.spawn(f"worker-{i}", fedmq_argv("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
-                                            "--trainer", options["trainer"], *slow, *common))
+                                            "--trainer", options["trainer"], *slow, *signed, *key, *common))
 
 
 class AggregatorLog:

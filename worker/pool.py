@@ -14,6 +14,7 @@ from pathlib import Path
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
 from fedmq.shared.errors import DataError, FedmqError
+from fedmq.shared.signing import PRIVATE_SUFFIX
 from fedmq.worker.service import Worker, WorkerConfig
 
 log = logging.getLogger("fedmq.worker.pool")
@@ -39,19 +40,26 @@ def run_pool(
     slow: int = 0,
     heartbeat_s: float = 5.0,
     serve: bool = False,
+    signing_keys: str | None = None,
+    aggregator_key: str | None = None,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
     0 if all ended well; 2 if the only trouble was workers that refused a run (their shard or
     trainer does not fit the model, :class:`~fedmq.shared.errors.WorkerRefused`); 1 otherwise.
-    With ``serve`` each worker serves run after run until ``stop`` is set.
+    With ``serve`` each worker serves run after run until ``stop`` is set. ``signing_keys``: a
+    directory of ``<worker id>.key`` files, one per worker; ``aggregator_key``: the public key the
+    workers accept models, tasks and stops from (see :mod:`fedmq.shared.signing`).
     """
     files = shard_files(shards_dir)[:count]
     workers = []
     for i, path in enumerate(files):
         straggler = i >= len(files) - slow
-        cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
-                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve)
+        worker_id = f"{id_prefix}{i}"
+        key = str(Path(signing_keys) / f"{worker_id}{PRIVATE_SUFFIX}") if signing_keys else None
+        cfg = WorkerConfig(data=str(path), worker_id=worker_id, trainer=trainer,
+                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
+                           signing_key=key, aggregator_key=aggregator_key)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

@@ -15,6 +15,11 @@ stop for another run is ignored. Nothing read from the model stream stops a work
 that does not decode, whose spec the trainer cannot build, or whose version is absurdly far
 ahead of its run's is logged and skipped.
 
+Signatures (:mod:`fedmq.shared.signing`): with ``aggregator_key`` a model version, task or stop
+the aggregator did not sign is skipped (models, stops; logged) or dead-lettered (tasks), like
+one from an untrusted broker user (``trust_user``); with ``signing_key`` every update, failure
+report and presence message carries this worker's signature headers.
+
 Threads: the broker client's I/O thread only hands deliveries over (tasks into a queue, model
 versions into a :class:`ModelBox`); the worker's own thread trains. A task is acked only after
 its update (or its failure report) is confirmed by the broker, so a crash at any point leaves
@@ -54,10 +59,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import events, messages
+from fedmq.shared import events, messages, signing
 from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
@@ -99,6 +106,8 @@ class WorkerConfig:
     failure_backoff_s: float = 1.0
     declare: bool = True  # declare the namespace's topology on connect (needs configure rights)
     trust_user: str | None = None  # accept models, tasks and stops only from this broker user
+    signing_key: str | None = None  # Ed25519 private key (PEM): sign updates, reports and presence
+    aggregator_key: str | None = None  # Ed25519 public key (PEM): accept only models, tasks, stops it signed
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
@@ -126,10 +135,12 @@ class ModelBox:
     """
 
     def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
-                 trust_user: str | None = None, *, runs: int = 4, max_jump: int = MAX_VERSION_JUMP) -> None:
+                 trust_user: str | None = None, *, runs: int = 4, max_jump: int = MAX_VERSION_JUMP,
+                 aggregator_key: Ed25519PublicKey | None = None) -> None:
         self.keep = keep
         self.max_bytes = max_bytes
         self.trust_user = trust_user
+        self.aggregator_key = aggregator_key  # with it, only versions the aggregator signed are kept
         self.max_runs = runs
         self.max_jump = max_jump
         self.skipped = 0  # bad model messages so far
@@ -175,6 +186,12 @@ class ModelBox:
                 return
             assert isinstance(msg, messages.ModelVersion)
             version, run = msg.version, msg.run_id
+        if self.aggregator_key is not None:
+            claims = signing.Claims("model", run, signing.AGGREGATOR_ID, "", version)
+            reason = signing.verify(delivery.headers, delivery.body, claims, lambda _signer: self.aggregator_key)
+            if reason is not None:
+                self._skip(f"version {version} of run {run_name(run)}: {reason}")
+                return
         fire = None
         with self._cond:
             stored = self._runs.get(run)
@@ -316,7 +333,11 @@ class Worker:
         self.settings = settings
         self.topology = topology
         self.stop = stop or threading.Event()
-        self.models = ModelBox(max_bytes=config.max_model_bytes, trust_user=config.trust_user)
+        self._signing_key = signing.load_private_key(config.signing_key) if config.signing_key else None
+        self._aggregator_key = signing.load_public_key(config.aggregator_key) if config.aggregator_key else None
+        self._bad_stops = 0  # stop messages that did not verify (logged up to BAD_MODEL_LOG_LIMIT)
+        self.models = ModelBox(max_bytes=config.max_model_bytes, trust_user=config.trust_user,
+                               aggregator_key=self._aggregator_key)
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.tasks_done = 0
         self.client: Client | None = None
@@ -352,6 +373,13 @@ class Worker:
             return
         if msg.kind != "stop":
             return
+        unverified = self._unverified(delivery, msg)
+        if unverified is not None:
+            self._bad_stops += 1
+            if self._bad_stops <= BAD_MODEL_LOG_LIMIT:
+                log.warning("worker %s: ignoring a stop message of run %s: %s", cfg.worker_id, run_name(msg.run_id),
+                            unverified)
+            return
         # the run this worker serves: its last task's, or before any task the newest run read
         serving = self.serving if self.serving is not None else self.models.last_run
         if msg.run_id and serving is not None and msg.run_id != serving:
@@ -370,6 +398,19 @@ class Worker:
                  run_name(msg.run_id), self.topology.namespace)
         if self.client is not None:
             self.client.resume(self.topology.tasks)  # a sync worker waiting for a newer version
+
+    def _unverified(self, delivery: Delivery, msg: messages.Task | messages.Control) -> str | None:
+        """With --aggregator-key: why ``msg`` (a task or a stop) is not the aggregator's, or None."""
+        key = self._aggregator_key
+        if key is None:
+            return None
+        claims = signing.claims_of(msg, signer=signing.AGGREGATOR_ID)
+        return signing.verify(delivery.headers, delivery.body, claims, lambda _signer: key)
+
+    def _signed(self, msg: messages.Message, body: bytes) -> dict[str, str]:
+        """The signature headers of what this worker publishes (--signing-key), or none."""
+        key = self._signing_key
+        return {} if key is None else signing.sign_headers(key, signing.claims_of(msg), body)
 
     def _on_client_failure(self, error: BrokerError) -> None:
         """The broker client gave up (a permanent error while reconnecting): stop with it."""
@@ -471,8 +512,9 @@ class Worker:
         assert self.client is not None
         msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=dict(info),
                                run_id=run_id)
+        body = messages.encode(msg)
         try:
-            self.client.publish(self.topology.presence, messages.encode(msg), timeout=10)
+            self.client.publish(self.topology.presence, body, timeout=10, headers=self._signed(msg, body) or None)
         except BrokerError as exc:
             log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
             return False
@@ -492,6 +534,10 @@ class Worker:
             self._dead_letter(delivery, delivery.message_id or "?", f"undecodable: {exc}")
             return
         assert isinstance(task, messages.Task)
+        unverified = self._unverified(delivery, task)
+        if unverified is not None:
+            self._dead_letter(delivery, task.task_id, unverified)
+            return
         run, sync = task.run_id, task.mode == "sync"
         self.serving = run
 
@@ -545,7 +591,7 @@ class Worker:
             client.pause(self.topology.tasks)  # before the ack: no second task for this version
         message_id = uuid.uuid4().hex
         try:
-            self._publish(messages.encode(update), task, message_id)
+            self._publish(update, task, message_id)
         except FedmqError as exc:
             self._give_back(delivery, task.task_id, f"update not confirmed: {exc}", fatal=self._permanent(exc))
             return
@@ -590,14 +636,15 @@ class Worker:
         """``exc`` if no retry can help (the worker stops with it), else None."""
         return None if isinstance(exc, BrokerError) and exc.retryable else exc
 
-    def _publish(self, body: bytes, task: messages.Task, message_id: str) -> None:
-        """Publish an update (or failure report) for ``task`` to the updates queue and wait for
-        its confirm; a stop request leaves it a short grace."""
+    def _publish(self, msg: messages.Update | messages.Control, task: messages.Task, message_id: str) -> None:
+        """Publish an update (or failure report) for ``task`` to the updates queue, signed with
+        --signing-key, and wait for its confirm; a stop request leaves it a short grace."""
         client = self.client
         assert client is not None
+        body = messages.encode(msg)
         pending = client.publish_nowait(
             self.topology.updates, body, message_id=message_id,
-            headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id},
+            headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id, **self._signed(msg, body)},
         )
         try:
             try:
@@ -618,7 +665,7 @@ class Worker:
         report = messages.Control(kind="failed", worker_id=cfg.worker_id, sent_s=time.time(), run_id=task.run_id,
                                   info={"task_id": task.task_id, "reason": reason[:2000]})
         try:
-            self._publish(messages.encode(report), task, f"failed-{task.task_id}-{cfg.worker_id}")
+            self._publish(report, task, f"failed-{task.task_id}-{cfg.worker_id}")
         except FedmqError as exc:
             self._give_back(delivery, task.task_id, f"{reason}; the failure report was not confirmed: {exc}",
                             fatal=self._permanent(exc))

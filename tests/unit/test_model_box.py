@@ -109,3 +109,36 @@ def test_a_stopped_run_is_forgotten() -> None:
     offer(box, 0, "A")
     box.forget("A")
     assert box.latest("A") is None and get(box, "A") is None
+
+
+def test_with_the_aggregators_key_only_versions_it_signed_are_kept(caplog: pytest.LogCaptureFixture) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedmq.shared.signing import AGGREGATOR_ID, Claims, sign_headers
+
+    key, stranger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    box = ModelBox(aggregator_key=key.public_key())
+
+    def signed(version: int, run: str, signer: Ed25519PrivateKey = key, **headers: Any) -> None:
+        data = body(version, run)
+        claims = Claims("model", run, AGGREGATOR_ID, "", version)
+        box.offer(delivery(data, {VERSION_HEADER: version, RUN_HEADER: run, **sign_headers(signer, claims, data),
+                                  **headers}))
+
+    signed(0, "A")
+    with caplog.at_level(logging.WARNING, logger="fedmq.worker"):
+        offer(box, 1, "A")  # unsigned
+        signed(2, "A", signer=stranger)
+        signed(3, "A", **{RUN_HEADER: "B"})  # signed as version 3 of run A, presented as run B's
+        good = body(4, "A")
+        headers = {VERSION_HEADER: 4, RUN_HEADER: "A",
+                   **sign_headers(key, Claims("model", "A", AGGREGATOR_ID, "", 4), good)}
+        box.offer(delivery(good[:-1] + bytes([good[-1] ^ 1]), headers))  # one byte altered
+        box.offer(delivery(good, {**headers, VERSION_HEADER: 0}))  # presented as version 0: replaces nothing
+    assert box.known() == {"A": 0} and box.skipped == 5
+    said = caplog.text
+    assert "version 1 of run A: unsigned" in said and "version 2 of run A: bad signature" in said
+    assert "version 3 of run B: bad signature" in said and "version 4 of run A: bad signature" in said
+    assert np.all(get(box, "A").params["w"] == 0)  # the genuine version 0, not the one presented as it
+    signed(1, "A")
+    assert box.known() == {"A": 1}
