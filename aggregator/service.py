@@ -151,7 +151,11 @@ class Aggregator:
         self.strategy = make_strategy(
             cfg.strategy_name, mixing=cfg.mixing, staleness=cfg.staleness, staleness_a=cfg.staleness_a,
             staleness_b=cfg.staleness_b, buffer_size=cfg.buffer_size, server_lr=cfg.server_lr,
+            robust=cfg.robust_rule(), dp=cfg.dp_mechanism(),
         )
+        if cfg.dp_clip is not None and cfg.dp_noise == 0:
+            log.warning("--dp-clip %g with --dp-noise 0: differential privacy is off (no clipping, no noise)",
+                        cfg.dp_clip)
         self.policy = make_policy(cfg)
         architecture = mlp_spec(
             int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
