@@ -35,7 +35,7 @@ from fedmq.options import (
     mask_secrets,
     parse_label_column,
 )
-from fedmq.shared.defaults import DEFAULT_TRAINER
+from fedmq.shared.defaults import ATTACK_KINDS, DEFAULT_ATTACK_SCALE, DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
 from fedmq.shared.logs import setup_logging
 
@@ -299,6 +299,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Seconds to pause after a trainer failure (doubling up to 32x).")(fn)
     fn = click.option("--amqp-heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
                       help="AMQP connection heartbeat in seconds.")(fn)
+    fn = click.option("--attack-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ATTACK_SCALE,
+                      show_default=True, help="--attack: S (sign-flip sends -S x delta, scale S x delta, gauss N(0, S^2) values).")(fn)
     fn = click.option("--serve", is_flag=True, default=False,
                       help="After a run's stop, wait for the next run instead of exiting; stop with SIGTERM/SIGINT.")(fn)
     return fn
@@ -314,13 +316,15 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--trust-user", default=None,
               help="Accept models, tasks and stop only when RabbitMQ vouches they come from this user "
                    "(the aggregator's); others are ignored or dead-lettered.")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None,
+              help="Poison this worker's updates (tests, benchmarks, research); see README, 'Hostile participants'.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
-           failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
-           log_format: str) -> None:
+def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, attack: str | None,
+           trainer: str, slowdown: float, heartbeat: float, failure_backoff: float, amqp_heartbeat: int,
+           attack_scale: float, serve: bool, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
     from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
@@ -328,7 +332,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user, serve=serve)
+                       trust_user=trust_user, serve=serve, attack=attack, attack_scale=attack_scale)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -342,13 +346,16 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @click.option("--id-prefix", default="w", show_default=True, help="Worker ids are <prefix><i>.")
 @click.option("--slow", type=click.IntRange(min=0), default=0, show_default=True,
               help="Make the last N workers stragglers (with --slowdown).")
+@click.option("--attackers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Make the first N workers attack (with --attack).")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None, help="The attack of --attackers.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
-def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
-            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
-            log_level: str, log_format: str) -> None:
+def workers(shards: str, count: int | None, id_prefix: str, slow: int, attackers: int, attack: str | None,
+            trainer: str, slowdown: float, heartbeat: float, failure_backoff: float, amqp_heartbeat: int,
+            attack_scale: float, serve: bool, amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -357,7 +364,8 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
     stop = threading.Event()
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
-                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve))
+                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
+                      attackers=attackers, attack=attack, attack_scale=attack_scale))
 
 
 # ====================================================================== aggregator
@@ -397,6 +405,11 @@ def aggregator(amqp_url: str, namespace: str, log_level: str, log_format: str, *
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run directory (with --resume: the previous run's, continued).")
 @click.option("--in-process-workers", is_flag=True, help="Host the workers as threads of one process.")
+@click.option("--attackers", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of the workers that attack (with --attack); the aggregator is not told which.")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None, help="The attack of --attackers.")
+@click.option("--attack-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ATTACK_SCALE,
+              show_default=True, help="--attack: S (sign-flip sends -S x delta, scale S x delta, gauss N(0, S^2)).")
 @click.option("--display", type=click.Choice(["auto", "live", "plain"]), default="auto", show_default=True)
 @broker_options
 @logging_options

@@ -39,19 +39,25 @@ def run_pool(
     slow: int = 0,
     heartbeat_s: float = 5.0,
     serve: bool = False,
+    attackers: int = 0,
+    attack: str | None = None,
+    attack_scale: float = 10.0,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
     0 if all ended well; 2 if the only trouble was workers that refused a run (their shard or
     trainer does not fit the model, :class:`~fedmq.shared.errors.WorkerRefused`); 1 otherwise.
-    With ``serve`` each worker serves run after run until ``stop`` is set.
+    With ``serve`` each worker serves run after run until ``stop`` is set. The first
+    ``attackers`` workers mount ``attack`` (see :mod:`fedmq.worker.attack`).
     """
     files = shard_files(shards_dir)[:count]
     workers = []
     for i, path in enumerate(files):
         straggler = i >= len(files) - slow
+        hostile = attack is not None and i < attackers
         cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
-                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve)
+                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
+                           attack=attack if hostile else None, attack_scale=attack_scale)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

@@ -61,6 +61,7 @@ from fedmq.shared import events, messages
 from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
+from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
 
 log = logging.getLogger("fedmq.worker")
@@ -102,6 +103,8 @@ class WorkerConfig:
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
+    attack: str | None = None  # --attack: poison this worker's updates (tests, benchmarks, research)
+    attack_scale: float = DEFAULT_ATTACK_SCALE
 
 
 @dataclass(frozen=True)
@@ -393,7 +396,11 @@ class Worker:
         unscaled = scaling_warning(X, f"worker {cfg.worker_id}: shard {cfg.data}")
         if unscaled:
             log.warning("%s", unscaled)
-        self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer)
+        attack = make_attack(cfg.attack, cfg.attack_scale)
+        if attack is not None:
+            log.warning("worker %s attacks: --attack %s --attack-scale %g", cfg.worker_id, attack.kind, attack.scale)
+        self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer,
+                                 attack=attack)
         client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}", declare=cfg.declare)
         client.on_failure = self._on_client_failure
         self.client = client
