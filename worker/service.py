@@ -125,7 +125,9 @@ class ModelBox:
     :data:`~fedmq.broker.topology.RUN_HEADER`) or, without them, by decoding it, and decoded in
     full when a task needs it. One that does not decode, whose headers disagree with its body,
     that fails the caller's check, or whose version is more than ``max_jump`` ahead of the
-    newest of its run is logged and skipped: nothing read from the stream raises.
+    newest of its run is logged and skipped: nothing read from the stream raises. A version
+    that was the first of its run read (a worker joining just after it was forged) is dropped as
+    soon as a version more than ``max_jump`` below it follows: the run's own versions only grow.
     """
 
     def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
@@ -179,6 +181,7 @@ class ModelBox:
             assert isinstance(msg, messages.ModelVersion)
             version, run = msg.version, msg.run_id
         fire = None
+        forged: list[int] = []
         with self._cond:
             stored = self._runs.get(run)
             newest = max(stored) if stored else None
@@ -186,7 +189,13 @@ class ModelBox:
                 stored = self._runs.setdefault(run, {})
                 self._runs.move_to_end(run)
                 stored[version] = delivery.body  # a version published again replaces the first
-                if self._decoded is not None and self._decoded[0] == (run, version):
+                # a version far ahead of one that came after it was never the run's: a worker that
+                # joined just after a forged one read it first, and the run has moved on since
+                forged = [v for v in stored if v > version + self.max_jump]
+                for v in forged:
+                    del stored[v]
+                if self._decoded is not None and self._decoded[0][0] == run and (
+                        self._decoded[0][1] == version or self._decoded[0][1] in forged):
                     self._decoded = None
                 for old in sorted(stored)[: -self.keep]:
                     del stored[old]
@@ -200,6 +209,9 @@ class ModelBox:
             self._skip(f"version {version} of run {run_name(run)} is more than {self.max_jump} versions ahead "
                        f"of the newest of that run ({newest})")
             return
+        for v in forged:
+            self._skip(f"version {v} of run {run_name(run)} is more than {self.max_jump} versions ahead of "
+                       f"version {version}, which came after it")
         if fire is not None:
             fire()
 
