@@ -213,6 +213,28 @@ def test_junk_and_far_ahead_models_on_the_stream_mid_run_stop_no_worker(
     assert any("skipping a model message" in procs.log(n) for n in ("w0", "w1", "w2", "w3"))
 
 
+def test_a_late_answer_to_a_task_reissued_after_the_task_timeout_is_applied(
+    amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path
+) -> None:
+    """A worker slower than --task-timeout: each of its tasks is replaced, and its late answer still
+    counts as issued work (applied, weighted by its staleness like any other), never rejected."""
+    ns = common(amqp_url, namespace)
+    run = tmp_path / "run"
+    start_aggregator(procs, "agg", shards, run, "--max-updates", "2", "--time-limit", "120", "--task-timeout", "1",
+                     "--concurrency", "1", "--join-grace", "0", *ASYNC, *ns)
+    start_worker(procs, "w0", shards, 0, "--slowdown", "30", *ns)  # seconds a task
+    assert procs.wait("agg", 150) == 0, procs.dump()
+    expired = {m.group(1) for m in re.finditer(r"task (a\d+-\w+) not answered in 1 s", procs.log("agg"))}
+    ledger = read_ledger(run)
+    applied = [e for e in ledger if e["fate"] == "applied"]
+    late_answers = [e for e in applied if e["task_id"] in expired]
+    assert late_answers, (expired, ledger)
+    for e in applied:  # FedAsync: alpha = mixing x (staleness + 1)^-0.5
+        assert e["weight"] == pytest.approx(0.6 * (e["staleness"] + 1) ** -0.5, rel=1e-5), e
+    assert not [e for e in ledger if e["fate"] == "rejected"], ledger
+    assert procs.wait("w0", 30) == 0, procs.log("w0")
+
+
 def test_workers_started_by_hand_one_after_another_all_take_part_from_round_1(
     amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path
 ) -> None:
