@@ -9,7 +9,7 @@ An in-process simulation of the same code a run executes, without the broker: ea
 * async: FedBuff (K = --buffer-size) with the rule applied per buffer; workers take exponential
   times to train (mean 1, seeded), so updates arrive stale; "round r" is r x workers updates.
 
-    python bench/robust.py --quick          # 10 workers, 20 rounds, 2 attacks, a few rules (~2 min)
+    python bench/robust.py --quick          # 10 workers, 20 rounds, 2 attacks, 4 rules (about a minute)
     python bench/robust.py                  # 50 rounds, every attack and rule, sync and async
 
 Writes bench/results/robust.json and prints the table BENCHMARKS.md shows. A benchmark, not a
@@ -120,7 +120,7 @@ def simulate(rule: RobustRule, attack: Attack | None, *, mode: str, rounds: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="20 rounds, sign-flip and gauss, three rules")
+    ap.add_argument("--quick", action="store_true", help="20 rounds, sign-flip and gauss, four rules")
     ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--attackers", type=int, default=2)
     ap.add_argument("--partition", default="iid", choices=sorted(PARTITIONERS))
@@ -129,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     rounds = 20 if args.quick else 50
     attacks = ["sign-flip x10", "gauss 10"] if args.quick else list(ATTACKS)
-    rules = ["mean", "trimmed-mean 0.2", "multi-krum f=2"] if args.quick else list(RULES)
+    rules = ["mean", "trimmed-mean 0.2", "multi-krum f=2", "norm-clip auto"] if args.quick else list(RULES)
     rows = []
     for mode in args.modes.split(","):
         for attack in attacks:

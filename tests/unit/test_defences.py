@@ -305,3 +305,26 @@ def test_the_reported_epsilon_is_the_accountants() -> None:
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(1.0), 3)
     assert strat.report() == {"dp_epsilon": accountant.get_epsilon(1e-5), "dp_delta": 1e-5, "dp_steps": 3}
+
+
+def test_fedbuff_held_deltas_go_through_a_checkpoint_file(tmp_path: Path) -> None:
+    from fedmq.aggregator import durable
+
+    rng = np.random.default_rng(14)
+    current = {"dense_0/W": rng.normal(size=(3, 2)).astype(np.float32), "dense_0/b": np.zeros(2, np.float32)}
+    ups = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in current.items()} for _ in range(7)]
+    rule = RobustRule("multi-krum", byzantine=2)
+    whole, first = FedBuff(7, robust=rule), FedBuff(7, robust=rule)
+    want = [whole.apply(current, u, 5, 1).params for u in ups][-1]
+    for u in ups[:4]:
+        first.apply(current, u, 5, 1)
+    meta, arrays = first.state()
+    durable.save_checkpoint(tmp_path, {"strategy": meta}, {f"strategy/{k}": v for k, v in arrays.items()})
+    loaded = durable.load_checkpoint(tmp_path)
+    assert loaded is not None
+    second = FedBuff(7, robust=rule)
+    second.restore(loaded[0]["strategy"], durable.split_prefix(loaded[1], "strategy/"))
+    got = [second.apply(current, u, 5, 1).params for u in ups[4:]][-1]
+    assert got is not None and want is not None
+    for k in current:
+        np.testing.assert_array_equal(got[k], want[k])
