@@ -102,3 +102,29 @@ def test_bad_attacks_are_config_errors() -> None:
         make_attack("flip")
     with pytest.raises(ConfigError, match="--attack-scale must be a positive number"):
         make_attack("scale", 0.0)
+
+
+def test_run_picks_the_first_workers_as_attackers_and_checks_its_flags() -> None:
+    import click
+
+    from fedmq.runner import attackers
+
+    assert attackers({"attackers": 0.2, "attack": "sign-flip"}, 10) == [0, 1]
+    assert attackers({"attackers": 0.25, "attack": "gauss"}, 4) == [0]
+    assert attackers({"attackers": 0.0, "attack": None}, 10) == []
+    with pytest.raises(click.UsageError, match="--attackers needs --attack KIND"):
+        attackers({"attackers": 0.2, "attack": None}, 10)
+    with pytest.raises(click.UsageError, match="--attack needs --attackers FRACTION"):
+        attackers({"attackers": 0.0, "attack": "scale"}, 10)
+
+
+def test_run_records_who_attacked_in_history(tmp_path: Any) -> None:
+    import json
+
+    from fedmq.runner import record_attack
+
+    (tmp_path / "history.json").write_text(json.dumps({"config": {"robust": "median"}, "final": {}}))
+    record_attack({"attackers": 0.2, "attack": "sign-flip", "attack_scale": 10.0}, tmp_path, 10)
+    doc = json.loads((tmp_path / "history.json").read_text())
+    assert doc["config"] == {"robust": "median", "attack": {"kind": "sign-flip", "scale": 10.0, "fraction": 0.2,
+                                                            "workers": ["w0", "w1"]}}
