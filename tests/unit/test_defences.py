@@ -382,3 +382,23 @@ def test_an_async_run_with_defences_resumes_to_the_same_decisions(defence: dict[
     if "dp_noise" in defence:
         last = resumed.core.state.history[-1]
         assert last["dp_steps"] == last["version"] and last["dp_epsilon"] > 0
+
+
+def test_tensorboard_gets_the_privacy_spent_when_there_is_one(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto.event_pb2 import Event
+
+    from fedmq.aggregator.tracking import TensorBoardTracker
+    from tests.integration.test_tracking import tfrecords
+
+    tracker = TensorBoardTracker(tmp_path)
+    tracker.start("R", {})
+    base = {"accuracy": 0.5, "loss": 1.0, "updates_applied": 3, "staleness_mean": 0.0}
+    tracker.version({**base, "version": 1})
+    tracker.version({**base, "version": 2, "dp_epsilon": 7.5})
+    tracker.finish({"version": 2}, {}, tmp_path / "model.npz")
+    tags = []
+    for f in tmp_path.glob("events.out.tfevents.*"):
+        for record in tfrecords(f):
+            tags += [(v.tag, Event.FromString(record).step) for v in Event.FromString(record).summary.value]
+    assert ("eval/dp_epsilon", 2) in tags and ("eval/dp_epsilon", 1) not in tags and ("eval/accuracy", 1) in tags
