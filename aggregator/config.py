@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedmq.aggregator.strategies import STRATEGIES
+from fedmq.aggregator.privacy import GaussianDP, check_accountant, make_dp
+from fedmq.aggregator.robust import RobustRule, make_robust
+from fedmq.aggregator.strategies import STRATEGIES, check_defences
 from fedmq.aggregator.tracking import check_tracker
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
@@ -64,6 +66,23 @@ class AggregatorConfig:
     worker_keys: str | None = field(default=None, metadata={"help": (
         "Directory of <worker id>.pub public keys: accept only updates and reports signed by the "
         "worker they name, for this run; others are rejected (dead-lettered with the reason).")})
+    robust: str = field(default="none", metadata={"help": (
+        "Robust aggregation: none, trimmed-mean (--trim-fraction), median, multi-krum (--byzantine) or "
+        "norm-clip (--clip-norm); sync: over each round's updates; fedbuff: over each buffer; "
+        "fedasync: norm-clip only, against recent updates.")})
+    trim_fraction: float = field(default=0.1, metadata={"help": (
+        "trimmed-mean: drop this fraction of the largest and of the smallest values of every coordinate.")})
+    byzantine: int = field(default=1, metadata={"help": (
+        "multi-krum: f, the attackers to tolerate (needs at least 2f+3 updates per round or buffer).")})
+    clip_norm: float | None = field(default=None, metadata={"help": (
+        "norm-clip: the L2 bound of each delta (default: adaptive, the median norm of the round's, "
+        "buffer's or recent updates).")})
+    dp_clip: float | None = field(default=None, metadata={"help": (
+        "Differential privacy (fedavg, fedbuff): clip each delta to this L2 norm S.")})
+    dp_noise: float = field(default=0.0, metadata={"help": (
+        "Differential privacy: noise multiplier z; N(0, (z*S/n)^2) is added to each average of n "
+        "clipped deltas (0: off). Needs the fedmq[dp] extra.")})
+    dp_delta: float = field(default=1e-5, metadata={"help": "Differential privacy: the delta of the (epsilon, delta) reported."})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -109,7 +128,32 @@ class AggregatorConfig:
             raise ConfigError(f"--hidden must be positive layer sizes, got {self.hidden}")
         if self.workers_per_round is not None and self.workers_per_round < self.min_workers:
             raise ConfigError("--workers-per-round must be at least --min-workers")
+        self._check_defences()
         return self
+
+    def robust_rule(self) -> RobustRule:
+        """The --robust rule with its parameters (ConfigError for impossible ones)."""
+        clip = self.clip_norm
+        if clip is not None and clip <= 0:
+            raise ConfigError(f"--clip-norm must be positive (leave it out for the adaptive clip), got {clip}")
+        return make_robust(self.robust, trim_fraction=self.trim_fraction, byzantine=self.byzantine, clip_norm=clip)
+
+    def dp_mechanism(self) -> GaussianDP | None:
+        """The Gaussian mechanism of --dp-clip/--dp-noise/--dp-delta; None when --dp-noise is 0."""
+        return make_dp(self.dp_clip, self.dp_noise, self.dp_delta, self.seed)
+
+    def _check_defences(self) -> None:
+        """Robust rules and DP that cannot work with this strategy, or with this few updates per
+        round (sync: a round may close with --min-workers) or buffer (fedbuff: --buffer-size)."""
+        rule, dp = self.robust_rule(), self.dp_mechanism()
+        check_defences(self.strategy_name, rule, dp)
+        if rule.needs_all or (rule.name == "norm-clip" and self.synchronous):
+            if self.synchronous:
+                rule.check(self.min_workers, given="--min-workers")
+            elif self.strategy_name == "fedbuff":
+                rule.check(self.buffer_size, given="--buffer-size")
+        if dp is not None:
+            check_accountant()
 
     @property
     def effective_rounds(self) -> int | None:

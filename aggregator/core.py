@@ -562,6 +562,7 @@ class Coordinator:
         round_ = self.policy.round_of(st)
         if round_ is not None:
             entry["round"] = round_
+        entry.update(self.strategy.report())  # e.g. the privacy spent so far
         st.staleness_since_version = []
         st.history.append(entry)
         if self.config.target_accuracy is not None and accuracy >= self.config.target_accuracy:
@@ -636,6 +637,7 @@ class Coordinator:
             "updates_duplicate": st.counts["duplicate"], "updates_late": st.counts["late"],
             "reached_target": st.reached_target, "interrupted": self.interrupted,
             "rounds": self.policy.round_of(st),
+            **{k: last[k] for k in ("dp_epsilon", "dp_delta") if k in last},
         }
 
     def workers_report(self) -> dict[str, dict[str, Any]]:

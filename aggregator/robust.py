@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedmq.aggregator.strategies import Params, weighted_average
+from fedmq.aggregator.averaging import Params, weighted_average
 from fedmq.shared.errors import ConfigError, FedmqError
 
 Update = Mapping[str, np.ndarray]
@@ -366,6 +366,25 @@ def adaptive_clip_norm(recent_norms: Iterable[float]) -> float:
     return float(np.median(norms))
 
 
+RECENT_NORMS = 32  # how many recent norms an adaptive clip of updates arriving one by one follows
+
+
+class RecentNorms:
+    """The norms of the last ``size`` updates, for an adaptive clip of updates that arrive alone
+    (FedAsync, FedBuff's running sum): the bound is their median, the arriving update's included.
+
+    The first updates of a run are clipped against few norms (the very first against its own,
+    so not at all); from 3 on, a minority of outsized norms cannot move the median far.
+    """
+
+    def __init__(self, norms: Iterable[float] = (), size: int = RECENT_NORMS) -> None:
+        self.size = size
+        self.norms: list[float] = [float(n) for n in norms][-size:]
+
+    def add(self, norm: float) -> None:
+        self.norms = [*self.norms[-(self.size - 1):], float(norm)] if self.size > 1 else [float(norm)]
+
+
 # ------------------------------------------------------------------ by name
 @dataclass(frozen=True)
 class RobustRule:
@@ -397,6 +416,18 @@ class RobustRule:
             _check_clip(self.clip_norm)
             if self.clip_norm == 0:
                 raise ConfigError("--clip-norm must be positive (or auto, the median of the updates' norms), got 0")
+
+    @property
+    def needs_all(self) -> bool:
+        """Whether the rule needs every update of a call at once (K × model size in memory):
+        trimmed mean, median and Multi-Krum; the plain mean and norm clipping fold one at a time."""
+        return self.name in ("trimmed-mean", "median", "multi-krum")
+
+    def clip_for(self, norm: float, recent: RecentNorms) -> float:
+        """Norm clipping's bound for an update of norm ``norm`` arriving alone: ``--clip-norm``, or
+        (adaptive) the median of ``recent`` once ``norm`` has joined them."""
+        recent.add(norm)
+        return self.clip_norm if self.clip_norm is not None else adaptive_clip_norm(recent.norms)
 
     @property
     def options(self) -> str:

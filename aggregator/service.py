@@ -170,7 +170,19 @@ class Aggregator:
         self.strategy = make_strategy(
             cfg.strategy_name, mixing=cfg.mixing, staleness=cfg.staleness, staleness_a=cfg.staleness_a,
             staleness_b=cfg.staleness_b, buffer_size=cfg.buffer_size, server_lr=cfg.server_lr,
+            robust=cfg.robust_rule(), dp=cfg.dp_mechanism(),
         )
+        rule, dp = cfg.robust_rule(), cfg.dp_mechanism()
+        if rule.name != "none":
+            held = "each round's" if cfg.synchronous else f"each buffer's {cfg.buffer_size}"
+            log.info("robust aggregation: %s%s", rule.options,
+                     f" (holds {held} updates at once)" if rule.needs_all and cfg.strategy_name != "fedasync" else "")
+        if dp is not None:
+            log.info("differential privacy: deltas clipped to %g, noise multiplier %g; epsilon at delta %g is "
+                     "recorded for every version", dp.clip, dp.noise, dp.delta)
+        if cfg.dp_clip is not None and cfg.dp_noise == 0:
+            log.warning("--dp-clip %g with --dp-noise 0: differential privacy is off (no clipping, no noise)",
+                        cfg.dp_clip)
         self.policy = make_policy(cfg)
         architecture = mlp_spec(
             int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed

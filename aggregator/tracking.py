@@ -52,6 +52,11 @@ def make_tracker(kind: str | None, run_dir: Path, uri: str | None = None) -> Tra
 
 
 _METRICS = ("accuracy", "loss", "updates_applied", "staleness_mean")
+_OPTIONAL_METRICS = ("dp_epsilon",)  # only in some runs (--dp-noise)
+
+
+def _metrics(entry: Mapping[str, Any]) -> list[str]:
+    return [*_METRICS, *(m for m in _OPTIONAL_METRICS if entry.get(m) is not None)]
 
 
 class TensorBoardTracker:
@@ -68,7 +73,7 @@ class TensorBoardTracker:
         self._writer.add_text("run", f"run {run_id}\n\n    " + json.dumps(dict(config), indent=2, default=str).replace("\n", "\n    "))
 
     def version(self, entry: Mapping[str, Any]) -> None:
-        for name in _METRICS:
+        for name in _metrics(entry):
             self._writer.add_scalar(f"eval/{name}", float(entry[name]), int(entry["version"]),
                                     walltime=None)
         self._writer.flush()
@@ -107,7 +112,7 @@ class MlflowTracker:
 
     def version(self, entry: Mapping[str, Any]) -> None:
         step = int(entry["version"])
-        for name in _METRICS:
+        for name in _metrics(entry):
             self._client.log_metric(self._run_id, name, float(entry[name]), step=step)
 
     def finish(self, final: Mapping[str, Any], counts: Mapping[str, int], model: Path) -> None:

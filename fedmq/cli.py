@@ -35,7 +35,7 @@ from fedmq.options import (
     mask_secrets,
     parse_label_column,
 )
-from fedmq.shared.defaults import DEFAULT_TRAINER
+from fedmq.shared.defaults import ATTACK_KINDS, DEFAULT_ATTACK_SCALE, DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
 from fedmq.shared.logs import setup_logging
 
@@ -325,6 +325,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       help="Seconds to pause after a trainer failure (doubling up to 32x).")(fn)
     fn = click.option("--amqp-heartbeat", type=click.IntRange(min=1), default=30, show_default=True,
                       help="AMQP connection heartbeat in seconds.")(fn)
+    fn = click.option("--attack-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ATTACK_SCALE,
+                      show_default=True, help="--attack: S (sign-flip sends -S x delta, scale S x delta, gauss N(0, S^2) values).")(fn)
     fn = click.option("--serve", is_flag=True, default=False,
                       help="After a run's stop, wait for the next run instead of exiting; stop with SIGTERM/SIGINT.")(fn)
     return fn
@@ -343,14 +345,16 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--signing-key", type=click.Path(dir_okay=False), default=None,
               help="This worker's private key (PEM, `fedmq keys generate --id WORKER_ID`): sign its updates, "
                    "reports and presence, for an aggregator started with --worker-keys.")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None,
+              help="Poison this worker's updates (tests, benchmarks, research); see README, 'Hostile participants'.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, signing_key: str | None,
-           aggregator_key: str | None, trainer: str, slowdown: float, heartbeat: float,
-           failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
-           log_format: str) -> None:
+           aggregator_key: str | None, attack: str | None, trainer: str, slowdown: float, heartbeat: float,
+           failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool, amqp_url: str, namespace: str,
+           log_level: str, log_format: str) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
     from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
@@ -358,7 +362,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user, serve=serve, signing_key=signing_key, aggregator_key=aggregator_key)
+                       trust_user=trust_user, serve=serve, signing_key=signing_key, aggregator_key=aggregator_key,
+                       attack=attack, attack_scale=attack_scale)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -374,14 +379,17 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
               help="Make the last N workers stragglers (with --slowdown).")
 @click.option("--signing-keys", type=click.Path(file_okay=False, exists=True), default=None,
               help="Directory of <worker id>.key private keys: each worker signs with its own.")
+@click.option("--attackers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Make the first N workers attack (with --attack).")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None, help="The attack of --attackers.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_keys: str | None,
-            aggregator_key: str | None, trainer: str, slowdown: float,
-            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
-            log_level: str, log_format: str) -> None:
+            aggregator_key: str | None, attackers: int, attack: str | None, trainer: str, slowdown: float,
+            heartbeat: float, failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool,
+            amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -391,7 +399,8 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_k
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
                       trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
-                      signing_keys=signing_keys, aggregator_key=aggregator_key))
+                      signing_keys=signing_keys, aggregator_key=aggregator_key,
+                      attackers=attackers, attack=attack, attack_scale=attack_scale))
 
 
 # ====================================================================== aggregator
@@ -435,6 +444,11 @@ def aggregator(amqp_url: str, namespace: str, log_level: str, log_format: str, *
               help="End-to-end signatures: make a throwaway key pair for the aggregator and each worker in "
                    "RUN_DIR/keys; the aggregator signs models, tasks and stops and accepts only updates its "
                    "workers signed, the workers the reverse.")
+@click.option("--attackers", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of the workers that attack (with --attack); the aggregator is not told which.")
+@click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None, help="The attack of --attackers.")
+@click.option("--attack-scale", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_ATTACK_SCALE,
+              show_default=True, help="--attack: S (sign-flip sends -S x delta, scale S x delta, gauss N(0, S^2)).")
 @click.option("--display", type=click.Choice(["auto", "live", "plain"]), default="auto", show_default=True)
 @broker_options
 @logging_options

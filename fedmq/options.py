@@ -264,6 +264,10 @@ def _choices(what: str) -> click.Choice:
         from fedmq.aggregator.strategies import STRATEGIES
 
         return click.Choice(list(STRATEGIES))
+    if what == "robust":
+        from fedmq.aggregator.robust import ROBUST_RULES
+
+        return click.Choice(list(ROBUST_RULES))
     if what == "staleness":
         from fedmq.aggregator.strategies import STALENESS_DEFAULT_A
 
@@ -311,6 +315,13 @@ AGGREGATOR_OPTION_DETAILS: dict[str, dict[str, Any]] = {
     "task_timeout": {"type": _POSITIVE_FLOAT, "help": "Async: reissue a task not answered in this many seconds."},
     "drain_timeout": {"type": click.FloatRange(min=0), "help": "Seconds to wait for workers' last updates after stopping."},
     "max_update_bytes": {"type": _POSITIVE_INT, "help": "Reject larger updates (default: model size + 5%)."},
+    "robust": {"type": lambda: _choices("robust")},
+    "trim_fraction": {"type": click.FloatRange(0, 0.5, max_open=True)},
+    "byzantine": {"type": click.IntRange(min=0)},
+    "clip_norm": {"type": _POSITIVE_FLOAT},
+    "dp_clip": {"type": _POSITIVE_FLOAT},
+    "dp_noise": {"type": click.FloatRange(min=0)},
+    "dp_delta": {"type": click.FloatRange(0, 1, min_open=True, max_open=True)},
     "presence_timeout": {"type": _POSITIVE_FLOAT, "help": "Seconds without a heartbeat before a worker counts as gone."},
 }
 

@@ -271,6 +271,8 @@ class Progress:
             ("time", f"{final.get('time_s', 0):.1f} s"), ("updates applied", final.get("updates_applied")),
             ("rejected / stale / duplicate", f"{final.get('updates_rejected')} / {final.get('updates_stale')} / {final.get('updates_duplicate')}"),
             ("reached target", final.get("reached_target")),
+            ("privacy spent", f"epsilon = {final['dp_epsilon']:.4g} at delta = {final.get('dp_delta'):g} (user-level)"
+             if final.get("dp_epsilon") is not None else None),
             ("interrupted", "yes: continue with --resume --out " + str(out) if final.get("interrupted") else None),
             ("run directory", str(out)),
         ]

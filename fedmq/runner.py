@@ -250,6 +250,7 @@ def run_federation(options: dict[str, Any], *, namespace_given: bool) -> int:
         options["min_workers"] = max(options["min_workers"], options["workers_per_round"])
     elif options["min_workers"] == 1:
         options["min_workers"] = n
+    attackers(options, n)  # --attackers without --attack (or the other way): said before anything starts
     # the aggregator would refuse these settings: say so before splitting or starting anything
     aggregator_config(options, test_data=str(out / "shards" / "test.npz"), out=str(out))
     _check_resume(options, out)
@@ -379,6 +380,7 @@ def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest
     final_lines = agg.stdout.read().decode(errors="replace").strip().splitlines() if agg.stdout else []
     final = _final_of(final_lines)
     interrupted = stop.requested.is_set()
+    record_attack(options, out, n)
     if interrupted or worker_failed:
         fed.stop(grace_s=10.0)  # the workers
         if final is not None or (out / "history.json").exists():
@@ -396,6 +398,37 @@ def _drive(options: dict[str, Any], fed: Federation, common: list[str], manifest
     return 0
 
 
+def attackers(options: dict[str, Any], n: int) -> list[int]:
+    """The workers (by index) that attack: the first round(--attackers x n); UsageError when
+    --attackers and --attack do not come together."""
+    fraction, kind = float(options.get("attackers") or 0.0), options.get("attack")
+    if fraction > 0 and kind is None:
+        raise click.UsageError("--attackers needs --attack KIND")
+    if kind is not None and fraction == 0:
+        raise click.UsageError("--attack needs --attackers FRACTION (of the workers)")
+    return list(range(round(fraction * n))) if kind is not None else []
+
+
+def record_attack(options: dict[str, Any], out: Path, n: int) -> None:
+    """Write who attacked, and how, into history.json's ``config`` (the aggregator never knew)."""
+    hostile = attackers(options, n)
+    path = out / "history.json"
+    if not hostile or not path.exists():
+        return
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("could not record the attack in %s: %s", path, exc)
+        return
+    doc.setdefault("config", {})["attack"] = {
+        "kind": options["attack"], "scale": options["attack_scale"], "fraction": options["attackers"],
+        "workers": [f"w{i}" for i in hostile],
+    }
+    from fedmq.aggregator.durable import atomic_write_json
+
+    atomic_write_json(path, doc)
+
+
 def _final_of(lines: list[str]) -> dict[str, Any] | None:
     """The aggregator's result document: the last line of its stdout, if it is one."""
     for line in reversed(lines):
@@ -411,18 +444,23 @@ def _spawn_workers(options: dict[str, Any], fed: Federation, common: list[str], 
     keys = Path(options["out"]) / "keys"
     n_slow = round(n * options["slow_workers"])
     signed = ["--aggregator-key", str(keys / "aggregator.pub")] if options.get("sign") else []
+    hostile = attackers(options, n)
+    attack = ["--attack", str(options.get("attack")), "--attack-scale", str(options.get("attack_scale"))]
     if options.get("in_process_workers"):
         if signed:
             signed += ["--signing-keys", str(keys / "workers")]
         argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
                           "--trainer", options["trainer"], *signed, *common)
+        if hostile:
+            argv += ["--attackers", str(len(hostile)), *attack]
         fed.spawn("workers", argv)
         return
     for i in range(n):
         slow = ["--slowdown", str(options["slowdown"])] if i >= n - n_slow else []
         key = ["--signing-key", str(keys / "workers" / f"w{i}.key")] if signed else []
         fed.spawn(f"worker-{i}", fedmq_argv("worker", "--data", str(shards / f"worker-{i}.npz"), "--worker-id", f"w{i}",
-                                            "--trainer", options["trainer"], *slow, *signed, *key, *common))
+                                            "--trainer", options["trainer"], *slow, *signed, *key,
+                                            *(attack if i in hostile else []), *common))
 
 
 class AggregatorLog:

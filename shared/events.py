@@ -17,10 +17,12 @@ round_waiting          round, have, wanted, waited_s, failed?  (a round still op
 update_settled         message_id, fate (applied|stale|duplicate|rejected|late|failed|incomplete),
                        task_id?,
                        worker_id?, reason?, staleness?, weight?
-version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?
+version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?,
+                       dp_epsilon?, dp_delta?, dp_steps? (differential privacy: spent so far)
 round_closed           round, version, updates
 finished               version, accuracy, updates_applied, updates_rejected, updates_stale,
-                       updates_duplicate, updates_late, reached_target, interrupted, time_s
+                       updates_duplicate, updates_late, reached_target, interrupted, time_s,
+                       loss?, rounds?, dp_epsilon?, dp_delta?
 task_started           task_id, worker_id                      (worker)
 update_confirmed       task_id, message_id, worker_id, ticket? (worker; the update is on the broker)
 task_failed            task_id, worker_id, reason              (worker; the task goes back or dies)
@@ -48,13 +50,13 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "version_evaluated": (
         frozenset({"version", "accuracy", "loss", "updates_applied", "staleness_mean", "time_s"}),
-        frozenset({"round"}),
+        frozenset({"round", "dp_epsilon", "dp_delta", "dp_steps"}),
     ),
     "round_closed": (frozenset({"round", "version", "updates"}), frozenset()),
     "finished": (
         frozenset({"version", "accuracy", "updates_applied", "updates_rejected", "updates_stale",
                    "updates_duplicate", "updates_late", "reached_target", "interrupted", "time_s"}),
-        frozenset({"loss", "rounds"}),
+        frozenset({"loss", "rounds", "dp_epsilon", "dp_delta"}),
     ),
     "task_started": (frozenset({"task_id", "worker_id"}), frozenset()),
     "update_confirmed": (frozenset({"task_id", "message_id", "worker_id"}), frozenset({"ticket"})),

@@ -42,6 +42,9 @@ def run_pool(
     serve: bool = False,
     signing_keys: str | None = None,
     aggregator_key: str | None = None,
+    attackers: int = 0,
+    attack: str | None = None,
+    attack_scale: float = 10.0,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
@@ -49,7 +52,8 @@ def run_pool(
     trainer does not fit the model, :class:`~fedmq.shared.errors.WorkerRefused`); 1 otherwise.
     With ``serve`` each worker serves run after run until ``stop`` is set. ``signing_keys``: a
     directory of ``<worker id>.key`` files, one per worker; ``aggregator_key``: the public key the
-    workers accept models, tasks and stops from (see :mod:`fedmq.shared.signing`).
+    workers accept models, tasks and stops from (see :mod:`fedmq.shared.signing`). The first
+    ``attackers`` workers mount ``attack`` (see :mod:`fedmq.worker.attack`).
     """
     files = shard_files(shards_dir)[:count]
     workers = []
@@ -57,9 +61,11 @@ def run_pool(
         straggler = i >= len(files) - slow
         worker_id = f"{id_prefix}{i}"
         key = str(Path(signing_keys) / f"{worker_id}{PRIVATE_SUFFIX}") if signing_keys else None
+        hostile = attack is not None and i < attackers
         cfg = WorkerConfig(data=str(path), worker_id=worker_id, trainer=trainer,
                            slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
-                           signing_key=key, aggregator_key=aggregator_key)
+                           signing_key=key, aggregator_key=aggregator_key,
+                           attack=attack if hostile else None, attack_scale=attack_scale)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

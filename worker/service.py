@@ -68,6 +68,7 @@ from fedmq.shared import events, messages, signing
 from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
+from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
 
 log = logging.getLogger("fedmq.worker")
@@ -111,6 +112,8 @@ class WorkerConfig:
     max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
+    attack: str | None = None  # --attack: poison this worker's updates (tests, benchmarks, research)
+    attack_scale: float = DEFAULT_ATTACK_SCALE
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ class ModelBox:
     :data:`~fedmq.broker.topology.RUN_HEADER`) or, without them, by decoding it, and decoded in
     full when a task needs it. One that does not decode, whose headers disagree with its body,
     that fails the caller's check, or whose version is more than ``max_jump`` ahead of the
-    newest of its run is logged and skipped: nothing read from the stream raises.
+    newest of its run is logged and skipped: nothing read from the stream raises. A version
+    that was the first of its run read (a worker joining just after it was forged) is dropped as
+    soon as a version more than ``max_jump`` below it follows: the run's own versions only grow.
     """
 
     def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
@@ -193,6 +198,7 @@ class ModelBox:
                 self._skip(f"version {version} of run {run_name(run)}: {reason}")
                 return
         fire = None
+        forged: list[int] = []
         with self._cond:
             stored = self._runs.get(run)
             newest = max(stored) if stored else None
@@ -200,7 +206,13 @@ class ModelBox:
                 stored = self._runs.setdefault(run, {})
                 self._runs.move_to_end(run)
                 stored[version] = delivery.body  # a version published again replaces the first
-                if self._decoded is not None and self._decoded[0] == (run, version):
+                # a version far ahead of one that came after it was never the run's: a worker that
+                # joined just after a forged one read it first, and the run has moved on since
+                forged = [v for v in stored if v > version + self.max_jump]
+                for v in forged:
+                    del stored[v]
+                if self._decoded is not None and self._decoded[0][0] == run and (
+                        self._decoded[0][1] == version or self._decoded[0][1] in forged):
                     self._decoded = None
                 for old in sorted(stored)[: -self.keep]:
                     del stored[old]
@@ -214,6 +226,9 @@ class ModelBox:
             self._skip(f"version {version} of run {run_name(run)} is more than {self.max_jump} versions ahead "
                        f"of the newest of that run ({newest})")
             return
+        for v in forged:
+            self._skip(f"version {v} of run {run_name(run)} is more than {self.max_jump} versions ahead of "
+                       f"version {version}, which came after it")
         if fire is not None:
             fire()
 
@@ -434,7 +449,11 @@ class Worker:
         unscaled = scaling_warning(X, f"worker {cfg.worker_id}: shard {cfg.data}")
         if unscaled:
             log.warning("%s", unscaled)
-        self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer)
+        attack = make_attack(cfg.attack, cfg.attack_scale)
+        if attack is not None:
+            log.warning("worker %s attacks: --attack %s --attack-scale %g", cfg.worker_id, attack.kind, attack.scale)
+        self.runner = TaskRunner(load_trainer_factory(cfg.trainer), X, y, cfg.worker_id, trainer_ref=cfg.trainer,
+                                 attack=attack)
         client = Client(self.settings, self.topology, name=f"fedmq-worker-{cfg.worker_id}", declare=cfg.declare)
         client.on_failure = self._on_client_failure
         self.client = client

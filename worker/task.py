@@ -30,6 +30,7 @@ import numpy as np
 
 from fedmq.shared import messages
 from fedmq.shared.trainer import FitResult, Trainer
+from fedmq.worker.attack import Attack
 
 UPDATE_DTYPE = np.dtype(np.float32)
 
@@ -171,6 +172,7 @@ class TaskRunner:
         *,
         trainer_ref: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        attack: Attack | None = None,
     ) -> None:
         self.factory = factory
         self.X = X
@@ -179,6 +181,8 @@ class TaskRunner:
         self.trainer_ref = trainer_ref  # the --trainer reference, compared with the spec's
         self._names = trainer_names(factory)  # and the references it also answers to
         self.clock = clock
+        self.attack = attack  # --attack: what this (hostile) worker does to its updates
+        self._labels: tuple[int, np.ndarray] | None = None  # (classes, the labels it trains on)
         self._trainer: tuple[str, Trainer] | None = None
         self._unbuildable: dict[str, str] = {}  # spec key -> why the factory failed on it
 
@@ -218,13 +222,22 @@ class TaskRunner:
             return reason
         return None
 
+    def _train_labels(self, spec: dict) -> np.ndarray:
+        """The labels to train on: the shard's, or what a label-flip attack makes of them."""
+        if self.attack is None or self.attack.kind != "label-flip":
+            return self.y
+        classes = _count(spec.get("num_classes")) or (int(self.y.max()) + 1 if self.y.size else 1)
+        if self._labels is None or self._labels[0] != classes:
+            self._labels = (classes, self.attack.labels(self.y, classes))
+        return self._labels[1]
+
     def run(self, task: messages.Task, model: messages.ModelVersion) -> Done | Failed:
         """Train ``task`` from ``model``: the update to publish, or why there is none."""
         started = self.clock()
         try:
             trainer = self.trainer(model.spec)
             result = trainer.fit(
-                model.params, self.X, self.y,
+                model.params, self.X, self._train_labels(model.spec),
                 epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, mu=task.mu,
                 seed=derive_seed(task.seed, self.worker_id),
             )
@@ -237,6 +250,9 @@ class TaskRunner:
         params = {name: result.params[name] for name in model.params}  # the model's order
         if task.update_kind == "delta":
             params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
+        if self.attack is not None:
+            params = self.attack.tamper(params, model.params, delta=task.update_kind == "delta",
+                                        seed=derive_seed(task.seed, self.worker_id))
         update = messages.Update(
             task_id=work_id(task, self.worker_id), worker_id=self.worker_id, base_version=model.version,
             num_samples=int(result.num_samples), params=params, kind=task.update_kind,

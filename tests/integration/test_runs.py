@@ -171,6 +171,70 @@ def test_forged_updates_for_tasks_never_issued_are_rejected(
     assert_ledger_invariant(run, all_confirmed(procs, workers))
 
 
+@pytest.mark.parametrize("mode_args", [SYNC, ASYNC], ids=["sync", "async"])
+def test_junk_and_far_ahead_models_on_the_stream_mid_run_stop_no_worker(
+    amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path, mode_args: list[str]
+) -> None:
+    """A model message of random bytes with believable headers, and a valid model of the run claiming
+    version 10^6, published mid-run: every worker keeps running, one started afterwards (which reads
+    the forged version first) takes part, and the run reaches its target."""
+    ns = common(amqp_url, namespace)
+    run = tmp_path / "run"
+    start_aggregator(procs, "agg", shards, run, "--target-accuracy", "0.9", "--time-limit", "150",
+                     "--min-workers", "3", "--join-grace", "0", *mode_args, *ns)
+    for i in range(3):
+        start_worker(procs, f"w{i}", shards, i, "--slowdown", "20", *ns)
+    wait_for(lambda: history_len(run) >= 1, 90, "a first version")
+    hist = read_history(run)
+    run_id, spec = hist["run_id"], hist["spec"]
+    params = {k: np.zeros(s, np.float32) for k, s in
+              {"dense_0/W": (64, 64), "dense_0/b": (64,), "dense_1/W": (64, 10), "dense_1/b": (10,)}.items()}
+    far = messages.encode(messages.ModelVersion(version=10**6, params=params, spec=spec, run_id=run_id))
+    topology = Topology(namespace)
+    client = Client(BrokerSettings.from_url(amqp_url), topology, name="forger").start()
+    try:
+        client.publish(topology.models, np.random.default_rng(0).bytes(5000), message_id="junk-model",
+                       headers={VERSION_HEADER: hist["final"]["version"] + 1, RUN_HEADER: run_id}, timeout=10)
+        client.publish(topology.models, far, message_id="far-model", headers={VERSION_HEADER: 10**6, RUN_HEADER: run_id},
+                       timeout=10)
+    finally:
+        client.close()
+    start_worker(procs, "w3", shards, 3, "--slowdown", "20", *ns)  # reads the stream from its last chunk
+    wait_for(lambda: any(e.get("worker_id") == "w3" and e["fate"] == "applied" for e in read_ledger(run))
+             or procs.procs["agg"].poll() is not None, 150, "an update of the late worker applied")
+    assert procs.wait("agg", 150) == 0, procs.dump()
+    hist = read_history(run)
+    assert hist["final"]["reached_target"], hist["final"]
+    ledger = read_ledger(run)
+    assert [e for e in ledger if e.get("worker_id") == "w3" and e["fate"] == "applied"], "w3 never took part"
+    assert not [e for e in ledger if e["fate"] == "rejected"], "a worker trained on the forged version"
+    for name in ("w0", "w1", "w2", "w3"):  # told to stop, none died of what it read
+        assert procs.wait(name, 30) == 0, procs.log(name)
+    assert any("skipping a model message" in procs.log(n) for n in ("w0", "w1", "w2", "w3"))
+
+
+def test_a_late_answer_to_a_task_reissued_after_the_task_timeout_is_applied(
+    amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path
+) -> None:
+    """A worker slower than --task-timeout: each of its tasks is replaced, and its late answer still
+    counts as issued work (applied, weighted by its staleness like any other), never rejected."""
+    ns = common(amqp_url, namespace)
+    run = tmp_path / "run"
+    start_aggregator(procs, "agg", shards, run, "--max-updates", "2", "--time-limit", "120", "--task-timeout", "1",
+                     "--concurrency", "1", "--join-grace", "0", *ASYNC, *ns)
+    start_worker(procs, "w0", shards, 0, "--slowdown", "30", *ns)  # seconds a task
+    assert procs.wait("agg", 150) == 0, procs.dump()
+    expired = {m.group(1) for m in re.finditer(r"task (a\d+-\w+) not answered in 1 s", procs.log("agg"))}
+    ledger = read_ledger(run)
+    applied = [e for e in ledger if e["fate"] == "applied"]
+    late_answers = [e for e in applied if e["task_id"] in expired]
+    assert late_answers, (expired, ledger)
+    for e in applied:  # FedAsync: alpha = mixing x (staleness + 1)^-0.5
+        assert e["weight"] == pytest.approx(0.6 * (e["staleness"] + 1) ** -0.5, rel=1e-5), e
+    assert not [e for e in ledger if e["fate"] == "rejected"], ledger
+    assert procs.wait("w0", 30) == 0, procs.log("w0")
+
+
 def test_workers_started_by_hand_one_after_another_all_take_part_from_round_1(
     amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path
 ) -> None:

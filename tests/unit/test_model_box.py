@@ -71,6 +71,24 @@ def test_bad_model_messages_are_skipped_and_counted(caplog: pytest.LogCaptureFix
     assert any("body version 2 of run Z" in r.getMessage() for r in caplog.records)
 
 
+def test_a_forged_version_read_first_is_dropped_when_the_runs_next_version_follows(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that joins right after a forged far-ahead version reads it first ("last" chunk of
+    the stream): it must not train on it once the run's real versions come."""
+    box = ModelBox()
+    offer(box, 10**6, "A")
+    assert box.latest("A") == 10**6  # nothing to compare it with yet
+    assert get(box, "A").version == 10**6
+    with caplog.at_level(logging.WARNING, "fedmq.worker"):
+        offer(box, 7, "A")  # the aggregator's next version
+    assert box.latest("A") == 7 and get(box, "A").version == 7 and box.skipped == 1
+    assert any("1000000 of run A is more than 1000 versions ahead of version 7" in r.getMessage()
+               for r in caplog.records)
+    offer(box, 8, "A")
+    offer(box, 10**6, "A")  # forged again: now skipped as it arrives
+    assert box.latest("A") == 8 and box.skipped == 2
+
+
 def test_a_version_asked_for_that_is_bad_is_unusable_with_the_reason() -> None:
     box = ModelBox()
     offer(box, 3, "A", spec={**SPEC, "kind": "nonsense"})
