@@ -45,6 +45,9 @@ class AggregatorConfig:
     seed: int = 0
     trainer: str = DEFAULT_TRAINER
     resume: bool = False
+    standby: bool = field(default=False, metadata={"help": (
+        "Wait as a standby while another aggregator runs this namespace, and take the run over "
+        "(from the newest checkpoint in --out, as --resume) when it stops or dies.")})
     checkpoint_every: int = 10
     checkpoint_interval: float = 5.0
     task_timeout: float = 300.0
