@@ -22,7 +22,14 @@ import pytest
 from fedmq.broker.admin import delete_namespace
 from fedmq.broker.provision import PrivateCluster, PrivateNode
 from tests.conftest import new_namespace, skip_or_fail
-from tests.helpers import Procs, assert_ledger_invariant, confirmed_updates, read_history, read_ledger, wait_for
+from tests.helpers import (
+    Procs,
+    assert_ledger_invariant,
+    confirmed_updates,
+    read_history,
+    read_ledger,
+    wait_for,
+)
 
 # the module's first test also starts the cluster (a minute or two on a busy 2-core machine)
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(900)]
