@@ -244,11 +244,9 @@ class Aggregator:
             return
         emit(log, "standby", "standby: waiting to take over namespace %s from the active aggregator", ns,
              namespace=ns)
-        if self.lock.acquire(LOCK_WAIT_S, self.stop):
-            log.info("standby: no other aggregator is active on namespace %s; running", ns)
-            return
-        if not self.lock.regain(None, self.stop):
+        if not self.lock.acquire(None, self.stop):
             raise KeyboardInterrupt  # stopped while waiting: nothing was started
+        # whether another one ran before us or not, a standby continues what is in --out
         self._took_over = {}
 
     # ------------------------------------------------------------------ main
@@ -267,7 +265,7 @@ class Aggregator:
             self.client.close()
             raise
         core = self._core
-        if self._took_over is not None:
+        if self._took_over is not None and self._took_over.get("previous"):
             emit(log, "took_over", "took over run %s on namespace %s at version %d (incarnation %s, after %s)",
                  core.run_id, self.topology.namespace, core.state.version, self.incarnation,
                  self._took_over.get("previous") or "?", namespace=self.topology.namespace,
