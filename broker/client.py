@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pex
@@ -294,15 +294,20 @@ def _root_cause(exc: BaseException) -> str:
 def connection_parameters(settings: BrokerSettings, name: str, url: str | None = None) -> pika.URLParameters:
     """pika's parameters for one address (``url``, default: the first of ``settings``)."""
     url = url or settings.urls[0]
-    params = pika.URLParameters(url)
+    parts = urlsplit(url)
+    if settings.tls_external and parts.username and parts.password is None:
+        # EXTERNAL: the user comes from the certificate; pika cannot parse a user without password
+        params = pika.URLParameters(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    else:
+        params = pika.URLParameters(url)
     params.heartbeat = settings.heartbeat_s
     params.blocked_connection_timeout = settings.blocked_connection_timeout_s
     params.connection_attempts = 1
     params.socket_timeout = settings.connect_timeout_s
     params.stack_timeout = settings.connect_timeout_s * 2
     params.client_properties = {"connection_name": name}
-    if urlsplit(url).scheme == "amqps":
-        params.ssl_options = pika.SSLOptions(ssl_context(settings), server_hostname=urlsplit(url).hostname)
+    if parts.scheme == "amqps":
+        params.ssl_options = pika.SSLOptions(ssl_context(settings), server_hostname=parts.hostname)
         if settings.tls_external:
             params.credentials = pika.credentials.ExternalCredentials()
     return params
@@ -543,7 +548,7 @@ class Client:
             headers=dict(headers) if headers else None,
             timestamp=int(time.time()),
             content_type="application/msgpack",
-            user_id=self.settings.username if sign else None,
+            user_id=self.settings.identity if sign else None,
         )
         pub = _Publish(exchange, routing_key, body, props, mandatory)
         with self._lock:

@@ -97,6 +97,8 @@ class PrivateNode:
     proc: subprocess.Popen[bytes] | None = None
     #: extra ``rabbitmq.conf`` settings, e.g. ``{"max_message_size": "1048576"}``
     config: dict[str, str] = field(default_factory=dict)
+    #: plugins to enable, e.g. ``["rabbitmq_auth_mechanism_ssl"]`` (EXTERNAL login)
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or f"fedmq{self.port}@localhost"
@@ -124,7 +126,7 @@ class PrivateNode:
     def _prepare(self) -> None:
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         settings = {
             "listeners.tcp.default": str(self.port),
             "loopback_users": "none",

@@ -39,6 +39,16 @@ from fedmq.shared.errors import ConfigError
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_NAMESPACE = "fedmq"
 MAX_MESSAGE_BYTES_ENV = "FEDMQ_MAX_MESSAGE_BYTES"
+#: setting -> the environment variable that gives it when :meth:`BrokerSettings.from_url` is
+#: not told (the --tls-* options of every command set these, so `fedmq run` hands them on)
+TLS_ENV = {
+    "tls_ca": "FEDMQ_TLS_CA",
+    "tls_cert": "FEDMQ_TLS_CERT",
+    "tls_key": "FEDMQ_TLS_KEY",
+    "tls_external": "FEDMQ_TLS_EXTERNAL",
+    "tls_verify_hostname": "FEDMQ_TLS_VERIFY_HOSTNAME",
+}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 MiB = 1024 * 1024
 RABBITMQ3_MAX_MESSAGE_BYTES = 128 * MiB  # RabbitMQ 3.x default max_message_size
@@ -134,6 +144,10 @@ class BrokerSettings:
             )
         if "max_message_bytes" not in overrides and os.environ.get(MAX_MESSAGE_BYTES_ENV):
             overrides["max_message_bytes"] = _env_bytes(MAX_MESSAGE_BYTES_ENV)
+        for key, env in TLS_ENV.items():
+            raw = os.environ.get(env, "").strip()
+            if key not in overrides and raw:
+                overrides[key] = _env_bool(env, raw) if key in ("tls_external", "tls_verify_hostname") else raw
         return replace(cls(url=url), **overrides)
 
     @property
@@ -150,6 +164,14 @@ class BrokerSettings:
         return any(urlsplit(one).scheme == "amqps" for one in self.urls)
 
     @property
+    def identity(self) -> str | None:
+        """The user name RabbitMQ knows us by, for ``user_id``: the URL's user; None when we
+        log in with a certificate (EXTERNAL) and the URL names no user."""
+        if self.tls_external and not urlsplit(self.urls[0]).username:
+            return None
+        return self.username
+
+    @property
     def username(self) -> str:
         from urllib.parse import unquote
 
@@ -159,6 +181,14 @@ class BrokerSettings:
 def split_urls(url: str) -> tuple[str, ...]:
     """``"a, b,"`` -> ``("a", "b")``: the addresses of a comma-separated URL list."""
     return tuple(one.strip() for one in url.split(",") if one.strip())
+
+
+def _env_bool(name: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} must be true or false")
 
 
 def _env_bytes(name: str) -> int:

@@ -22,7 +22,7 @@ from fedmq.shared.errors import ConfigError
 
 # OpenSSL X509_V_ERR_* codes of the refusals a user meets
 _UNKNOWN_CA = {2, 18, 19, 20, 21}  # unable to get issuer / self-signed / self-signed in chain / local issuer / leaf
-_WRONG_HOST = {62}  # X509_V_ERR_HOSTNAME_MISMATCH
+_WRONG_HOST = {62, 64}  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _EXPIRED = {10}  # X509_V_ERR_CERT_HAS_EXPIRED
 _NOT_YET_VALID = {9}
 
