@@ -69,6 +69,7 @@ from fedmq.aggregator.core import (
     WorkerLeft,
     WorkerRefused,
 )
+from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.tracking import SafeTracker, make_tracker
@@ -131,6 +132,7 @@ class Aggregator:
         self._last_checkpoint = 0.0
         self.incarnation = secrets.token_hex(3)
         self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
+        self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
         self.lock: NamespaceLock | None = None
         self.dirlock = durable.RunDirLock(self.out, self.incarnation)
         self._took_over: dict[str, Any] | None = None  # set when a standby takes the run over
@@ -191,6 +193,7 @@ class Aggregator:
         if restored is not None:
             meta, arrays = restored
             self._takeovers = list(meta.get("takeovers") or [])
+            self.identities = IdentityBook(meta.get("identities") or {})
             self.strategy.restore(meta.get("strategy", {}), durable.split_prefix(arrays, "strategy/"))
             self.core = Coordinator.from_meta(
                 meta["state"], config=cfg, strategy=self.strategy, policy=self.policy,
@@ -378,6 +381,9 @@ class Aggregator:
 
     def _decode(self, delivery: Delivery) -> messages.Update | messages.Control | Undecodable:
         """An update, or a control message (a worker's failure report), or why it is neither."""
+        unsigned = IdentityBook.unsigned(delivery.user_id) if self.cfg.require_user_id else None
+        if unsigned is not None:
+            return Undecodable(unsigned)
         size = len(delivery.body)
         if size > self.max_update_bytes:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
@@ -387,6 +393,10 @@ class Aggregator:
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)
+        if self.cfg.require_user_id:
+            refused = self.identities.refuse(msg.worker_id, delivery.user_id)
+            if refused is not None:
+                return Undecodable(refused)
         return msg
 
     # ------------------------------------------------------------------ carrying out decisions
@@ -528,7 +538,8 @@ class Aggregator:
         arrays = {f"model/{k}": v for k, v in core.params.items()}
         arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
         meta = {"state": core.to_meta(now, ledger_offset=offset), "strategy": strategy_meta,
-                "config": self.cfg.to_json(), "takeovers": self._takeovers}
+                "config": self.cfg.to_json(), "takeovers": self._takeovers,
+                "identities": self.identities.to_meta()}
         durable.save_checkpoint(self.out, meta, arrays)
         self._write_history()
         assert self.client is not None

@@ -598,6 +598,7 @@ class Worker:
         pending = client.publish_nowait(
             self.topology.updates, body, message_id=message_id,
             headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id},
+            sign=True,  # user_id: RabbitMQ vouches for our broker user (aggregator --require-user-id)
         )
         try:
             try:
