@@ -604,3 +604,23 @@ def test_dockerfile_dependency_step_reads_pyproject(tmp_path: Path) -> None:
 
     expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert res.stdout.splitlines() == expected
+
+
+def test_generated_definitions_give_each_worker_its_own_user(definitions: dict[str, Any], tmp_path: Path) -> None:
+    env_out, out = tmp_path / "workers.env", tmp_path / "definitions.workers.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "worker_users.py"), "--workers", "3", "--out", str(out),
+                    "--env-out", str(env_out)], check=True, capture_output=True)
+    generated = json.loads(out.read_text())
+    users = {u["name"]: u for u in generated["users"]}
+    workers = [f"{WORKER_USER}-{i}" for i in range(3)]
+    assert set(users) == {AGGREGATOR_USER, *workers}, "the shared worker user is replaced"
+    passwords = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert oct(env_out.stat().st_mode & 0o777) == "0o600"
+    shared = _perms(definitions, WORKER_USER)
+    for i, name in enumerate(workers):
+        assert users[name]["tags"] == [], "no impersonator (nor any other) tag for a worker"
+        assert verify_hash(passwords[f"FEDMQ_WORKER_{i}_PASSWORD"], users[name]["password_hash"])
+        perms = _perms(generated, name)
+        assert {k: perms[k] for k in ("configure", "write", "read", "vhost")} == {
+            k: shared[k] for k in ("configure", "write", "read", "vhost")}
+    assert generated["queues"] == definitions["queues"]
