@@ -738,8 +738,10 @@ class Client:
                     return
             if sub.settle_on_return:
                 offset = delivery.headers.get(STREAM_OFFSET)
-                if type(offset) is int and (sub.next_offset is None or offset >= sub.next_offset):
-                    sub.next_offset = offset + 1
+                # an int (pika's own ``long`` subclass of it for AMQP long-longs)
+                if isinstance(offset, int) and not isinstance(offset, bool) and (
+                        sub.next_offset is None or offset >= sub.next_offset):
+                    sub.next_offset = int(offset) + 1
                 ch.basic_ack(method.delivery_tag)
 
         try:
