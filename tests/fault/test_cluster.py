@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 
 from fedmq.broker.admin import delete_namespace
 from fedmq.broker.provision import PrivateCluster, PrivateNode
-from tests.conftest import new_namespace, skip_or_fail
+from tests.conftest import new_namespace
 from tests.helpers import (
     Procs,
     assert_ledger_invariant,
@@ -39,15 +38,8 @@ WORKERS = 3
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[PrivateCluster]:
-    """Three private RabbitMQ nodes in one cluster, for this module's tests."""
-    if not PrivateNode.available():
-        skip_or_fail("rabbitmq-server is not installed: the cluster tests need private nodes")
-    c = PrivateCluster(size=3).start()
-    try:
-        yield c
-    finally:
-        c.remove()
+def cluster(private_cluster: PrivateCluster) -> PrivateCluster:
+    return private_cluster
 
 
 def urls_from(cluster: PrivateCluster, first: int) -> str:
