@@ -47,6 +47,13 @@ class AggregatorConfig:
     seed: int = 0
     trainer: str = DEFAULT_TRAINER
     resume: bool = False
+    require_user_id: bool = field(default=False, metadata={"help": (
+        "Count only updates that carry the broker-validated user_id of their publisher, and bind "
+        "each worker id to the first user that used it; others are dead-lettered with the reason. "
+        "Needs one broker user per worker, none with the impersonator tag.")})
+    standby: bool = field(default=False, metadata={"help": (
+        "Wait as a standby while another aggregator runs this namespace, and take the run over "
+        "(from the newest checkpoint in --out, as --resume) when it stops or dies.")})
     checkpoint_every: int = 10
     checkpoint_interval: float = 5.0
     task_timeout: float = 300.0

@@ -8,6 +8,7 @@ torn mix. ``updates.jsonl`` is append-only; the checkpoint records its committed
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError, LockLost
 from fedmq.shared.files import atomic_write_bytes
 
+LOCK_FILE = "aggregator.lock"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.npz"
 _META = "__meta__"
@@ -68,6 +70,49 @@ def split_prefix(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
+class RunDirLock:
+    """``aggregator.lock`` in the run directory: the incarnation of the aggregator that owns it.
+
+    An aggregator claims the directory (writes its incarnation, atomically) once it holds the
+    namespace's lock and before it reads the checkpoint; it :meth:`check` s the file before it
+    flushes the ledger and writes each checkpoint, and stops (:class:`LockLost`) if another
+    incarnation claimed it since. So even while the broker's view lags (an old aggregator that
+    has not noticed its connection, and the token with it, is gone) two aggregators never
+    both write the directory: the newer claim wins, the older one stops at its next write.
+    """
+
+    def __init__(self, run_dir: Path, incarnation: str) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.incarnation = incarnation
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the lock file says (None: no file, or unreadable)."""
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def claim(self) -> dict[str, Any] | None:
+        """Write our incarnation; return the previous holder's record (None if none)."""
+        import socket
+        import time
+
+        previous = self.holder()
+        atomic_write_json(self.path, {"incarnation": self.incarnation, "pid": os.getpid(),
+                                      "host": socket.gethostname(), "claimed_at": time.time()})
+        return previous
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` unless the file still names our incarnation."""
+        doc = self.holder()
+        if doc is None or doc.get("incarnation") != self.incarnation:
+            other = (doc or {}).get("incarnation", "nobody")
+            where = f" (pid {doc.get('pid')} on {doc.get('host')})" if doc else ""
+            raise LockLost(f"run directory {self.path.parent} was taken over by aggregator incarnation "
+                           f"{other}{where}; this one ({self.incarnation}) stops without writing")
+
+
 class Ledger:
     """``updates.jsonl``: one line per update message received, with its fate."""
 
@@ -92,6 +137,13 @@ class Ledger:
 
     def close(self) -> None:
         self._f.close()
+
+    def abandon(self) -> None:
+        """Close without flushing what was recorded since the last commit (we lost the run)."""
+        with contextlib.suppress(OSError, ValueError):
+            os.close(self._f.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            self._f.close()
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:

@@ -77,21 +77,27 @@ from fedmq.aggregator.core import (
     WorkerLeft,
     WorkerRefused,
 )
+from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.tracking import SafeTracker, make_tracker
 from fedmq.aggregator.validate import expected_update_bytes
 from fedmq.broker.client import Client, Delivery, PendingPublish
+from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
-from fedmq.shared.errors import BrokerError, DecodeError
+from fedmq.shared.errors import BrokerError, DecodeError, LockLost
 from fedmq.shared.events import SCHEMA, emit
 from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
 
+#: how long an aggregator that is not a standby waits for the namespace lock before refusing
+LOCK_WAIT_S = 8.0
+#: how long, after a reconnect, the lock token may take to come back before we give the run up
+LOCK_REGAIN_S = 120.0
 # the longest the main loop sleeps without looking at the stop flag and the clock
 _MAX_WAIT_S = 2.0
 #: the spec entry naming the trainer reference the model is for (the workers check it)
@@ -135,6 +141,13 @@ class Aggregator:
         self._signing_key: Ed25519PrivateKey | None = None  # --signing-key, loaded by _setup
         self._worker_keys: signing.PublicKeys | None = None  # --worker-keys
         self._unsigned_presence: set[str] = set()  # workers whose unverified presence was logged
+        self.incarnation = secrets.token_hex(3)
+        self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
+        self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
+        self.lock: NamespaceLock | None = None
+        self.dirlock = durable.RunDirLock(self.out, self.incarnation)
+        self._took_over: dict[str, Any] | None = None  # set when a standby takes the run over
+        self._fenced = False  # lost the namespace or the run directory: write nothing more
 
     # ------------------------------------------------------------------ I/O-thread handlers
     def _on_update(self, delivery: Delivery) -> None:
@@ -204,13 +217,20 @@ class Aggregator:
         """Open the run directory: only once we hold the namespace's aggregator lock."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        restored = durable.load_checkpoint(self.out) if cfg.resume else None
-        if cfg.resume and restored is None:
-            log.warning("--resume: no checkpoint in %s, starting a new run", self.out)
-        incarnation = secrets.token_hex(3)
+        previous = self.dirlock.claim()  # before reading the checkpoint: see RunDirLock
+        resume = cfg.resume or self._took_over is not None
+        restored = durable.load_checkpoint(self.out) if resume else None
+        if resume and restored is None:
+            log.warning("%s: no checkpoint in %s, starting a new run",
+                        "taking over" if self._took_over is not None else "--resume", self.out)
+        if self._took_over is not None:
+            self._took_over["previous"] = (previous or {}).get("incarnation", "")
+        incarnation = self.incarnation
         initial, self._initial = self._initial, {}
         if restored is not None:
             meta, arrays = restored
+            self._takeovers = list(meta.get("takeovers") or [])
+            self.identities = IdentityBook(meta.get("identities") or {})
             self.strategy.restore(meta.get("strategy", {}), durable.split_prefix(arrays, "strategy/"))
             self.core = Coordinator.from_meta(
                 meta["state"], config=cfg, strategy=self.strategy, policy=self.policy,
@@ -230,26 +250,54 @@ class Aggregator:
 
     def _connect(self) -> None:
         client = Client(self.settings, self.topology, name="fedmq-aggregator")
-        since = time.time() - self.cfg.presence_timeout
+        # presence from --presence-timeout back, counted from when we start to listen (a
+        # resubscription goes on from the last message read)
         client.subscribe(
-            self.topology.presence, self._on_presence, prefetch=200, settle_on_return=True,
-            arguments=lambda: {"x-stream-offset": _stream_timestamp(since)},
+            self.topology.presence, self._on_presence, prefetch=200, settle_on_return=True, paused=True,
+            arguments=lambda: {"x-stream-offset": _stream_timestamp(time.time() - self.cfg.presence_timeout)},
         )
-        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch)
-        # one aggregator per namespace: a second one is refused (NamespaceLocked) instead of
-        # racing the first
-        client.subscribe(self.topology.lock, lambda d: None, prefetch=1, exclusive=True)
+        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch, paused=True)
+        # one active aggregator per namespace (fedmq.broker.lock): a second one is refused
+        # (NamespaceLocked), or with --standby waits to take over
+        self.lock = NamespaceLock(client, self.topology.lock, f"{self.incarnation}")
+        self.lock.subscribe()
         # a client that gives up (a permanent error) wakes the loop, which raises its error
         client.on_failure = lambda exc: self.inbox.put(("wake", None))
         self.client = client.start()
-        log.info("aggregator connected to %s, namespace %s, %s/%s", self.settings.masked_url,
+        try:
+            self._acquire_lock()
+        except BaseException:
+            client.close()
+            raise
+        client.resume(self.topology.presence)
+        client.resume(self.topology.updates)
+        log.info("aggregator connected to %s, namespace %s, %s/%s", client.node_url,
                  self.topology.namespace, self.cfg.mode, self.cfg.strategy_name)
+
+    def _acquire_lock(self) -> None:
+        """Hold the namespace's lock, or wait for it (--standby), or refuse (NamespaceLocked)."""
+        assert self.lock is not None
+        ns = self.topology.namespace
+        if not self.cfg.standby:
+            if not self.lock.acquire(LOCK_WAIT_S, self.stop):
+                raise self.lock.refused()
+            return
+        emit(log, "standby", "standby: waiting to take over namespace %s from the active aggregator", ns,
+             namespace=ns)
+        if not self.lock.acquire(None, self.stop):
+            raise KeyboardInterrupt  # stopped while waiting: nothing was started
+        # whether another one ran before us or not, a standby continues what is in --out
+        self._took_over = {}
 
     # ------------------------------------------------------------------ main
     def run(self) -> dict[str, Any]:
         """Run to the end (or to :meth:`request_stop`) and return the final figures."""
         self._setup()
-        self._connect()
+        try:
+            self._connect()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            return {"interrupted": True}
         assert self.client is not None
         try:
             self._restore()
@@ -257,6 +305,14 @@ class Aggregator:
             self.client.close()
             raise
         core = self._core
+        if self._took_over is not None and self._took_over.get("previous"):
+            emit(log, "took_over", "took over run %s on namespace %s at version %d (incarnation %s, after %s)",
+                 core.run_id, self.topology.namespace, core.state.version, self.incarnation,
+                 self._took_over.get("previous") or "?", namespace=self.topology.namespace,
+                 incarnation=self.incarnation, version=core.state.version,
+                 previous=self._took_over.get("previous") or "")
+            self._takeovers.append({"incarnation": self.incarnation, "version": core.state.version,
+                                    "previous": self._took_over.get("previous") or "", "at": time.time()})
         self._last_checkpoint = time.monotonic()
         self._tracker = SafeTracker(make_tracker(self.cfg.track, self.out, self.cfg.track_uri))
         self._tracker.call("start", core.run_id, self.cfg.to_json())
@@ -272,11 +328,15 @@ class Aggregator:
                 if not core.interrupted:
                     self._sweep()
             finally:
-                self._checkpoint(force=True)
-                durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
+                if not self._fenced:
+                    self._checkpoint(force=True)
+                    durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
         finally:
             self.client.close()
-            self.ledger.close()
+            if self._fenced:
+                self.ledger.abandon()
+            else:
+                self.ledger.close()
         final = self.final()
         self._tracker.call("finish", {**final, "failed": core.failure is not None}, dict(core.state.counts),
                            self.out / "model.npz")
@@ -358,6 +418,9 @@ class Aggregator:
 
     def _decode(self, delivery: Delivery) -> messages.Update | messages.Control | Undecodable:
         """An update, or a control message (a worker's failure report), or why it is neither."""
+        unsigned = IdentityBook.unsigned(delivery.user_id) if self.cfg.require_user_id else None
+        if unsigned is not None:
+            return Undecodable(unsigned)
         size = len(delivery.body)
         if size > self.max_update_bytes:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
@@ -367,6 +430,10 @@ class Aggregator:
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)
+        if self.cfg.require_user_id:
+            refused = self.identities.refuse(msg.worker_id, delivery.user_id)
+            if refused is not None:
+                return Undecodable(refused)
         unverified = self._unverified(delivery, msg)
         return msg if unverified is None else Undecodable(unverified)
 
@@ -524,13 +591,15 @@ class Aggregator:
             return
         core = self._core
         self._confirm_publishes()
+        self._guard()
         offset = self.ledger.commit()
         now = time.monotonic()
         strategy_meta, strategy_arrays = core.strategy.state()
         arrays = {f"model/{k}": v for k, v in core.params.items()}
         arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
         meta = {"state": core.to_meta(now, ledger_offset=offset), "strategy": strategy_meta,
-                "config": self.cfg.to_json()}
+                "config": self.cfg.to_json(), "takeovers": self._takeovers,
+                "identities": self.identities.to_meta()}
         durable.save_checkpoint(self.out, meta, arrays)
         self._write_history()
         assert self.client is not None
@@ -538,6 +607,29 @@ class Aggregator:
             self.client.ack(delivery)
         self._pending = []
         self._last_checkpoint = time.monotonic()
+
+    def _guard(self) -> None:
+        """Before the ledger is flushed and a checkpoint written: do we still own the run?
+
+        The run directory's lock file must name our incarnation, and we must hold the
+        namespace's lock token on the current channel (after a reconnect it must have come back
+        to us). Otherwise stop at once, writing nothing (:class:`LockLost`): the aggregator
+        that took over has every unacked update redelivered to it.
+        """
+        assert self.lock is not None and self.client is not None
+        try:
+            self.dirlock.check()
+            self.lock.settle()
+            if not self.lock.held:
+                log.warning("reconnected: waiting up to %.0f s for the namespace lock to come back", LOCK_REGAIN_S)
+                if not self.lock.regain(LOCK_REGAIN_S):
+                    raise LockLost(f"lost the lock of namespace {self.topology.namespace!r} to another aggregator "
+                                   f"while reconnecting; this one ({self.incarnation}) stops without writing")
+                self.dirlock.check()
+            self.lock.refresh()
+        except LockLost:
+            self._fenced = True
+            raise
 
     def _raise_refused_publishes(self) -> None:
         """A model or task the broker refused for good (e.g. over its message size) ends the run now.
@@ -568,7 +660,7 @@ class Aggregator:
         core = self._core
         final = {**self.final(), "finished": core.done and not core.interrupted}
         doc = {"config": self.cfg.to_json(), "spec": self.spec, "namespace": self.topology.namespace,
-               "run_id": core.run_id, "history": core.state.history, "final": final,
+               "run_id": core.run_id, "history": core.state.history, "final": final, "takeovers": self._takeovers,
                "counts": dict(core.state.counts), "workers": core.workers_report(), "failure": core.failure}
         durable.atomic_write_json(self.out / "history.json", doc)
 

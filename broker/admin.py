@@ -224,7 +224,7 @@ def management_api(settings: BrokerSettings, management_url: str | None = None) 
     """The management API's base URL (``management_url``, else http://<the AMQP host>:15672)
     without credentials, and the user and password to log in with (those of
     ``management_url`` if it has them, else the AMQP URL's)."""
-    amqp = urllib.parse.urlsplit(settings.url)
+    amqp = urllib.parse.urlsplit(settings.urls[0])
     user, password = amqp.username or "guest", amqp.password or "guest"
     if management_url:
         parts = urllib.parse.urlsplit(management_url)
@@ -245,7 +245,7 @@ def management_queues(settings: BrokerSettings, management_url: str | None = Non
                       timeout_s: float = 3.0) -> list[dict[str, Any]]:
     """Every queue of the URL's vhost as the management API lists it (``name``, ``messages``,
     ``consumers``, ``messages_unacknowledged``); :class:`ManagementUnavailable` otherwise."""
-    url = urllib.parse.urlsplit(settings.url)
+    url = urllib.parse.urlsplit(settings.urls[0])
     vhost = urllib.parse.quote(urllib.parse.unquote(url.path[1:] or "/"), safe="")
     base, user, password = management_api(settings, management_url)
     api = f"{base}/api/queues/{vhost}?columns=name,messages,consumers,messages_unacknowledged"
@@ -279,7 +279,7 @@ def rabbitmqctl_queues(settings: BrokerSettings, timeout_s: float = 30.0) -> lis
     """Every queue of the URL's vhost from a local ``rabbitmqctl`` (which talks to the node of
     this machine, or ``$RABBITMQ_NODENAME``): only for a loopback URL, and only when that node
     listens on the URL's port. :class:`ManagementUnavailable` says why not otherwise."""
-    parts = urllib.parse.urlsplit(settings.url)
+    parts = urllib.parse.urlsplit(settings.urls[0])
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         raise ManagementUnavailable("no rabbitmqctl on this machine")

@@ -44,16 +44,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pex
 
+from fedmq.broker.failover import connect_first
 from fedmq.broker.settings import (
     MAX_MESSAGE_BYTES_ENV,
     RABBITMQ3_MAX_MESSAGE_BYTES,
@@ -61,7 +64,9 @@ from fedmq.broker.settings import (
     default_max_message_bytes,
     format_bytes,
     mask_text,
+    mask_url,
 )
+from fedmq.broker.tls import describe_tls_failure, find_ssl_error, ssl_context
 from fedmq.broker.topology import Topology
 from fedmq.shared.errors import (
     AccessRefused,
@@ -75,10 +80,14 @@ from fedmq.shared.errors import (
     PreconditionFailed,
     PublishRefused,
     ResourceLocked,
+    TLSRefused,
     Unroutable,
 )
 
 log = logging.getLogger("fedmq.broker")
+
+#: a stream consumer's start offset (argument), and each stream message's offset (header)
+STREAM_OFFSET = "x-stream-offset"
 
 # the connection (not only a channel) is gone
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -177,6 +186,8 @@ class _Subscription:
     bind_exchange: str | None = None
     expires_s: float | None = None  # a private queue that outlives its connection for this long
     consumer_tag: str | None = None
+    # a stream: the offset after the last message handled, where a resubscription resumes
+    next_offset: int | None = None
 
 
 @dataclass(eq=False)
@@ -240,13 +251,17 @@ class PendingPublish:
         return self._client._withdraw(self._pub)
 
 
-def translate_connect_error(settings: BrokerSettings, exc: BaseException) -> BrokerError:
+def translate_connect_error(settings: BrokerSettings, exc: BaseException, url: str | None = None) -> BrokerError:
     """Turn a pika connection failure into one clear sentence of the right class."""
-    where = settings.masked_url
+    where = mask_url(url) if url else settings.masked_url
+    tls_error = find_ssl_error(exc)
+    if tls_error is not None:
+        return TLSRefused(describe_tls_failure(tls_error, where, settings))
     if isinstance(exc, pex.ProbableAuthenticationError | pex.AuthenticationError):
+        how = ("the client certificate (EXTERNAL: is there a user named like the certificate's subject?)"
+               if settings.tls_external else f"the credentials of user {settings.username!r}")
         return LoginRefused(
-            f"RabbitMQ at {where} refused the credentials of user {settings.username!r} "
-            "(check the user, password and vhost in --amqp-url)",
+            f"RabbitMQ at {where} refused {how} (check the user, password and vhost in --amqp-url)",
             reply_code=403,
         )
     if isinstance(exc, pex.ProbableAccessDeniedError):
@@ -276,23 +291,45 @@ def _root_cause(exc: BaseException) -> str:
     return mask_text(text or type(exc).__name__)
 
 
-def connection_parameters(settings: BrokerSettings, name: str) -> pika.URLParameters:
-    params = pika.URLParameters(settings.url)
+def connection_parameters(settings: BrokerSettings, name: str, url: str | None = None) -> pika.URLParameters:
+    """pika's parameters for one address (``url``, default: the first of ``settings``)."""
+    url = url or settings.urls[0]
+    parts = urlsplit(url)
+    if settings.tls_external and parts.username and parts.password is None:
+        # EXTERNAL: the user comes from the certificate; pika cannot parse a user without password
+        params = pika.URLParameters(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    else:
+        params = pika.URLParameters(url)
     params.heartbeat = settings.heartbeat_s
     params.blocked_connection_timeout = settings.blocked_connection_timeout_s
     params.connection_attempts = 1
     params.socket_timeout = settings.connect_timeout_s
     params.stack_timeout = settings.connect_timeout_s * 2
     params.client_properties = {"connection_name": name}
+    if parts.scheme == "amqps":
+        params.ssl_options = pika.SSLOptions(ssl_context(settings), server_hostname=parts.hostname)
+        if settings.tls_external:
+            params.credentials = pika.credentials.ExternalCredentials()
     return params
 
 
 def open_connection(settings: BrokerSettings, name: str = "fedmq") -> pika.BlockingConnection:
     """Open a blocking connection or raise a :class:`BrokerError` subclass with a clear message."""
-    try:
-        return pika.BlockingConnection(connection_parameters(settings, name))
-    except (pex.AMQPError, OSError) as exc:
-        raise translate_connect_error(settings, exc) from None
+    return open_connection_at(settings, name)[0]
+
+
+def open_connection_at(settings: BrokerSettings, name: str = "fedmq",
+                       start: int = 0) -> tuple[pika.BlockingConnection, int]:
+    """Connect to the first of ``settings.urls`` that accepts us, trying them from ``start``
+    (see :mod:`fedmq.broker.failover`); the connection and the index of its address."""
+
+    def connect(url: str) -> pika.BlockingConnection:
+        try:
+            return pika.BlockingConnection(connection_parameters(settings, name, url))
+        except (pex.AMQPError, OSError) as exc:
+            raise translate_connect_error(settings, exc, url) from None
+
+    return connect_first(settings.urls, start, connect, mask_url)
 
 
 def server_properties(conn: pika.BlockingConnection) -> dict[str, Any]:
@@ -331,6 +368,9 @@ class Client:
         self._broker_version = ""
         self._backoff = settings.reconnect_initial_s
         self.reconnects = 0
+        # which of settings.urls we are (or were last) connected to, and where to start next
+        self._node = 0
+        self._next_node = 0
         #: called on the I/O thread with the new generation after a reconnect or a reopened channel
         self.on_reconnect: Callable[[int], None] | None = None
         #: called on the I/O thread once the client gave up on a permanent error
@@ -358,12 +398,13 @@ class Client:
         With ``bind_exchange`` the queue is a private one, declared and bound to that exchange
         at every (re)connection and consumed exclusively: exclusive and auto-delete, or, with
         ``expires_s``, durable and kept by the broker while unused for up to ``expires_s``
-        seconds (``x-expires``), so that what is sent to it while the connection is down (a
+        seconds (``x-expires``, a quorum queue, so that a cluster node's loss does not take it), so that what is sent to it while the connection is down (a
         broker restart included) waits for the reconnect; :meth:`close` deletes it.
         """
         args = arguments if callable(arguments) or arguments is None else (lambda a=arguments: a)
         sub = _Subscription(
-            queue, handler, prefetch, args, exclusive or bool(bind_exchange), paused,
+            # a quorum queue (expires_s) takes no exclusive consumer; its name is ours alone anyway
+            queue, handler, prefetch, args, exclusive or (bool(bind_exchange) and expires_s is None), paused,
             settle_on_return, bind_exchange, expires_s,
         )
         self._subs[queue] = sub
@@ -410,6 +451,11 @@ class Client:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def node_url(self) -> str:
+        """The address (password masked) of the node we are, or were last, connected to."""
+        return mask_url(self.settings.urls[self._node % len(self.settings.urls)])
 
     @property
     def closing(self) -> bool:
@@ -502,7 +548,7 @@ class Client:
             headers=dict(headers) if headers else None,
             timestamp=int(time.time()),
             content_type="application/msgpack",
-            user_id=self.settings.username if sign else None,
+            user_id=self.settings.identity if sign else None,
         )
         pub = _Publish(exchange, routing_key, body, props, mandatory)
         with self._lock:
@@ -609,7 +655,8 @@ class Client:
         return True
 
     def _connect(self) -> None:
-        conn = open_connection(self.settings, self.name)
+        conn, self._node = open_connection_at(self.settings, self.name, self._next_node)
+        self._next_node = self._node
         props = server_properties(conn)
         self._broker_max_bytes = default_max_message_bytes(props)
         version = props.get("version", b"")
@@ -633,6 +680,7 @@ class Client:
         try:
             chan = conn.channel()
             chan.confirm_delivery()
+            chan.add_on_cancel_callback(self._on_broker_cancel)
         except (pex.AMQPError, OSError) as exc:
             raise classify(exc, "opening a channel", transient=SetupError) from None
         ns = self.topology.namespace
@@ -689,23 +737,33 @@ class Client:
                     ch.basic_reject(method.delivery_tag, requeue=True)
                     return
             if sub.settle_on_return:
+                offset = delivery.headers.get(STREAM_OFFSET)
+                # an int (pika's own ``long`` subclass of it for AMQP long-longs)
+                if isinstance(offset, int) and not isinstance(offset, bool) and (
+                        sub.next_offset is None or offset >= sub.next_offset):
+                    sub.next_offset = int(offset) + 1
                 ch.basic_ack(method.delivery_tag)
 
         try:
             if sub.bind_exchange:
                 if sub.expires_s is None:
                     chan.queue_declare(sub.queue, exclusive=True, auto_delete=True, durable=False)
-                else:
-                    chan.queue_declare(sub.queue, durable=True,
-                                       arguments={"x-expires": max(1000, int(sub.expires_s * 1000))})
+                else:  # replicated, so that it outlives the loss of a cluster node too
+                    chan.queue_declare(sub.queue, durable=True, arguments={
+                        "x-queue-type": "quorum", "x-expires": max(1000, int(sub.expires_s * 1000))})
                 chan.queue_bind(sub.queue, sub.bind_exchange)
             chan.basic_qos(prefetch_count=sub.prefetch)
+            arguments = dict(sub.arguments()) if sub.arguments else None
+            if arguments is not None and STREAM_OFFSET in arguments and sub.next_offset is not None:
+                # a resubscription (after a reconnect, possibly to another node): go on after
+                # the last message handled, so that none is skipped or handled twice
+                arguments[STREAM_OFFSET] = sub.next_offset
             sub.consumer_tag = chan.basic_consume(
                 sub.queue,
                 on_message,
                 auto_ack=False,
                 exclusive=sub.exclusive,
-                arguments=sub.arguments() if sub.arguments else None,
+                arguments=arguments,
             )
         except (pex.AMQPError, OSError) as exc:
             raise self._consume_error(exc, sub, chan) from None
@@ -744,6 +802,17 @@ class Client:
         except Exception:  # noqa: BLE001 (no answer: not known to be held)
             return False
         return int(ok.method.consumer_count) > 0
+
+    def _on_broker_cancel(self, frame: Any) -> None:
+        """The broker cancelled one of our consumers (e.g. its queue's leader or the stream
+        replica it read went away with a cluster node): subscribe again (streams from the
+        offset their ``arguments`` give). If that fails, the channel is reopened with backoff."""
+        tag = getattr(getattr(frame, "method", None), "consumer_tag", None)
+        for sub in self._subs.values():
+            if sub.consumer_tag is not None and sub.consumer_tag == tag:
+                log.warning("the broker cancelled our consumer on %s; subscribing again", sub.queue)
+                sub.consumer_tag = None
+                self._submit(functools.partial(self._consume, sub))
 
     def _cancel(self, sub: _Subscription) -> None:
         if self._chan is not None and sub.consumer_tag is not None:
@@ -847,10 +916,10 @@ class Client:
         if self._conn is None:
             self._connect()
             self.reconnects += 1
-            log.warning("reconnected to %s", self.settings.masked_url)
+            log.warning("reconnected to %s", self.node_url)
         elif self._chan is None:
             self._setup_channel(self._conn)
-            log.warning("reopened the channel to %s", self.settings.masked_url)
+            log.warning("reopened the channel to %s", self.node_url)
         else:
             return
         self._backoff = self.settings.reconnect_initial_s
@@ -926,7 +995,9 @@ class Client:
 
     def _lost(self, error: BrokerError) -> None:
         if self._conn is not None:
-            log.warning("lost the connection to %s (%s); reconnecting", self.settings.masked_url, error)
+            log.warning("lost the connection to %s (%s); reconnecting", self.node_url, error)
+            # the node that went away is tried last (see fedmq.broker.failover)
+            self._next_node = self._node + 1
         else:
             log.info("reconnect to %s failed: %s", self.settings.masked_url, error)
         conn, self._conn = self._conn, None

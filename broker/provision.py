@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -96,6 +97,8 @@ class PrivateNode:
     proc: subprocess.Popen[bytes] | None = None
     #: extra ``rabbitmq.conf`` settings, e.g. ``{"max_message_size": "1048576"}``
     config: dict[str, str] = field(default_factory=dict)
+    #: plugins to enable, e.g. ``["rabbitmq_auth_mechanism_ssl"]`` (EXTERNAL login)
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or f"fedmq{self.port}@localhost"
@@ -123,7 +126,7 @@ class PrivateNode:
     def _prepare(self) -> None:
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         settings = {
             "listeners.tcp.default": str(self.port),
             "loopback_users": "none",
@@ -138,6 +141,12 @@ class PrivateNode:
                     shutil.chown(path, "rabbitmq", "rabbitmq")
 
     def start(self, timeout: float = 60.0) -> PrivateNode:
+        self.launch()
+        wait_until_answers(self.url, timeout, self.proc)
+        return self
+
+    def launch(self) -> None:
+        """Start the node's process without waiting for it to answer."""
         self._prepare()
         logf = open(self.base / "server.out", "ab")  # noqa: SIM115 (owned by the child)
         self.proc = subprocess.Popen(
@@ -145,8 +154,6 @@ class PrivateNode:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.info("starting a private RabbitMQ node %s on port %d", self.name, self.port)
-        wait_until_answers(self.url, timeout, self.proc)
-        return self
 
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """Run ``rabbitmqctl`` against this node (e.g. ``ctl("add_user", "u", "p")``); its stdout.
@@ -188,6 +195,99 @@ class PrivateNode:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+@dataclass
+class PrivateCluster:
+    """Several :class:`PrivateNode` s joined into one RabbitMQ cluster (three by default).
+
+    The nodes share the Erlang cookie of the user that runs them (the Debian wrapper runs every
+    node as user ``rabbitmq``, whose home holds the cookie); nodes 2.. leave their own
+    one-node cluster and ``join_cluster`` the first. Stopping a node keeps its data, and
+    starting it again rejoins the cluster. Every ``rabbitmqctl`` call names its node
+    (``-n``): the machine's own broker is never touched.
+    """
+
+    size: int = 3
+    config: dict[str, str] = field(default_factory=dict)
+    nodes: list[PrivateNode] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All nodes' URLs, comma-separated (what ``--amqp-url`` takes)."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 240.0) -> PrivateCluster:
+        self.nodes = self.nodes or [PrivateNode(config=dict(self.config)) for _ in range(self.size)]
+        try:
+            for node in self.nodes:  # booting is mostly waiting: start them side by side
+                node.launch()
+            for node in self.nodes:
+                wait_until_answers(node.url, timeout, node.proc)
+            seed = self.nodes[0]
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", seed.name)
+                node.ctl("start_app")
+            self.wait_running(timeout)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def running_nodes(self, via: PrivateNode | None = None) -> set[str]:
+        """The node names the cluster reports as running (asked of ``via`` or a live node)."""
+        asked = via or next(n for n in self.nodes if n.proc is not None)
+        out = asked.ctl("eval", "rabbit_nodes:all_running().")
+        return set(re.findall(r"'?([A-Za-z0-9_.-]+@[A-Za-z0-9_.-]+)'?", out))
+
+    def wait_running(self, timeout: float = 120.0) -> None:
+        """Return once every started node is up and sees every other started node."""
+        want = {n.name for n in self.nodes if n.proc is not None}
+        end = time.monotonic() + timeout
+        seen: set[str] = set()
+        while time.monotonic() < end:
+            with contextlib.suppress(BrokerError):
+                seen = self.running_nodes()
+                if want <= seen:
+                    for node in self.nodes:
+                        if node.proc is not None:
+                            wait_until_answers(node.url, max(1.0, end - time.monotonic()), node.proc)
+                    return
+            time.sleep(0.5)  # waiting for external processes: nothing to block on
+        raise BrokerError(f"cluster nodes {sorted(want - seen)} did not join within {timeout:.0f} s")
+
+    def node_named(self, name: str) -> PrivateNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def leader_of(self, queue: str, vhost: str = "/") -> PrivateNode:
+        """The node that leads quorum queue (or stream) ``queue``."""
+        live = next(n for n in self.nodes if n.proc is not None)
+        out = live.ctl("list_queues", "-p", vhost, "--no-table-headers", "--quiet", "name", "leader")
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return self.node_named(parts[1])
+        raise BrokerError(f"queue {queue!r} has no leader listed by {live.name}")
+
+    def stop_node(self, node: PrivateNode) -> None:
+        node.stop()
+
+    def start_node(self, node: PrivateNode, timeout: float = 120.0) -> None:
+        """Start a stopped node again: it rejoins with its data."""
+        node.start(timeout)
+        self.wait_running(timeout)
+
+    def remove(self) -> None:
+        for node in reversed(self.nodes):
+            node.remove()
 
 
 @dataclass

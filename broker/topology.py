@@ -7,10 +7,12 @@
 ``<ns>.updates``       quorum queue, single active consumer, dead-lettered to ``<ns>.updates.dlq``
 ``<ns>.dlx``           direct exchange feeding the two dead-letter queues
 ``<ns>.control``       fanout exchange: stop messages to every worker
-``<ns>.lock``          classic queue; the running aggregator holds an exclusive consumer on it
+``<ns>.lock``          quorum queue, single active consumer: the active aggregator holds its token
+                       unacked, standbys wait (:mod:`fedmq.broker.lock`)
 =====================  ======================================================================
 
-Declaring is idempotent; see the handbook (GUIDE.md §2) for the measured behaviour behind it.
+Everything that processes share is replicated on a RabbitMQ cluster (quorum queues and
+streams), so a federation survives the loss of any one node of three. Declaring is idempotent; see the handbook (GUIDE.md §2) for the measured behaviour behind it.
 
 A model version on ``<ns>.models`` carries the headers :data:`VERSION_HEADER` (its version,
 an int) and :data:`RUN_HEADER` (its run id, a str), so that a worker can index the stream
@@ -119,7 +121,7 @@ class Topology:
         """(queue name, arguments) for every durable queue, in declaration order."""
         stream = {"x-queue-type": "stream"}
         return [
-            (self.lock, {"x-queue-type": "classic"}),
+            (self.lock, {"x-queue-type": "quorum", "x-single-active-consumer": True}),
             (
                 self.models,
                 {

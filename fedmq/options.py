@@ -34,7 +34,13 @@ from typing import Any
 
 import click
 
-from fedmq.broker.settings import DEFAULT_AMQP_URL, DEFAULT_NAMESPACE, BrokerSettings, mask_text
+from fedmq.broker.settings import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_NAMESPACE,
+    TLS_ENV,
+    BrokerSettings,
+    mask_text,
+)
 from fedmq.broker.topology import Topology
 from fedmq.shared.errors import ConfigError
 
@@ -205,11 +211,46 @@ def logging_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _tls_to_env(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Hand a --tls-* value to the broker settings (and to processes `fedmq run` starts)
+    through its FEDMQ_TLS_* variable (see fedmq.broker.settings.TLS_ENV)."""
+    name = str(param.name)
+    if name == "tls_no_verify_hostname":
+        if value:
+            os.environ[TLS_ENV["tls_verify_hostname"]] = "false"
+    elif name == "tls_external":
+        if value:
+            os.environ[TLS_ENV["tls_external"]] = "true"
+    elif value is not None:
+        os.environ[TLS_ENV[name]] = str(value)
+
+
+def tls_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--tls-ca, --tls-cert, --tls-key, --tls-external, --tls-no-verify-hostname (amqps://)."""
+    common: dict[str, Any] = {"expose_value": False, "callback": _tls_to_env}
+    fn = click.option("--tls-no-verify-hostname", is_flag=True, default=False, **common,
+                      help="TLS: do not check that the broker's certificate names the host dialled "
+                           "(the certificate is still verified against the CA). Env FEDMQ_TLS_VERIFY_HOSTNAME=false.")(fn)
+    fn = click.option("--tls-external", is_flag=True, default=False, **common,
+                      help="TLS: log in with the client certificate (SASL EXTERNAL) instead of a "
+                           "password. Env FEDMQ_TLS_EXTERNAL.")(fn)
+    fn = click.option("--tls-key", type=click.Path(dir_okay=False), default=None, **common,
+                      help="TLS: the client certificate's private key (PEM). Env FEDMQ_TLS_KEY.")(fn)
+    fn = click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, **common,
+                      help="TLS: client certificate (PEM), for mutual TLS. Env FEDMQ_TLS_CERT.")(fn)
+    fn = click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, **common,
+                      help="TLS: CA bundle (PEM) that signed the broker's certificate "
+                           "(default: the system's CAs). Env FEDMQ_TLS_CA.")(fn)
+    return fn
+
+
 def broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = tls_options(fn)
     fn = click.option("--namespace", default=DEFAULT_NAMESPACE, envvar="FEDMQ_NAMESPACE", show_default=True,
                       help="Prefix of every queue and exchange (several federations can share a broker).")(fn)
     fn = click.option("--amqp-url", default=DEFAULT_AMQP_URL, envvar="FEDMQ_AMQP_URL", show_default=True,
-                      help="RabbitMQ URL (amqp:// or amqps://).")(fn)
+                      help="RabbitMQ URL (amqp:// or amqps://); several, comma-separated, for the "
+                           "nodes of a cluster (tried in order; a lost node is tried last).")(fn)
     return fn
 
 

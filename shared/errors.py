@@ -92,6 +92,12 @@ class ConnectionLost(BrokerError):
     retryable = True
 
 
+class TLSRefused(BrokerError):
+    """The TLS handshake with the broker failed: an unknown CA, a certificate for another
+    host, an expired one, or a refused client certificate. Permanent: the files or the
+    host name need changing."""
+
+
 class NotConfirmed(BrokerError):
     """Waiting for a publish confirm ended without one (deadline, stop or close).
 
@@ -145,3 +151,9 @@ class MessageTooLarge(PreconditionFailed):
 
 class TrainingError(FedmqError):
     """A trainer raised while fitting or evaluating."""
+
+
+class LockLost(FedmqError):
+    """This aggregator no longer holds its namespace (another took over) or its run directory
+    (another aggregator's incarnation is in its lock file): it stops without writing."""
+

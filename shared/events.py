@@ -23,6 +23,8 @@ round_closed           round, version, updates
 finished               version, accuracy, updates_applied, updates_rejected, updates_stale,
                        updates_duplicate, updates_late, reached_target, interrupted, time_s,
                        loss?, rounds?, dp_epsilon?, dp_delta?
+standby                namespace                               (a --standby aggregator waits for the lock)
+took_over              namespace, incarnation, version, previous?  (a standby took the run over)
 task_started           task_id, worker_id                      (worker)
 update_confirmed       task_id, message_id, worker_id, ticket? (worker; the update is on the broker)
 task_failed            task_id, worker_id, reason              (worker; the task goes back or dies)
@@ -58,6 +60,8 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
                    "updates_duplicate", "updates_late", "reached_target", "interrupted", "time_s"}),
         frozenset({"loss", "rounds", "dp_epsilon", "dp_delta"}),
     ),
+    "standby": (frozenset({"namespace"}), frozenset()),
+    "took_over": (frozenset({"namespace", "incarnation", "version"}), frozenset({"previous"})),
     "task_started": (frozenset({"task_id", "worker_id"}), frozenset()),
     "update_confirmed": (frozenset({"task_id", "message_id", "worker_id"}), frozenset({"ticket"})),
     "task_failed": (frozenset({"task_id", "worker_id", "reason"}), frozenset()),

@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from fedmq.broker.admin import delete_namespace
-from fedmq.broker.provision import PrivateNode, broker_answers, docker_available, start_container
+from fedmq.broker.provision import (
+    PrivateCluster,
+    PrivateNode,
+    broker_answers,
+    docker_available,
+    start_container,
+)
 from tests.helpers import CapturedLogs, Procs, split
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -90,6 +96,19 @@ def private_broker() -> Iterator[PrivateNode]:
         yield node
     finally:
         node.remove()
+
+
+@pytest.fixture(scope="module")
+def private_cluster() -> Iterator[PrivateCluster]:
+    """Three private RabbitMQ nodes joined into one cluster, one cluster per test module (each
+    start is heavy); tests may stop and start its nodes (``start_node`` waits for the rejoin)."""
+    if not PrivateNode.available():
+        skip_or_fail("rabbitmq-server is not installed: cluster tests need private nodes")
+    cluster = PrivateCluster(size=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 @pytest.fixture

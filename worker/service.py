@@ -664,6 +664,7 @@ class Worker:
         pending = client.publish_nowait(
             self.topology.updates, body, message_id=message_id,
             headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id, **self._signed(msg, body)},
+            sign=True,  # user_id: RabbitMQ vouches for our broker user (aggregator --require-user-id)
         )
         try:
             try:

@@ -19,6 +19,7 @@ import pytest
 
 from fedmq.broker.admin import Admin
 from fedmq.broker.client import Client, classify
+from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.provision import PrivateNode
 from fedmq.broker.settings import BrokerSettings, MiB, default_max_message_bytes
 from fedmq.broker.topology import Topology
@@ -189,17 +190,23 @@ def test_a_publish_without_write_permission_fails_that_publish_only(limited_brok
         assert client.reconnects == 0 and client.failure is None
 
 
-def test_a_second_lock_holder_gets_namespace_locked(amqp_url: str, namespace: str) -> None:
+def test_a_second_lock_holder_waits_and_gets_the_token_when_the_first_goes(amqp_url: str, namespace: str) -> None:
     topology = Topology(namespace)
     first = Client(BrokerSettings.from_url(amqp_url), topology, name="first")
-    first.subscribe(topology.lock, lambda d: None, exclusive=True)
-    with first:
-        second = Client(BrokerSettings.from_url(amqp_url), topology, name="second")
-        second.subscribe(topology.lock, lambda d: None, exclusive=True)
-        with pytest.raises(NamespaceLocked) as info:
-            second.start(setup_attempts=2)
-        assert info.value.reply_code == 403
-        assert "another aggregator is running" in str(info.value) and namespace in str(info.value)
+    first_lock = NamespaceLock(first, topology.lock, "first")
+    first_lock.subscribe()
+    second = Client(BrokerSettings.from_url(amqp_url), topology, name="second")
+    second_lock = NamespaceLock(second, topology.lock, "second")
+    second_lock.subscribe()
+    with first, second:
+        assert first_lock.acquire(10)
+        assert not second_lock.acquire(2)  # its offer went to the holder, which keeps one token
+        refused = second_lock.refused()
+        assert isinstance(refused, NamespaceLocked)
+        assert "another aggregator is running" in str(refused) and namespace in str(refused)
+        first.close()  # the holder's connection goes: its token goes to the waiting consumer
+        assert second_lock.regain(30)
+        assert second_lock.held
 
 
 def test_a_permanent_error_after_a_reconnect_gives_up_instead_of_looping(limited_broker: PrivateNode) -> None:

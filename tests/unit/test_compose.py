@@ -4,7 +4,8 @@ compose.yaml, the Dockerfile, deploy/worker-entrypoint.sh and deploy/rabbitmq/* 
 files: every service's command must parse as a fedmq invocation (click's own parser, with the
 service's environment), the RabbitMQ users' permission regexes must grant what the code does
 on the broker and no more where it matters, the password hashes must match the documented dev
-passwords, and the broker must accept a message as large as the largest supported model.
+passwords, the broker is RabbitMQ 4 with its stock limits, and the `cluster` profile is three
+nodes whose clients are given every node.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import click
-import numpy as np
 import pytest
 
 yaml = pytest.importorskip("yaml")
@@ -33,7 +32,6 @@ from fedmq.broker.settings import BrokerSettings  # noqa: E402
 from fedmq.broker.topology import Topology  # noqa: E402
 from fedmq.cli import main  # noqa: E402
 from fedmq.options import aggregator_config  # noqa: E402
-from fedmq.shared import messages  # noqa: E402
 from fedmq.shared.data import BUILTINS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +41,9 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 ENTRYPOINT = ROOT / "deploy" / "worker-entrypoint.sh"
 DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
+CLUSTER_CONF = ROOT / "deploy" / "rabbitmq" / "cluster.conf"
+CLUSTER_NODES = ("rabbit1", "rabbit2", "rabbit3")
+CLUSTER_CLIENTS = ("aggregator-ha", "aggregator-standby", "worker-ha")
 
 NAMESPACE = "fedmq"
 VHOST = "fedmq"
@@ -50,8 +51,6 @@ AGGREGATOR_USER = "fedmq-aggregator"
 WORKER_USER = "fedmq-worker"
 DEV_PASSWORDS = {AGGREGATOR_USER: "change-me-aggregator", WORKER_USER: "change-me-worker"}
 BROKER_SERVICE = "rabbitmq"
-LARGEST_MODEL_PARAMS = 10_000_000  # float32 parameters of the largest model fedmq supports
-RABBITMQ_MAX_MESSAGE_SIZE_LIMIT = 512 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -205,6 +204,7 @@ def test_broker_image_is_pinned_and_healthchecked(services: dict[str, dict[str, 
     assert tag and tag != "latest" and re.match(r"^\d+\.\d+\.\d+(-management)?$", tag), (
         f"pin the broker image to an exact release, not {image!r}"
     )
+    assert int(tag.split(".")[0]) >= 4, "RabbitMQ 3.13 is out of community support: use a 4.x release"
     assert "management" in tag, "the management UI (15672) needs the -management image"
     test = broker["healthcheck"]["test"]
     text = test if isinstance(test, str) else " ".join(test)
@@ -226,15 +226,68 @@ def test_broker_mounts_config_and_definitions(services: dict[str, dict[str, Any]
 
 
 def test_services_wait_for_a_healthy_broker(services: dict[str, dict[str, Any]]) -> None:
+    """Single-node services wait for `rabbitmq`, the cluster profile's for all three nodes; the
+    split needs no broker (so the cluster profile does not start the single node for it)."""
     assert set(services) >= {BROKER_SERVICE, "split", "aggregator", "worker"}
+    assert "depends_on" not in services["split"]
     for name, service in services.items():
-        if name == BROKER_SERVICE:
+        if name in (BROKER_SERVICE, "split", *CLUSTER_NODES):
             continue
         deps = service.get("depends_on")
         assert isinstance(deps, dict), f"{name}: depends_on needs the long form with conditions"
-        assert deps.get(BROKER_SERVICE, {}).get("condition") == "service_healthy", name
-    for name in ("aggregator", "worker"):
+        brokers = CLUSTER_NODES if "cluster" in service.get("profiles", []) else (BROKER_SERVICE,)
+        for broker in brokers:
+            assert deps.get(broker, {}).get("condition") == "service_healthy", (name, broker)
+        assert set(deps) - {"split"} == set(brokers), name
+    for name in ("aggregator", "worker", *CLUSTER_CLIENTS):
         assert services[name]["depends_on"]["split"]["condition"] == "service_completed_successfully"
+
+
+def test_cluster_profile_is_three_rabbitmq_4_nodes(services: dict[str, dict[str, Any]]) -> None:
+    default = services[BROKER_SERVICE]
+    assert "profiles" not in default, "the single node stays the default"
+    ports = set()
+    for name in CLUSTER_NODES:
+        node = services[name]
+        assert node["profiles"] == ["cluster"] and node["hostname"] == name
+        assert node["image"] == default["image"] and node["healthcheck"] == default["healthcheck"]
+        mounts = {src: target for target, (src, _ro) in volume_targets(node).items()}
+        assert mounts["./deploy/rabbitmq/rabbitmq.conf"] == "/etc/rabbitmq/conf.d/90-fedmq.conf"
+        assert mounts["./deploy/rabbitmq/cluster.conf"].startswith("/etc/rabbitmq/conf.d/9")
+        assert mounts[name] == "/var/lib/rabbitmq", "each node its own data volume"
+        (cookie,) = node["configs"]
+        assert cookie["source"] == "erlang-cookie" and cookie["target"] == "/var/lib/rabbitmq/.erlang.cookie"
+        assert oct(int(cookie["mode"])) == "0o400"
+        ports |= {str(p).rsplit(":", 2)[-2] for p in node["ports"]}
+    assert len(ports) == 2 * len(CLUSTER_NODES), "each node publishes its own host ports"
+    conf = dict(line.split(" = ", 1) for line in CLUSTER_CONF.read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    assert sorted(v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")) == [
+        f"rabbit@{n}" for n in CLUSTER_NODES]
+
+
+def test_cluster_profile_clients_get_every_node(services: dict[str, dict[str, Any]], definitions: dict[str, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    outs = {}
+    for name, user in (("aggregator-ha", AGGREGATOR_USER), ("aggregator-standby", AGGREGATOR_USER),
+                       ("worker-ha", WORKER_USER)):
+        service = services[name]
+        assert service["profiles"] == ["cluster"]
+        env = environment(service)
+        settings = BrokerSettings.from_url(env["FEDMQ_AMQP_URL"])
+        assert [urlsplit(u).hostname for u in settings.urls] == list(CLUSTER_NODES)
+        for url in settings.urls:
+            parts = urlsplit(url)
+            assert parts.username == user and unquote(parts.path[1:]) == VHOST
+            assert unquote(parts.password or "") == DEV_PASSWORDS[user]
+        if name.startswith("aggregator"):
+            path, ctx = parse_fedmq(command(service), env, monkeypatch)
+            assert path == ["aggregator"]
+            aggregator_config(ctx.params)
+            outs[name] = (ctx.params["out"], ctx.params["standby"])
+    assert outs["aggregator-ha"][0] == outs["aggregator-standby"][0], "the standby takes over the same run directory"
+    assert (outs["aggregator-ha"][1], outs["aggregator-standby"][1]) == (False, True)
 
 
 def test_volumes_declared(compose: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
@@ -482,22 +535,14 @@ def test_definitions_declare_the_topology_exactly(definitions: dict[str, Any]) -
     assert all(e["vhost"] == VHOST for e in definitions["exchanges"] + definitions["bindings"])
 
 
-def test_rabbitmq_conf(rabbitmq_conf: dict[str, str]) -> None:
+def test_rabbitmq_conf(rabbitmq_conf: dict[str, str], services: dict[str, dict[str, Any]]) -> None:
     assert rabbitmq_conf["loopback_users.guest"] == "true"
     assert int(rabbitmq_conf["consumer_timeout"]) >= 3_600_000
-    size = int(rabbitmq_conf["max_message_size"])
-    assert size <= RABBITMQ_MAX_MESSAGE_SIZE_LIMIT
-    # the largest model: LARGEST_MODEL_PARAMS float32 parameters, as a model version and as an update
-    params = {"dense_0/W": np.zeros((2_000, 4_999), np.float32), "dense_0/b": np.zeros(2_000, np.float32)}
-    assert sum(a.size for a in params.values()) == LARGEST_MODEL_PARAMS
-    model = messages.ModelVersion(version=10**6, params=params, spec={"layers": [4_999, 2_000]}, round=None,
-                                  created_s=time.time())
-    update = messages.Update(task_id="t" * 64, worker_id="worker-999", base_version=10**6, num_samples=10**6,
-                             params=params, kind="delta", train_loss=0.5, train_accuracy=0.5, duration_s=1.0, round=None)
-    for msg in (model, update):
-        encoded = len(messages.encode(msg))
-        assert encoded <= size, f"a {type(msg).__name__} of the largest model ({encoded} B) exceeds max_message_size"
-        assert size >= encoded * 1.25, "leave headroom for headers and framing"
+    # RabbitMQ 4's stock limits: no max_message_size of our own, and no client-side override
+    # (the client takes the limit from the version the broker announces)
+    assert "max_message_size" not in rabbitmq_conf
+    for name, service in services.items():
+        assert "FEDMQ_MAX_MESSAGE_BYTES" not in environment(service), name
 
 
 # ---------------------------------------------------------------------------------- image
@@ -559,3 +604,23 @@ def test_dockerfile_dependency_step_reads_pyproject(tmp_path: Path) -> None:
 
     expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert res.stdout.splitlines() == expected
+
+
+def test_generated_definitions_give_each_worker_its_own_user(definitions: dict[str, Any], tmp_path: Path) -> None:
+    env_out, out = tmp_path / "workers.env", tmp_path / "definitions.workers.json"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "worker_users.py"), "--workers", "3", "--out", str(out),
+                    "--env-out", str(env_out)], check=True, capture_output=True)
+    generated = json.loads(out.read_text())
+    users = {u["name"]: u for u in generated["users"]}
+    workers = [f"{WORKER_USER}-{i}" for i in range(3)]
+    assert set(users) == {AGGREGATOR_USER, *workers}, "the shared worker user is replaced"
+    passwords = dict(line.split("=", 1) for line in env_out.read_text().splitlines())
+    assert oct(env_out.stat().st_mode & 0o777) == "0o600"
+    shared = _perms(definitions, WORKER_USER)
+    for i, name in enumerate(workers):
+        assert users[name]["tags"] == [], "no impersonator (nor any other) tag for a worker"
+        assert verify_hash(passwords[f"FEDMQ_WORKER_{i}_PASSWORD"], users[name]["password_hash"])
+        perms = _perms(generated, name)
+        assert {k: perms[k] for k in ("configure", "write", "read", "vhost")} == {
+            k: shared[k] for k in ("configure", "write", "read", "vhost")}
+    assert generated["queues"] == definitions["queues"]

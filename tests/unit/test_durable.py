@@ -73,3 +73,31 @@ def test_saved_params_load_without_pickle(tmp_path: Path) -> None:
     durable.save_params(tmp_path / "model.npz", {"dense_0/W": np.ones((2, 2), np.float32)})
     with np.load(tmp_path / "model.npz", allow_pickle=False) as z:
         assert z.files == ["dense_0/W"]
+
+
+def test_run_dir_lock_stops_the_older_claimant(tmp_path: Path) -> None:
+    from fedmq.aggregator.durable import RunDirLock
+    from fedmq.shared.errors import LockLost
+
+    first, second = RunDirLock(tmp_path, "aaaaaa"), RunDirLock(tmp_path, "bbbbbb")
+    assert first.claim() is None
+    first.check()
+    previous = second.claim()
+    assert previous is not None and previous["incarnation"] == "aaaaaa"
+    second.check()
+    with pytest.raises(LockLost, match="taken over by aggregator incarnation bbbbbb"):
+        first.check()
+    (tmp_path / "aggregator.lock").unlink()
+    with pytest.raises(LockLost, match="nobody"):
+        second.check()
+
+
+def test_an_abandoned_ledger_keeps_only_what_was_committed(tmp_path: Path) -> None:
+    from fedmq.aggregator.durable import Ledger, read_ledger
+
+    ledger = Ledger(tmp_path / "updates.jsonl")
+    ledger.record({"task_id": "t1", "fate": "applied"})
+    ledger.commit()
+    ledger.record({"task_id": "t2", "fate": "applied"})
+    ledger.abandon()
+    assert [e["task_id"] for e in read_ledger(tmp_path / "updates.jsonl")] == ["t1"]

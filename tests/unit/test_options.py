@@ -26,7 +26,8 @@ from fedmq.options import (
 from tests.helpers import readme_config
 
 #: options every command that talks to a broker takes besides its own
-COMMON = {"config", "amqp_url", "namespace", "log_level", "log_format"}
+COMMON = {"config", "amqp_url", "namespace", "log_level", "log_format",
+          "tls_ca", "tls_cert", "tls_key", "tls_external", "tls_no_verify_hostname"}
 FIELDS = {f.name for f in dataclasses.fields(AggregatorConfig)}
 
 
