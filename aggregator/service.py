@@ -69,6 +69,7 @@ from fedmq.aggregator.core import (
     WorkerLeft,
     WorkerRefused,
 )
+from fedmq.aggregator.export import check_export, export_model
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.tracking import SafeTracker, make_tracker
@@ -80,7 +81,8 @@ from fedmq.shared import messages
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
+from fedmq.shared.spec import build_spec, run_trainer_config
+from fedmq.shared.trainer import Trainer, load_trainer_factory
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -153,12 +155,16 @@ class Aggregator:
             staleness_b=cfg.staleness_b, buffer_size=cfg.buffer_size, server_lr=cfg.server_lr,
         )
         self.policy = make_policy(cfg)
-        architecture = mlp_spec(
-            int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
-        )
+        # the trainer owns its model: it makes the spec from its configuration and the data
+        factory = load_trainer_factory(cfg.trainer)
+        options = {"hidden": list(cfg.hidden), "activation": cfg.activation, "loss": cfg.loss}
+        trainer_config = run_trainer_config(factory, cfg.trainer_config, device=cfg.device, mlp_options=options)
+        architecture = build_spec(factory, trainer_config, input_shape=X.shape[1:], num_classes=classes, seed=cfg.seed)
         # what the models carry: the architecture and the trainer it is for (workers check it)
         self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
-        self.trainer: Trainer = load_trainer_factory(cfg.trainer)(architecture)
+        self.trainer: Trainer = factory(architecture)
+        if cfg.export:
+            check_export(cfg.export)
         self._initial = self.trainer.init_params()
         self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
@@ -237,6 +243,8 @@ class Aggregator:
             finally:
                 self._checkpoint(force=True)
                 durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
+                if self.cfg.export:
+                    export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
         finally:
             self.client.close()
             self.ledger.close()
