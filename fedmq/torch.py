@@ -101,7 +101,7 @@ def arrays_to_state_dict(arrays: Mapping[str, np.ndarray], template: Mapping[str
             if tuple(arr.shape) != tuple(like.shape):
                 raise ConfigError(f"parameter {name!r} has shape {tuple(arr.shape)}, the module's is {tuple(like.shape)}")
             if not (like.dtype.is_floating_point or like.dtype.is_complex):
-                arr = np.rint(arr)
+                arr = np.asarray(np.rint(arr))
             elif copy:
                 arr = np.array(arr, copy=True)
             tensor = torch.from_numpy(arr)
@@ -137,7 +137,7 @@ def _first_line(exc: BaseException) -> str:
 def build_module(ref: str, kwargs: Mapping[str, Any], *, input_shape: tuple[int, ...], num_classes: int,
                  seed: int) -> nn.Module:
     """The module ``ref`` makes, built under ``seed`` (the global RNG is left as it was)."""
-    factory = resolve_ref(ref, "module factory")
+    factory = resolve_ref(ref, "model")
     if not callable(factory):
         raise ConfigError(f"module factory {ref!r} is a {type(factory).__name__}, not a class or function")
     call = dict(kwargs)
@@ -178,8 +178,8 @@ def check_module(module: nn.Module, ref: str, input_shape: tuple[int, ...], num_
         raise ConfigError(f"module {ref!r} returned {type(out).__name__}, not a tensor of class scores")
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(
-            f"module {ref!r} outputs shape {tuple(out.shape[1:])} per sample, the data has {num_classes} "
-            f"classes: its last layer must have {num_classes} outputs"
+            f"module {ref!r} maps the data's samples of shape {tuple(input_shape)} to outputs of shape "
+            f"{tuple(out.shape[1:])}; the data has {num_classes} classes, so it must output ({num_classes},) per sample"
         )
 
 
