@@ -21,7 +21,7 @@ from tests.helpers import REPO, fedmq_argv, read_history
 pytestmark = [pytest.mark.broker]
 
 
-def fedmq_run(namespace: str, amqp_url: str, out: Path, *args: str, timeout: float = 280) -> tuple[int, str]:
+def fedmq_run(namespace: str, amqp_url: str, out: Path, *args: str, timeout: float = 540) -> tuple[int, str]:
     """``fedmq run`` from the repository root, as the examples' READMEs run it."""
     env = {**os.environ, "FEDMQ_AMQP_URL": amqp_url}
     proc = subprocess.run(fedmq_argv("run", *args, "--display", "plain", "--namespace", namespace, "--out", str(out)),
@@ -30,6 +30,7 @@ def fedmq_run(namespace: str, amqp_url: str, out: Path, *args: str, timeout: flo
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about a minute alone; several times that on a busy machine
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_pytorch_cnn_example_reaches_95_percent(mode: str, namespace: str, amqp_url: str, tmp_path: Path) -> None:
     pytest.importorskip("torch")
@@ -62,6 +63,7 @@ def _check_exports(out: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("example", ["sklearn", "numpy-custom"])
 def test_the_sklearn_and_numpy_custom_examples_reach_90_percent(example: str, namespace: str, amqp_url: str,
                                                                  tmp_path: Path) -> None:
