@@ -81,7 +81,7 @@ from fedmq.shared import messages
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.spec import build_spec, run_trainer_config
+from fedmq.shared.spec import build_spec, make_trainer, run_trainer_config
 from fedmq.shared.trainer import Trainer, load_trainer_factory
 
 log = logging.getLogger("fedmq.aggregator")
@@ -162,7 +162,7 @@ class Aggregator:
         architecture = build_spec(factory, trainer_config, input_shape=X.shape[1:], num_classes=classes, seed=cfg.seed)
         # what the models carry: the architecture and the trainer it is for (workers check it)
         self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
-        self.trainer: Trainer = factory(architecture)
+        self.trainer: Trainer = make_trainer(factory, architecture)
         if cfg.export:
             check_export(cfg.export)
         self._initial = self.trainer.init_params()

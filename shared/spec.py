@@ -115,7 +115,12 @@ def build_spec(factory: object, config: Mapping[str, Any], *, input_shape: Seque
     shape = tuple(int(n) for n in input_shape)
     spec_from = getattr(factory, "spec_from", None)
     if callable(spec_from):
-        spec = spec_from(dict(config), input_shape=shape, num_classes=int(num_classes), seed=int(seed))
+        try:
+            spec = spec_from(dict(config), input_shape=shape, num_classes=int(num_classes), seed=int(seed))
+        except ConfigError:
+            raise
+        except Exception as exc:  # a user's spec_from may raise anything: one line, no traceback
+            raise ConfigError(f"the trainer rejected its --trainer-config: {type(exc).__name__}: {exc}") from None
     else:
         spec = {"input_shape": list(shape), "num_classes": int(num_classes), "seed": int(seed), **config}
     if not isinstance(spec, dict):
@@ -180,3 +185,13 @@ def _load_file(path: str, ref: str, what: str) -> Any:
         del sys.modules[name]
         raise
     return module
+
+
+def make_trainer(factory: Any, spec: dict[str, Any]) -> Any:
+    """``factory(spec)``; whatever a user's factory raises becomes a one-line ConfigError."""
+    try:
+        return factory(spec)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"the trainer cannot be built from its spec: {type(exc).__name__}: {exc}") from None

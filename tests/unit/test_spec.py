@@ -17,6 +17,7 @@ from fedmq.shared.errors import ConfigError, DataError
 from fedmq.shared.spec import (
     build_spec,
     config_pairs,
+    make_trainer,
     parse_trainer_config,
     resolve_ref,
     run_trainer_config,
@@ -84,6 +85,21 @@ def test_a_factory_without_spec_from_gets_the_data_and_its_config() -> None:
     assert config == {"device": "cuda", "width": 3}  # the MLP's options are not its keys
     spec = build_spec(factory, config, input_shape=(1, 8, 8), num_classes=10, seed=2)
     assert spec == {"input_shape": [1, 8, 8], "num_classes": 10, "seed": 2, "device": "cuda", "width": 3}
+
+
+def test_whatever_a_users_factory_raises_is_one_config_error_line() -> None:
+    class Picky:
+        @classmethod
+        def spec_from(cls, config: dict, **_: Any) -> dict:
+            raise ValueError("l2 must be >= 0")
+
+        def __init__(self, spec: dict) -> None:
+            raise KeyError("width")
+
+    with pytest.raises(ConfigError, match="rejected its --trainer-config: ValueError: l2 must be >= 0"):
+        build_spec(Picky, {"l2": -1}, input_shape=(4,), num_classes=2, seed=0)
+    with pytest.raises(ConfigError, match="cannot be built from its spec: KeyError: 'width'"):
+        make_trainer(Picky, {})
 
 
 def test_references_may_name_a_python_file(tmp_path: Path) -> None:
