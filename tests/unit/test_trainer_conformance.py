@@ -120,3 +120,25 @@ def test_fit_is_reproducible_from_its_seed(case: Any) -> None:
     b = fit(trainer, params, X, y, lr, seed=5)
     for name in a_params:
         np.testing.assert_array_equal(a_params[name], b.params[name])
+
+
+def test_a_fedprox_mu_pulls_the_weights_towards_the_reference(case: Any) -> None:
+    trainer, spec, shape, lr = case
+    if "estimator" in spec:
+        pytest.skip("the scikit-learn trainer has no FedProx term (it fails a task with mu > 0)")
+    X, y = toy(shape)
+    params = trainer.init_params()
+
+    def moved(mu: float) -> float:
+        out = fit(trainer, params, X, y, lr, mu=mu, epochs=5).params
+        return float(sum(np.sum((out[k].astype(np.float64) - params[k]) ** 2) for k in params))
+
+    free, prox = moved(0.0), moved(2.0)
+    assert prox < 0.7 * free, (free, prox)
+
+
+def test_the_sklearn_trainer_refuses_mu_rather_than_ignoring_it() -> None:
+    trainer = _sklearn_factory()(build_spec(_sklearn_factory(), {}, input_shape=(8,), num_classes=3, seed=0))
+    X, y = toy((8,))
+    with pytest.raises(ValueError, match="no FedProx term"):
+        fit(trainer, trainer.init_params(), X, y, 0.01, mu=0.1)
