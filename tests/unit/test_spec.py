@@ -77,6 +77,14 @@ def test_bad_mlp_configs_name_the_key(pairs: list[str], device: str, match: str)
                    input_shape=(4,), num_classes=2, seed=0)
 
 
+def test_the_benchmarks_stand_in_still_gets_an_mlp_spec_from_hidden() -> None:
+    from bench.standin import NoiseTrainer
+
+    config = run_trainer_config(NoiseTrainer, [], device="auto", mlp_options={**MLP_OPTIONS, "hidden": [5]})
+    spec = build_spec(NoiseTrainer, config, input_shape=(64,), num_classes=10, seed=0)
+    assert NoiseTrainer(spec).layers == (64, 5, 10)
+
+
 def test_a_factory_without_spec_from_gets_the_data_and_its_config() -> None:
     def factory(spec: dict) -> Any:
         return spec
