@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, fedmq_argv, read_history
+from tests.helpers import REPO, fedmq_argv, read_history, require_torch
 
 pytestmark = [pytest.mark.broker]
 
@@ -33,7 +33,7 @@ def fedmq_run(namespace: str, amqp_url: str, out: Path, *args: str, timeout: flo
 @pytest.mark.timeout(600)  # about a minute alone; several times that on a busy machine
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_pytorch_cnn_example_reaches_95_percent(mode: str, namespace: str, amqp_url: str, tmp_path: Path) -> None:
-    pytest.importorskip("torch")
+    require_torch()
     out = tmp_path / "run"
     code, output = fedmq_run(namespace, amqp_url, out, "--config", "examples/pytorch-cnn/fedmq.toml", "--mode", mode,
                              "--export", "safetensors")
@@ -90,13 +90,18 @@ VECTORS = "tests/integration/vector_models.py"
         (["--trainer", "fedmq.torch:TorchTrainer", "--trainer-config", f"module={VECTORS}:mlp", "--image"],
          "cannot take the data's samples of shape (1, 8, 8)"),
         (["--hidden", "8", "--trainer-config", "depth=3"], "unknown --trainer-config key 'depth' for the numpy MLP"),
+        (["--trainer", "fedmq.torch:TorchTrainer", "--trainer-config", f"module={VECTORS}:mlp", "--device", "cuda"],
+         "--device cuda: PyTorch"),
     ],
-    ids=["no-trainer", "no-module", "wrong-classes", "unknown-key", "images-to-vectors", "mlp-unknown-key"],
+    ids=["no-trainer", "no-module", "wrong-classes", "unknown-key", "images-to-vectors", "mlp-unknown-key",
+         "cuda-without-gpu"],
 )
 def test_bad_models_fail_with_one_line_and_no_traceback(args: list[str], words: str, namespace: str, amqp_url: str,
                                                        tmp_path: Path) -> None:
     if "fedmq.torch:TorchTrainer" in args:
-        pytest.importorskip("torch")
+        torch = require_torch()
+        if "cuda" in args and torch.cuda.is_available():
+            pytest.skip("this machine has a GPU: --device cuda trains there")
     code, output = fedmq_run(namespace, amqp_url, tmp_path / "run", "--workers", "2", "--rounds", "2", *args,
                              timeout=120)
     assert code != 0, output

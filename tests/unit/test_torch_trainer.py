@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.helpers import require_torch
+
+torch = require_torch()
 from torch import nn  # noqa: E402
 
 from fedmq.shared import codec  # noqa: E402

@@ -16,6 +16,7 @@ import pytest
 
 from fedmq.shared.spec import build_spec, resolve_ref
 from fedmq.shared.trainer import FitResult, MLPTrainer, Trainer
+from tests.helpers import require_torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN = f"{ROOT}/examples/pytorch-cnn/model.py:make_cnn"
@@ -33,7 +34,7 @@ def toy(shape: tuple[int, ...], n: int = 240, classes: int = 3, seed: int = 0) -
 
 
 def _torch_factory() -> Any:
-    pytest.importorskip("torch")
+    require_torch()
     from fedmq.torch import TorchTrainer
 
     return TorchTrainer
