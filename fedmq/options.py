@@ -12,7 +12,9 @@ table named after the command (``[aggregator]``, ``[worker]``, ``[run]``, ``[dat
 ``buffer-size``), with ``_`` or ``-``. An unknown key is an error that names it. ``fedmq run``
 also reads the ``[aggregator]`` table, so that the file that configures ``fedmq aggregator``
 configures the aggregator of ``fedmq run`` the same way (its ``[run]`` table wins over it; the
-top level is lowest). Environment variables follow the option names too: ``--workers`` of
+top level is lowest). A ``[trainer]`` table is the trainer's own configuration: it gives
+``--trainer-config`` (KEY=VALUE pairs, values as JSON) to the commands that take it and is
+skipped by the others. Environment variables follow the option names too: ``--workers`` of
 ``run`` is ``FEDMQ_RUN_WORKERS`` (see :class:`FlagEnvOption`).
 
 The aggregator's options (``fedmq aggregator`` and ``fedmq run``) are generated from the fields
