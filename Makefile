@@ -20,7 +20,12 @@ $(DEMO_STAMP): pyproject.toml | $(PY)
 	if [ ! $(TEST_STAMP) -nt pyproject.toml ]; then $(PY) -m pip install --quiet -e .; fi
 	touch $@
 
+# The tests need PyTorch (fedmq.torch, examples/pytorch-cnn): the CPU build of one pinned
+# release, installed first so that the test extra's torch range installs nothing bigger.
+TORCH_PIN ?= torch==2.13.0
+
 $(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet '$(TORCH_PIN)'
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 

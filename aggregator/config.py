@@ -46,6 +46,15 @@ class AggregatorConfig:
     proximal_mu: float = 0.0
     seed: int = 0
     trainer: str = DEFAULT_TRAINER
+    trainer_config: tuple[str, ...] = field(default=(), metadata={"help": (
+        "KEY=VALUE for the trainer (repeat it; or a [trainer] table in --config), e.g. "
+        "module=model.py:make_cnn for fedmq.torch:TorchTrainer; an unknown key is an error.")})
+    device: str = field(default="auto", metadata={"help": (
+        "Where trainers that can use a GPU train and evaluate: cpu, cuda (fails where there is "
+        "none) or auto (a GPU where there is one).")})
+    export: str | None = field(default=None, metadata={"help": (
+        "Also write the final model as RUN_DIR/model.safetensors (and, for PyTorch trainers, a "
+        "state_dict in RUN_DIR/model.pt); needs the safetensors package.")})
     resume: bool = False
     require_user_id: bool = field(default=False, metadata={"help": (
         "Count only updates that carry the broker-validated user_id of their publisher, and bind "
@@ -133,6 +142,10 @@ class AggregatorConfig:
             raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(f"--hidden must be positive layer sizes, got {self.hidden}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.export not in (None, "safetensors"):
+            raise ConfigError(f"--export must be safetensors, got {self.export!r}")
         if self.workers_per_round is not None and self.workers_per_round < self.min_workers:
             raise ConfigError("--workers-per-round must be at least --min-workers")
         self._check_defences()
@@ -181,5 +194,6 @@ class AggregatorConfig:
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["hidden"] = list(self.hidden)
+        doc["trainer_config"] = list(self.trainer_config)
         doc["strategy"] = self.strategy_name
         return doc

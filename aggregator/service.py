@@ -77,6 +77,7 @@ from fedmq.aggregator.core import (
     WorkerLeft,
     WorkerRefused,
 )
+from fedmq.aggregator.export import check_export, export_model
 from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
@@ -90,7 +91,8 @@ from fedmq.shared import messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
+from fedmq.shared.spec import build_spec, make_trainer, run_trainer_config
+from fedmq.shared.trainer import Trainer, load_trainer_factory
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -197,12 +199,16 @@ class Aggregator:
             log.warning("--dp-clip %g with --dp-noise 0: differential privacy is off (no clipping, no noise)",
                         cfg.dp_clip)
         self.policy = make_policy(cfg)
-        architecture = mlp_spec(
-            int(X.shape[1]), classes, hidden=list(cfg.hidden), activation=cfg.activation, loss=cfg.loss, seed=cfg.seed
-        )
+        # the trainer owns its model: it makes the spec from its configuration and the data
+        factory = load_trainer_factory(cfg.trainer)
+        options = {"hidden": list(cfg.hidden), "activation": cfg.activation, "loss": cfg.loss}
+        trainer_config = run_trainer_config(factory, cfg.trainer_config, device=cfg.device, mlp_options=options)
+        architecture = build_spec(factory, trainer_config, input_shape=X.shape[1:], num_classes=classes, seed=cfg.seed)
         # what the models carry: the architecture and the trainer it is for (workers check it)
         self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
-        self.trainer: Trainer = load_trainer_factory(cfg.trainer)(architecture)
+        self.trainer: Trainer = make_trainer(factory, architecture)
+        if cfg.export:
+            check_export(cfg.export)
         self._initial = self.trainer.init_params()
         self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
@@ -331,6 +337,10 @@ class Aggregator:
                 if not self._fenced:
                     self._checkpoint(force=True)
                     durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
+                self._checkpoint(force=True)
+                durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
+                if self.cfg.export:
+                    export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
         finally:
             self.client.close()
             if self._fenced:

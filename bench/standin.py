@@ -19,7 +19,7 @@ import numpy as np
 
 from fedmq.shared.errors import ConfigError
 from fedmq.shared.nn import check_layer_sizes, check_params, mlp_param_shapes
-from fedmq.shared.trainer import FitResult, parse_mlp_spec
+from fedmq.shared.trainer import FitResult, MLPTrainer, parse_mlp_spec
 
 NOISE_SCALE = 1e-3
 _POOL_SLACK = 4096  # per-fit offsets into one pre-drawn noise vector
@@ -55,6 +55,15 @@ def parse_noise_spec(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
 
 class NoiseTrainer:
     """:class:`fedmq.shared.trainer.Trainer` whose ``fit`` returns ``params + N(0, 1e-3^2)`` noise."""
+
+    #: a run's --hidden/--activation/--loss reach it as they reach the MLP (see spec_from)
+    SHORTHANDS = MLPTrainer.SHORTHANDS
+
+    @classmethod
+    def spec_from(cls, config: dict, *, input_shape: tuple[int, ...], num_classes: int, seed: int) -> dict:
+        """In a run (``--trainer bench.standin:NoiseTrainer --hidden H``): the MLP's spec, so the
+        stand-in has the parameters the MLP would have."""
+        return MLPTrainer.spec_from(config, input_shape=input_shape, num_classes=num_classes, seed=seed)
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec

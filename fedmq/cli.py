@@ -105,12 +105,13 @@ def data() -> None:
 @click.option("--scale", type=click.Choice(["central", "per-shard"]), default="central", show_default=True,
               help="central: every shard scaled with the whole training set's statistics (a simulation); "
                    "per-shard: each shard standardised with its own, as independent sites would.")
+@click.option("--image", is_flag=True, help="Keep a built-in image set as images (digits: N x 1 x 8 x 8) for convolutional models.")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory to write the shards to.")
 @logging_options
 @fails_cleanly
 def data_split(dataset: str | None, data_file: str | None, label_column: str | None, workers: int, partition: str,
-               alpha: float, shards_per_worker: int, test_fraction: float, seed: int, scale: str, out: str,
-               log_level: str, log_format: str) -> None:
+               alpha: float, shards_per_worker: int, test_fraction: float, seed: int, scale: str, image: bool,
+               out: str, log_level: str, log_format: str) -> None:
     """Split a dataset into worker-<i>.npz shards, test.npz and manifest.json."""
     setup_logging(log_level, log_format)
     from fedmq.shared.data import load_dataset
@@ -120,7 +121,7 @@ def data_split(dataset: str | None, data_file: str | None, label_column: str | N
         raise click.UsageError("give exactly one of --dataset NAME or --data FILE")
     check_label_column(label_column, data_file)
     column = parse_label_column(label_column, data_file)
-    ds = load_dataset(dataset, data_file, test_fraction=test_fraction, seed=seed, label_column=column)
+    ds = load_dataset(dataset, data_file, test_fraction=test_fraction, seed=seed, label_column=column, image=image)
     manifest = split_dataset(ds, out, num_workers=workers, method=partition, alpha=alpha,
                              shards_per_worker=shards_per_worker, seed=seed, scale=scale)
     click.echo(format_table(manifest))
@@ -435,6 +436,7 @@ def aggregator(amqp_url: str, namespace: str, log_level: str, log_format: str, *
 @click.option("--partition", type=click.Choice(["iid", "dirichlet", "shards"]), default="dirichlet", show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
 @click.option("--shards-per-worker", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--image", is_flag=True, help="Keep a built-in image set as images (digits: N x 1 x 8 x 8) for convolutional models.")
 @click.option("--slow-workers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of stragglers.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=10.0, show_default=True, help="How much slower stragglers are.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,

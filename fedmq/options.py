@@ -12,7 +12,9 @@ table named after the command (``[aggregator]``, ``[worker]``, ``[run]``, ``[dat
 ``buffer-size``), with ``_`` or ``-``. An unknown key is an error that names it. ``fedmq run``
 also reads the ``[aggregator]`` table, so that the file that configures ``fedmq aggregator``
 configures the aggregator of ``fedmq run`` the same way (its ``[run]`` table wins over it; the
-top level is lowest). Environment variables follow the option names too: ``--workers`` of
+top level is lowest). A ``[trainer]`` table is the trainer's own configuration: it gives
+``--trainer-config`` (KEY=VALUE pairs, values as JSON) to the commands that take it and is
+skipped by the others. Environment variables follow the option names too: ``--workers`` of
 ``run`` is ``FEDMQ_RUN_WORKERS`` (see :class:`FlagEnvOption`).
 
 The aggregator's options (``fedmq aggregator`` and ``fedmq run``) are generated from the fields
@@ -49,6 +51,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: the config-file table that holds the trainer's configuration (what --trainer-config gives)
+TRAINER_TABLE = "trainer"
 COMMAND_TABLES = ("aggregator", "worker", "workers", "run", "broker", "data")
 #: tables a command reads besides its own, lowest precedence first: `run` configures its
 #: aggregator from the same [aggregator] table as `fedmq aggregator`
@@ -111,6 +115,10 @@ def load_config_file(path: str, command: click.Command, command_name: str) -> di
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     known = option_keys(command)
     values: dict[str, Any] = {}
+    if isinstance(doc.get(TRAINER_TABLE), dict):  # [trainer]: the trainer's own configuration
+        table = doc.pop(TRAINER_TABLE)
+        if "trainer_config" in known:
+            values["trainer_config"] = _pairs(None, None, table)
     for key, value in doc.items():
         if not (isinstance(value, dict) and key in COMMAND_TABLES):
             values[_param_name(key, known, path, "")] = value
@@ -124,6 +132,23 @@ def load_config_file(path: str, command: click.Command, command_name: str) -> di
                 continue
             values[_param_name(sub_key, known, path, f"[{table}]")] = sub_value
     return values
+
+
+def _pairs(_ctx: click.Context | None, _param: click.Parameter | None, value: Any) -> tuple[str, ...]:
+    """--trainer-config values as KEY=VALUE strings: from the command line, or a table (a
+    ``[trainer]`` table or an inline one) or list from a config file."""
+    from fedmq.shared.spec import config_pairs
+
+    try:
+        if isinstance(value, Mapping):
+            return config_pairs(value)
+        items = [value] if isinstance(value, str) else list(value or ())
+        for item in items:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"--trainer-config takes KEY=VALUE, got {item!r}")
+        return tuple(items)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _foreign_keys(table: str) -> set[str]:
@@ -351,6 +376,8 @@ AGGREGATOR_OPTION_DETAILS: dict[str, dict[str, Any]] = {
     "proximal_mu": {"type": click.FloatRange(min=0), "help": "FedProx μ."},
     "seed": {"help": "Model initialisation (and, for `run`, data split) seed."},
     "trainer": {"help": "Trainer factory MODULE:ATTR (see README, 'Bring your own model')."},
+    "device": {"type": click.Choice(["auto", "cpu", "cuda"])},
+    "export": {"type": click.Choice(["safetensors"])},
     "checkpoint_every": {"type": _POSITIVE_INT, "help": "Checkpoint after N updates."},
     "checkpoint_interval": {"type": _POSITIVE_FLOAT, "help": "...or after T seconds."},
     "task_timeout": {"type": _POSITIVE_FLOAT, "help": "Async: reissue a task not answered in this many seconds."},
@@ -417,6 +444,8 @@ def _kind(name: str, hint: Any) -> tuple[Any, bool]:
         return hint, optional
     if typing.get_origin(hint) is tuple and typing.get_args(hint) == (int, ...):
         return tuple, optional
+    if typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, ...):
+        return list, optional  # a repeated option: --trainer-config K=V --trainer-config K2=V2
     raise TypeError(
         f"AggregatorConfig.{name}: cannot make a command-line option of {hint}; "
         "add it to fedmq.options.NOT_OPTIONS or give it a type there"
@@ -437,7 +466,10 @@ def aggregator_params(command: str) -> list[click.Parameter]:
             decls = [f"{f.flag}/--no-{f.flag[2:]}"] if f.default is True else [f.flag]
             kwargs.update(is_flag=True, default=bool(f.default) if not required else False)
         else:
-            if f.kind is tuple:
+            if f.kind is list:
+                kwargs.update(type=click.STRING, multiple=True, callback=_pairs)
+                default: Any = tuple(f.default) if not required else ()
+            elif f.kind is tuple:
                 kwargs.update(type=click.STRING, callback=parse_int_list)
                 default = None if required or f.default is None else ",".join(str(v) for v in f.default)
             else:
@@ -463,6 +495,10 @@ def aggregator_argv(values: Mapping[str, Any]) -> list[str]:
         if f.kind is bool:
             if bool(value) != bool(f.default):
                 argv.append(f.flag if value else f"--no-{f.flag[2:]}")
+            continue
+        if f.kind is list:
+            for item in value:
+                argv += [f.flag, str(item)]
             continue
         if f.kind is tuple:
             value = ",".join(str(v) for v in value)

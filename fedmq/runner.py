@@ -174,7 +174,7 @@ def _split(options: dict[str, Any], shards: Path) -> dict[str, Any]:
         raise click.UsageError("give only one of --dataset and --data")
     column = parse_label_column(options.get("label_column"), data_file)
     ds = load_dataset(None if data_file else (dataset or "digits"), data_file, seed=options["seed"],
-                      label_column=column)
+                      label_column=column, image=bool(options.get("image")))
     if data_file and data_file.lower().endswith(".csv"):
         header = csv_header(data_file)
         name = header[column] if isinstance(column, int) and -len(header) <= column < len(header) else column

@@ -41,8 +41,13 @@ class Dataset:
 
     @property
     def num_features(self) -> int:
-        """Number of feature columns."""
-        return int(self.X_train.shape[1])
+        """Number of features per sample (the product of the sample shape)."""
+        return int(np.prod(self.X_train.shape[1:]))
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one sample: ``(d,)`` for vectors, e.g. ``(1, 8, 8)`` for images."""
+        return tuple(int(n) for n in self.X_train.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,6 +82,8 @@ BUILTINS: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
     "iris": _sklearn_loader("load_iris"),
     "xor": make_xor,
 }
+#: the built-in sets that are images, and their sample shape (channels, height, width)
+IMAGE_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,6 +360,12 @@ def _csv_labels(labels: list[str], path: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
+def sample_shape_of(X: np.ndarray) -> tuple[int, ...]:
+    """The shape of one sample of ``X`` (``X.shape[1:]``), or ``(1,)`` for a 1-D array."""
+    shape = np.shape(X)
+    return tuple(int(n) for n in shape[1:]) if len(shape) >= 2 else (1,)
+
+
 def _build(
     name: str,
     X: np.ndarray,
@@ -362,7 +375,16 @@ def _build(
     test_fraction: float,
     seed: int,
 ) -> Dataset:
-    """Validate, split (if needed), encode labels and standardise into a Dataset."""
+    """Validate, split (if needed), encode labels and standardise into a Dataset.
+
+    Samples keep their shape (``N x C x H x W`` images stay images); validation and the
+    per-feature standardisation work on the flattened view.
+    """
+    shape = sample_shape_of(X)
+    if X_test is not None and np.ndim(X_test) >= 2 and sample_shape_of(X_test) != shape:
+        raise DataError(
+            f"x_test has samples of shape {sample_shape_of(X_test)} but x_train has {shape}; they must match"
+        )
     X = check_features(X, "X" if X_test is None else "x_train")
     y = check_labels(y, X.shape[0], "y" if X_test is None else "y_train")
     if X_test is None or y_test is None:
@@ -380,6 +402,7 @@ def _build(
         raise DataError("train and test labels mix strings and numbers; use one kind")
     (y_tr_enc, y_te_enc), num_classes = encode_labels(y_tr, y_te)
     X_tr32, X_te32 = standardise(X_tr, X_te)
+    X_tr32, X_te32 = X_tr32.reshape(-1, *shape), X_te32.reshape(-1, *shape)
     return Dataset(name, X_tr32, y_tr_enc, X_te32, y_te_enc, num_classes)
 
 
@@ -390,12 +413,15 @@ def load_dataset(
     test_fraction: float = 0.2,
     seed: int = 0,
     label_column: str | int = -1,
+    image: bool = False,
 ) -> Dataset:
     """Load a built-in dataset by ``name`` or a ``.npz``/``.csv`` file by ``path`` (exactly one of them).
 
     ``.npz`` files hold ``X``/``y`` (split here by ``test_fraction``) or
     ``x_train``/``y_train``/``x_test``/``y_test``; ``.csv`` files have a header row and
-    the label in ``label_column`` (name or index, default last).
+    the label in ``label_column`` (name or index, default last). Features keep the shape
+    they have (an ``.npz`` ``X`` of shape ``N x 1 x 8 x 8`` stays so); ``image=True`` loads a
+    built-in image set as images (``digits``: ``N x 1 x 8 x 8``) instead of flat vectors.
     """
     test_fraction = check_test_fraction(test_fraction)
     if (name is None) == (path is None):
@@ -406,7 +432,15 @@ def load_dataset(
         if name not in BUILTINS:
             raise DataError(f"unknown dataset {name!r}; known datasets are {', '.join(BUILTINS)}")
         X, y = BUILTINS[name](seed)
+        if image:
+            if name not in IMAGE_SHAPES:
+                raise DataError(
+                    f"dataset {name!r} has no images; --image works with {', '.join(IMAGE_SHAPES)}"
+                )
+            X = X.reshape(-1, *IMAGE_SHAPES[name])
         return _build(name, X, y, None, None, test_fraction, seed)
+    if image:
+        raise DataError("--image reshapes a built-in dataset; a file's X keeps the shape it is saved with")
     assert path is not None
     path = os.fspath(path)
     ext = _check_file(path, (".npz", ".csv"))
@@ -419,13 +453,15 @@ def load_dataset(
 
 
 def load_shard(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """A worker shard: float32 ``X`` of shape (n, d) and int64 labels ``y`` in ``0..k-1`` from an ``.npz``."""
+    """A worker shard: float32 ``X`` of shape ``(n, ...)`` (any sample shape, kept as saved) and
+    int64 labels ``y`` in ``0..k-1`` from an ``.npz``."""
     path = os.fspath(path)
     _check_file(path, (".npz",))
     arrays = read_npz(path)
     if not all(k in arrays for k in WHOLE_KEYS):
         raise DataError(f"shard {path!r} has keys {sorted(arrays)}; expected {list(WHOLE_KEYS)}")
-    X = check_features(arrays["X"], f"X of shard {path!r}")
+    shape = sample_shape_of(arrays["X"])
+    X = check_features(arrays["X"], f"X of shard {path!r}").reshape(-1, *shape)
     y = check_labels(arrays["y"], X.shape[0], f"y of shard {path!r}")
     if y.dtype.kind not in "biuf":
         raise DataError(f"y of shard {path!r} must hold integer class labels, got dtype {y.dtype}")

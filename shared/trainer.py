@@ -8,22 +8,26 @@ McMahan et al. 2017) or mixes asynchronously. ``mu`` is the FedProx proximal coe
 (Li et al. 2020); trainers that do not support it may ignore it when it is 0.
 
 Factories are referenced as ``"package.module:attr"`` strings (``attr`` may be a class or
-a function, dotted for nested attributes) and resolved by :func:`load_trainer_factory`.
+a function, dotted for nested attributes; the module may also be a ``path/file.py``) and
+resolved by :func:`load_trainer_factory`. A factory builds its spec from its own
+configuration and the data's shape (``spec_from``, see :mod:`fedmq.shared.spec`).
+``X`` has any rank: ``(n, d)`` vectors or, e.g., ``(n, 1, 8, 8)`` images; a trainer that
+takes vectors flattens it (the MLP does).
 The default is :class:`MLPTrainer`, a thin adapter around :class:`fedmq.shared.nn.MLP`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fedmq.shared.defaults import DEFAULT_TRAINER  # noqa: E402  (re-exported)
+from fedmq.shared.defaults import DEFAULT_TRAINER as DEFAULT_TRAINER  # re-exported
 from fedmq.shared.errors import ConfigError
 from fedmq.shared.nn import MLP, check_activation, check_loss
+from fedmq.shared.spec import DEVICE_KEY, check_device, check_keys, resolve_ref
 
 
 @dataclass(frozen=True)
@@ -174,10 +178,42 @@ def parse_mlp_spec(spec: Mapping[str, Any]) -> MLPConfig:
 class MLPTrainer:
     """:class:`Trainer` backed by :class:`fedmq.shared.nn.MLP`; reported metrics are measured on the local data after training."""
 
+    #: the --trainer-config keys of the numpy MLP (--hidden, --activation, --loss set the first three)
+    CONFIG_KEYS = ("hidden", "activation", "loss", "momentum", "seed", DEVICE_KEY)
+    #: the run options that set its keys of the same names (see fedmq.shared.spec.run_trainer_config)
+    SHORTHANDS = ("hidden", "activation", "loss")
+
     def __init__(self, spec: dict) -> None:
         self.spec = spec
         self.config = parse_mlp_spec(spec)
         self._mlp: MLP | None = None
+
+    @classmethod
+    def spec_from(cls, config: dict, *, input_shape: tuple[int, ...], num_classes: int, seed: int) -> dict:
+        """The MLP's spec from its --trainer-config (``hidden=64,32``, ``activation``, ``loss``,
+        ``momentum``, ``seed``); samples of any shape are flattened (``input_dim`` is their size)."""
+        check_keys(config, cls.CONFIG_KEYS, "the numpy MLP (fedmq.shared.trainer:MLPTrainer)")
+        check_device(config.get(DEVICE_KEY, "auto"), "the numpy MLP", ("auto", "cpu"))
+        hidden = config.get("hidden", _MLP_DEFAULTS["hidden"])
+        if isinstance(hidden, str):
+            try:
+                hidden = [int(h) for h in hidden.strip("[]() ").split(",") if h.strip()]
+            except ValueError:
+                raise ConfigError(f"--trainer-config hidden must be layer sizes like 64,32, got {hidden!r}") from None
+        elif isinstance(hidden, int) and not isinstance(hidden, bool):
+            hidden = [hidden]
+        size = 1
+        for n in input_shape:
+            size *= int(n)
+        spec = {
+            "input_dim": size, "num_classes": int(num_classes), "hidden": hidden,
+            "activation": config.get("activation", _MLP_DEFAULTS["activation"]),
+            "loss": config.get("loss", _MLP_DEFAULTS["loss"]),
+            "momentum": config.get("momentum", _MLP_DEFAULTS["momentum"]),
+            "seed": config.get("seed", seed),
+        }
+        parse_mlp_spec(spec)  # ConfigError naming a bad key, before any conversion
+        return mlp_spec(**spec)
 
     def _build(self) -> MLP:
         c = self.config
@@ -206,6 +242,7 @@ class MLPTrainer:
     ) -> FitResult:
         model = self._model()
         model.set_params(params)  # stores copies: the caller's arrays are never touched
+        X = _flat(X)
         model.fit(
             X,
             y,
@@ -225,7 +262,12 @@ class MLPTrainer:
     ) -> tuple[float, float]:
         model = self._model()
         model.set_params(params)
-        return model.evaluate(X, y)
+        return model.evaluate(_flat(X), y)
+
+
+def _flat(X: np.ndarray) -> np.ndarray:
+    """``X`` as ``(n, features)``: a view for samples of any shape (images become vectors)."""
+    return X if X.ndim == 2 else np.reshape(X, (X.shape[0], -1))
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,34 +276,9 @@ class MLPTrainer:
 
 
 def load_trainer_factory(ref: str) -> Callable[[dict], Trainer]:
-    """Resolve ``"package.module:attr"`` to a trainer factory; ConfigError with one sentence on any failure."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ConfigError(
-            f"trainer reference {ref!r} must look like 'package.module:attr' (e.g. {DEFAULT_TRAINER!r})"
-        )
-    module_name, attr_path = (part.strip() for part in ref.split(":"))
-    if not module_name or not attr_path:
-        raise ConfigError(
-            f"trainer reference {ref!r} must name both a module and an attribute, like {DEFAULT_TRAINER!r}"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            f"trainer module {module_name!r} (from {ref!r}) cannot be imported: {exc}; check it is installed or on PYTHONPATH"
-        ) from None
-    except Exception as exc:  # the user's module raised while importing
-        raise ConfigError(
-            f"importing trainer module {module_name!r} (from {ref!r}) failed with {type(exc).__name__}: {exc}"
-        ) from None
-    obj: Any = module
-    for name in attr_path.split("."):
-        try:
-            obj = getattr(obj, name)
-        except AttributeError:
-            raise ConfigError(
-                f"trainer module {module_name!r} has no attribute {attr_path!r} (from {ref!r})"
-            ) from None
+    """Resolve ``"package.module:attr"`` (or ``"path/file.py:attr"``) to a trainer factory;
+    ConfigError with one sentence on any failure."""
+    obj = resolve_ref(ref, "trainer")
     if not callable(obj):
         raise ConfigError(
             f"trainer factory {ref!r} is a {type(obj).__name__}, not a class or function taking a spec dict"

@@ -29,7 +29,7 @@ from fedmq.runner import fedmq_argv
 
 __all__ = [  # what the tests import from here, some of it from fedmq.runner and fedmq.rundir
     "REPO", "Procs", "assert_ledger_invariant", "confirmed_updates", "digits_csv", "events_in", "fedmq_argv",
-    "history_len", "read_history", "read_ledger", "readme_config", "split", "wait_for",
+    "history_len", "read_history", "read_ledger", "readme_config", "require_torch", "split", "wait_for",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,3 +145,15 @@ class CapturedLogs(logging.Handler):
     def saying(self, words: str) -> list[str]:
         return [text for r in list(self.records) if words in (text := r.getMessage())]
 
+
+
+def require_torch() -> Any:
+    """``torch``: skips the test where PyTorch is not installed, but fails it in CI (``CI`` set),
+    where ``make test`` installs it, so that the PyTorch tests cannot be skipped silently there."""
+    import importlib
+
+    import pytest
+
+    if os.environ.get("CI"):
+        return importlib.import_module("torch")
+    return pytest.importorskip("torch")

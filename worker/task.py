@@ -112,15 +112,21 @@ def misfit(spec: dict, X: np.ndarray, y: np.ndarray, trainer_ref: str | None,
     ``spec``; None if nothing says it cannot.
 
     Checked: the trainer the spec names (``spec["trainer"]``, where given): ``trainer_ref`` or
-    one of the references in ``also`` (see :func:`trainer_names`); the feature count
-    (``input_dim``) and the classes (``num_classes``) of specs that have them, as
-    :func:`fedmq.shared.trainer.mlp_spec` writes them. Other specs are the trainer's business.
+    one of the references in ``also`` (see :func:`trainer_names`); the sample shape
+    (``input_shape``, as the default :func:`fedmq.shared.spec.build_spec` and the PyTorch and
+    scikit-learn trainers write it), the feature count (``input_dim``, the numpy MLP's, which
+    flattens samples of any shape) and the classes (``num_classes``) of specs that have them.
+    Other specs are the trainer's business.
     """
     named = spec.get(SPEC_TRAINER_KEY)
     if isinstance(named, str) and trainer_ref is not None \
             and not any(same_trainer(named, ref) for ref in (trainer_ref, *also)):
         return f"the model is for trainer {named!r}, this worker runs {trainer_ref!r} (--trainer)"
     features = int(np.prod(X.shape[1:])) if X.ndim >= 2 else 1
+    shape = spec.get("input_shape")
+    if isinstance(shape, list) and all(_count(n) is not None for n in shape) and tuple(shape) != X.shape[1:]:
+        return (f"the shard's samples have shape {tuple(int(n) for n in X.shape[1:])}, "
+                f"the model takes samples of shape {tuple(int(n) for n in shape)}")
     input_dim = _count(spec.get("input_dim"))
     if input_dim is not None and input_dim != features:
         return f"the shard has {features} features per sample, the model takes {input_dim}"

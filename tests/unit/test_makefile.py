@@ -42,3 +42,11 @@ def test_a_venv_with_the_extras_serves_the_demo_without_installing_again(tmp_pat
     res = subprocess.run(["sh", "-c", f"eval \"$(make -n demo VENV={venv} | grep 'if \\[')\" && echo ok"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stdout + res.stderr
+
+
+def test_test_installs_the_pinned_cpu_torch_before_the_extras(tmp_path: Path) -> None:
+    installs = [line for line in dry_run("test", tmp_path / "venv").splitlines() if "pip install" in line]
+    torch_at = next(i for i, line in enumerate(installs) if "'torch==" in line)
+    extras_at = next(i for i, line in enumerate(installs) if ".[test,dev]" in line)
+    assert torch_at < extras_at, installs  # the extras' torch range is then met: nothing bigger comes
+    assert "torch" not in dry_run("demo", tmp_path / "venv2")  # the demo stays light
