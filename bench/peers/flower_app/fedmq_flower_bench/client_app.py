@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmq_flower_bench.task import SHARD_EXAMPLES, perturb
+from fedmq_flower_bench.workload import SHARD_EXAMPLES, perturb
 
 app = ClientApp()
 
