@@ -66,7 +66,8 @@ def peer_rows(d: dict[str, Any]) -> str:
             row += ["failed" if sim else "-", "-", "-", "-"]
         if "median_s" in dep:
             speedup = dep["median_s"] / r["median_s"]
-            row += [dep["median_s"], dep["loadavg"], f"{speedup:.0f}x", verdict(speedup >= 20)]
+            row += [dep["median_s"], dep["loadavg"], f"{speedup:.1f}x" if speedup < 10 else f"{speedup:.0f}x",
+                    verdict(speedup >= 20)]
         else:
             row += ["failed" if dep else "-", "-", "-", "-"]
         rows.append(row)
