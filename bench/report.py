@@ -40,16 +40,39 @@ def update_path(d: dict[str, Any]) -> str:
 
 def round_time(d: dict[str, Any]) -> str:
     rows = [[r["workers"], r["model"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
-             r["deployment_s"], f"{r['speedup_vs_deployment']:.1f}x", verdict(r["pass_deployment"]), r["simulation_s"],
-             f"{r['ratio_to_simulation']:.2f}x", verdict(r["pass_simulation"])] for r in d["rows"]]
-    main = markdown(["N", "model", "median s/round", "collect s", "close s", "MB/s moved", "Deployment s",
-                     "speedup vs Deployment", ">= 20x", "Simulation s", "ours / Simulation", "<= Simulation"], rows)
+             r.get("loadavg", float("nan"))] for r in d["rows"]]
+    out = markdown(["N", "model", "median s/round", "collect s", "close s", "MB/s moved", "loadavg"], rows)
+    if any(r.get("peers") for r in d["rows"]):
+        out += "\n\nSame run, same workload on Flower (median s/round, rounds 2..R; load = 1-minute load average):\n\n"
+        out += peer_rows(d)
     cpu = [[r["workers"], r["model"], r["median_s"], r["cpu_s_per_round"].get("aggregator"),
             r["cpu_s_per_round"].get("workers"), r["cpu_s_per_round"].get("rabbitmq"), r["cpu_s_per_round"].get("other"),
             r["cpu_s_per_round"].get("machine_busy"),
             f"{100 * r['cpu_s_per_round']['machine_busy'] / (2 * r['mean_s']):.0f} %"] for r in d["rows"]]
-    return main + "\n\nCPU seconds per round (rounds 2-8):\n\n" + markdown(
+    return out + "\n\nCPU seconds per round (rounds 2-8):\n\n" + markdown(
         ["N", "model", "s/round", "aggregator", "N workers", "RabbitMQ", "other", "machine busy", "of 2 cores"], cpu)
+
+
+def peer_rows(d: dict[str, Any]) -> str:
+    """fedmq against Flower's Simulation and Deployment engines, measured in the same run."""
+    rows = []
+    for r in d["rows"]:
+        sim, dep = r.get("peers", {}).get("simulation", {}), r.get("peers", {}).get("deployment", {})
+        row: list[Any] = [r["workers"], r["model"], r["median_s"], r.get("loadavg", float("nan"))]
+        if "median_s" in sim:
+            ratio = r["median_s"] / sim["median_s"]
+            row += [sim["median_s"], sim["loadavg"], f"{ratio:.2f}x", verdict(ratio <= 1.0)]
+        else:
+            row += ["failed" if sim else "-", "-", "-", "-"]
+        if "median_s" in dep:
+            speedup = dep["median_s"] / r["median_s"]
+            row += [dep["median_s"], dep["loadavg"], f"{speedup:.1f}x" if speedup < 10 else f"{speedup:.0f}x",
+                    verdict(speedup >= 20)]
+        else:
+            row += ["failed" if dep else "-", "-", "-", "-"]
+        rows.append(row)
+    return markdown(["N", "model", "fedmq s", "load", "Flower Simulation s", "load", "fedmq / Simulation", "<= Sim",
+                     "Flower Deployment s", "load", "Deployment / fedmq", ">= 20x"], rows)
 
 
 def stragglers(d: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Synchronous FedAvg round time with the stand-in trainer, against Flower's published anchors.
+"""Synchronous FedAvg round time with the stand-in trainer; with ``--peers flower``, Flower in the same run.
 
 For N = 4 and 16 workers and MLP 784->h->10 models of ~100k, ~1M and ~10M float32 parameters
 it runs the real processes -- ``fedmq aggregator --mode sync --rounds 8 --workers-per-round N
@@ -14,13 +14,17 @@ From the ledger (``updates.jsonl``, receive time of every update) each round is 
 *collect* (round start -> last update received) and *close* (-> round evaluated: decode,
 average, evaluate, checkpoint).
 
-Reports median s/round, MB/s moved (2 x N x model bytes per round / s) and the ratios to
-Flower's anchors (median s/round): Deployment Engine N=4 6.27/7.29/11.28, N=16
-20.33/21.27/32.50; Simulation Engine N=4 0.10/0.20/0.59, N=16 0.16/0.31/1.59.
-Goals: >= 20x faster than Deployment and <= Simulation's time at every point.
-Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--profile DIR]``.
+Reports median s/round and MB/s moved (2 x N x model bytes per round / s). No peer figure is
+written in this file: with ``--peers flower`` each point is followed, in the same run, by the
+same workload on Flower's Simulation Engine and Deployment Engine (``bench/peers/flower.py``,
+in its own pinned environment: ``python bench/peers/flower.py --setup`` creates it, and
+``--peers flower`` does too when it is missing), and the table adds their s/round, the ratio
+fedmq / Simulation and the speedup over Deployment, with the 1-minute load average at each
+point. Goals (issue 15): >= 20x faster than Deployment, <= Simulation's time at every point.
+The exit status is 1 when a peer failed to run or a goal was missed, else 0.
+Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--profile DIR]
+[--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -56,9 +60,8 @@ from bench._common import (  # noqa: E402
     write_synthetic,
 )
 
-DEPLOYMENT = {4: {"100k": 6.27, "1M": 7.29, "10M": 11.28}, 16: {"100k": 20.33, "1M": 21.27, "10M": 32.50}}
-SIMULATION = {4: {"100k": 0.10, "1M": 0.20, "10M": 0.59}, 16: {"100k": 0.16, "1M": 0.31, "10M": 1.59}}
 SPEEDUP_GOAL = 20.0
+PEERS = ("flower",)
 
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, rounds: int,
@@ -117,7 +120,6 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     model_bytes = mlp_param_count(hidden) * 4
     steady = per_round[1:]  # rounds 2..R
     s_round = median(steady)
-    dep, sim = DEPLOYMENT[n][label], SIMULATION[n][label]
     cpu_per_round: dict[str, float] = {}
     if 1 in marks and rounds in marks:
         d = CpuSnapshots.delta(marks[1], marks[rounds])
@@ -127,12 +129,55 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "rounds": rounds, "per_round_s": per_round, "median_s": s_round, "mean_s": sum(steady) / len(steady),
         "collect_median_s": median(collect[1:]), "close_median_s": median(close[1:]),
         "mb_per_s": 2 * n * model_bytes / s_round / 1e6,
-        "deployment_s": dep, "speedup_vs_deployment": dep / s_round, "simulation_s": sim,
-        "ratio_to_simulation": s_round / sim,
-        "pass_deployment": dep / s_round >= SPEEDUP_GOAL, "pass_simulation": s_round <= sim,
         "fates": fates, "aggregator_wall_s": wall, "loadavg": load,
         "cpu_s_per_round": cpu_per_round,
     }
+
+
+def run_peers(engines: list[str], n: int, label: str, rounds: int, deployment_rounds: int, work: Path,
+              s_round: float) -> dict[str, Any]:
+    """Flower's engines on the point just measured; a failed engine is recorded, not raised."""
+    from bench.peers import flower
+
+    out: dict[str, Any] = {}
+    for engine in engines:
+        try:
+            peer = flower.run_point(engine, n, label, deployment_rounds if engine == "deployment" else rounds, work)
+        except Exception as exc:  # noqa: BLE001 (fedmq's figures stand; the failure is reported)
+            out[engine] = {"error": str(exc)}
+            print(f"  Flower {engine} N={n} {label} failed: {exc}", file=sys.stderr)
+            continue
+        peer["fedmq_over_peer"] = s_round / peer["median_s"]
+        out[engine] = peer
+        print(f"  Flower {engine} N={n} {label}: {peer['median_s']:.3f} s/round", file=sys.stderr)
+    return out
+
+
+def peer_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
+    """The side-by-side table, and whether every goal was met (>= 20x Deployment, <= Simulation)."""
+    headers = ["N", "model", "fedmq s", "load", "Flower Sim s", "load", "fedmq/Sim", "<=Sim", "Flower Deploy s",
+               "load", "Deploy/fedmq", ">=20x"]
+    body: list[list[Any]] = []
+    met = True
+    for r in rows:
+        sim, dep = r["peers"].get("simulation", {}), r["peers"].get("deployment", {})
+        cells: list[Any] = [r["workers"], r["model"], r["median_s"], r["loadavg"]]
+        if "median_s" in sim:
+            ok = r["median_s"] <= sim["median_s"]
+            cells += [sim["median_s"], sim["loadavg"], r["median_s"] / sim["median_s"], "PASS" if ok else "MISS"]
+            met &= ok
+        else:
+            cells += ["failed" if sim else "-", "-", "-", "-"]
+            met &= not sim
+        if "median_s" in dep:
+            ok = dep["median_s"] / r["median_s"] >= SPEEDUP_GOAL
+            cells += [dep["median_s"], dep["loadavg"], dep["median_s"] / r["median_s"], "PASS" if ok else "MISS"]
+            met &= ok
+        else:
+            cells += ["failed" if dep else "-", "-", "-", "-"]
+            met &= not dep
+        body.append(cells)
+    return headers, body, met
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +188,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per point (default 8; quick: 4)")
     parser.add_argument("--profile", type=Path, default=None, help="record the aggregator and worker 0 with py-spy into DIR")
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/round_time.json)")
+    parser.add_argument("--peers", choices=PEERS, default=None,
+                        help="after each point, run the same workload on this peer (bench/peers/) and print the ratios")
+    parser.add_argument("--peer-engines", default="simulation,deployment",
+                        help="with --peers flower: comma-separated subset of simulation,deployment")
+    parser.add_argument("--deployment-rounds", type=int, default=4,
+                        help="rounds per point on Flower's Deployment Engine (default 4: its rounds take seconds)")
     args = parser.parse_args(argv)
     workers = [int(x) for x in (args.workers or ("4" if args.quick else "4,16")).split(",")]
     rounds = args.rounds or (4 if args.quick else 8)
-    if rounds < 3:
-        parser.error("--rounds must be at least 3 (round 1 is excluded from the median)")
+    if rounds < 3 or args.deployment_rounds < 3:
+        parser.error("--rounds and --deployment-rounds must be at least 3 (round 1 is excluded from the median)")
     sizes = [s for s in args.sizes.split(",") if s]
-    if any(n not in DEPLOYMENT for n in workers) or any(s not in MODEL_SIZES for s in sizes):
-        parser.error("workers must be 4 or 16 and sizes among 100k, 1M, 10M (the anchors' points)")
+    if any(n < 1 for n in workers) or any(s not in MODEL_SIZES for s in sizes):
+        parser.error("workers must be positive and sizes among 100k, 1M, 10M")
+    engines = [e for e in args.peer_engines.split(",") if e] if args.peers else []
+    peer_versions: dict[str, str] = {}
+    if args.peers == "flower":
+        from bench.peers import flower
+
+        if any(e not in flower.ENGINES for e in engines):
+            parser.error(f"--peer-engines must be among {', '.join(flower.ENGINES)}")
+        peer_versions = flower.ensure_venv(create=True)
 
     namespace = new_namespace("round-time")
     work = Path(tempfile.mkdtemp(prefix="fedmq-bench-round-time-"))
@@ -169,23 +228,31 @@ def main(argv: list[str] | None = None) -> int:
                     delete_namespace(ns)
                 rows.append(row)
                 print(f"  N={n} {label}: {row['median_s']:.3f} s/round", file=sys.stderr)
+                if engines:
+                    row["peers"] = run_peers(engines, n, label, rounds, args.deployment_rounds, work / "peers",
+                                             row["median_s"])
     except BaseException:
         print(f"logs kept in {work / 'logs'}", file=sys.stderr)
         raise
     finally:
         children.stop_all()
         delete_namespace(namespace)
-    shutil.rmtree(work, ignore_errors=True)
+    failed = any("error" in p for r in rows for p in r.get("peers", {}).values())
+    if failed:
+        print(f"peer logs kept in {work / 'peers' / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
-    headers = ["N", "model", "s/round", "collect", "close", "MB/s", "Deploy s", "speedup", ">=20x", "Sim s",
-               "ours/Sim", "<=Sim"]
-    body = [
-        [r["workers"], r["model"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
-         r["deployment_s"], r["speedup_vs_deployment"], "PASS" if r["pass_deployment"] else "MISS",
-         r["simulation_s"], r["ratio_to_simulation"], "PASS" if r["pass_simulation"] else "MISS"]
-        for r in rows
-    ]
+    headers = ["N", "model", "s/round", "collect", "close", "MB/s", "loadavg"]
+    body = [[r["workers"], r["model"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
+             r["loadavg"]] for r in rows]
     print(table(headers, body))
+    met = True
+    if engines:
+        peer_headers, peer_body, met = peer_table(rows)
+        print(f"\nSame run, same workload on Flower {peer_versions.get('flwr', '?')} (Ray {peer_versions.get('ray', '?')}): "
+              f"median s/round over rounds 2..R; load = 1-minute load average when the point started")
+        print(table(peer_headers, peer_body))
     print("\nCPU seconds per round (rounds 2..R), by process group; machine = 2 cores x s/round available")
     cpu_headers = ["N", "model", "s/round", "aggregator", "workers", "rabbitmq", "other", "machine busy", "busy %"]
     cpu_body = []
@@ -197,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                              100 * c["machine_busy"] / (r["mean_s"] * (os.cpu_count() or 1))])
     print(table(cpu_headers, cpu_body))
     out = write_result("round_time", {"quick": args.quick, "rounds": rounds, "worker_hosting": "processes",
+                                      "peers": args.peers, "peer_versions": peer_versions,
+                                      "deployment_rounds": args.deployment_rounds if "deployment" in engines else None,
                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")
-    return 0 if all(r["pass_deployment"] and r["pass_simulation"] for r in rows) else 1
+    return 0 if met and not failed else 1
 
 
 if __name__ == "__main__":
