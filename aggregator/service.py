@@ -73,13 +73,15 @@ from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.tracking import SafeTracker, make_tracker
 from fedmq.aggregator.validate import expected_update_bytes
+from fedmq.broker.chunked import check_chunk_size, publish_payload
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import messages
+from fedmq.shared import chunking, messages
 from fedmq.shared.data import load_num_classes, load_shard
-from fedmq.shared.errors import BrokerError, DecodeError
+from fedmq.shared.errors import BrokerError, DecodeError, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
+from fedmq.shared.files import spill_allocator
 from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
@@ -115,7 +117,10 @@ class Aggregator:
         self.interrupted = False
         self.client: Client | None = None
         self.core: Coordinator | None = None
-        self._deliveries: dict[Token, Delivery] = {}  # token -> update delivery awaiting its fate
+        # token -> the deliveries of an update awaiting its fate (one, or every chunk of a chunked one)
+        self._deliveries: dict[Token, list[Delivery]] = {}
+        self._payloads: dict[str, Token] = {}  # chunked update awaiting its fate -> its token
+        self.assembler: chunking.Reassembler[Delivery] | None = None  # chunked updates: made in _restore
         self._pending: list[Delivery] = []  # settled, acked by the next checkpoint
         # model and task publishes whose confirms we have not waited for yet: the next
         # checkpoint waits for them before it acks anything
@@ -160,8 +165,12 @@ class Aggregator:
         self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
         self.trainer: Trainer = load_trainer_factory(cfg.trainer)(architecture)
         self._initial = self.trainer.init_params()
-        self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
-        self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
+        model_bytes = sum(int(v.nbytes) for v in self._initial.values())
+        updates = self.policy.prefetch(model_bytes)
+        self.checkpoint_every = min(cfg.checkpoint_every, max(1, updates - 1))
+        # a chunked update is held as all its chunks: room for them, and for one more update arriving
+        self.chunks_per_update = chunking.chunk_count(model_bytes + 64 * 1024, cfg.chunk_bytes)
+        self.prefetch = updates if self.chunks_per_update == 1 else (updates + 1) * self.chunks_per_update
 
     def _restore(self) -> None:
         """Open the run directory: only once we hold the namespace's aggregator lock."""
@@ -190,6 +199,12 @@ class Aggregator:
             self.ledger = durable.Ledger(self.out / "updates.jsonl")
             log.info("run %s starts", self.core.run_id)
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
+        # chunked updates are put together in files of the run directory, not in RAM
+        self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
+                                              allocate=spill_allocator(self.out / "spill"))
+        if self.chunks_per_update > 1:
+            assert self.client is not None
+            check_chunk_size(self.client, cfg.chunk_bytes)  # one line naming --chunk-bytes, before any publish
 
     def _connect(self) -> None:
         client = Client(self.settings, self.topology, name="fedmq-aggregator")
@@ -234,6 +249,7 @@ class Aggregator:
                     self._pump(self._wait_s())
                 if not core.interrupted:
                     self._sweep()
+                    self._carry(self._incomplete(self._assembler.give_up_all("the run ended first")))
             finally:
                 self._checkpoint(force=True)
                 durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
@@ -258,6 +274,11 @@ class Aggregator:
         return self.stop.is_set() and self._told != (True, self.interrupted)
 
     @property
+    def _assembler(self) -> chunking.Reassembler[Delivery]:
+        assert self.assembler is not None, "the run has not started"
+        return self.assembler
+
+    @property
     def _core(self) -> Coordinator:
         assert self.core is not None, "the run has not started"
         return self.core
@@ -266,9 +287,9 @@ class Aggregator:
         """How long the inbox may stay quiet before the core or a checkpoint needs a look."""
         now = time.monotonic()
         wait = min(_MAX_WAIT_S, self._last_checkpoint + self.cfg.checkpoint_interval - now)
-        wake = self._core.next_wake(now)
-        if wake is not None:
-            wait = min(wait, wake - now)
+        for wake in (self._core.next_wake(now), self._assembler.next_deadline()):
+            if wake is not None:
+                wait = min(wait, wake - now)
         return max(0.05, wait)
 
     # ------------------------------------------------------------------ inbox
@@ -283,6 +304,7 @@ class Aggregator:
         if client.failure is not None:  # permanent: out of run(), so the command fails
             raise client.failure
         self._raise_refused_publishes()
+        self._carry(self._incomplete(self._assembler.expire(time.monotonic())))
         if kind == "wake":
             self._carry(core.tick(time.monotonic()))
             self._checkpoint()
@@ -313,19 +335,67 @@ class Aggregator:
                 self._carry(self._receive(item))
 
     def _receive(self, delivery: Delivery) -> list[Decision]:
+        if not chunking.is_chunk(delivery.headers):
+            return self._hand([delivery], self._decode(delivery.body), delivery.message_id, delivery.redelivered)
+        out: list[Decision] = []
+        handle = _ack_handle(delivery)  # the chunk's bytes go into the payload's buffer
+        for o in self._assembler.offer(delivery.headers, delivery.body, handle, time.monotonic(),
+                                       redelivered=delivery.redelivered):
+            if isinstance(o, chunking.Complete):
+                out += self._hand(o.tokens, self._decode(o.body), o.payload_id, o.redelivered, payload=o.payload_id)
+            elif isinstance(o, chunking.Refused) and not o.whole:  # this chunk alone: dead-lettered with the reason
+                out += self._hand([delivery], Undecodable(o.reason), delivery.message_id, delivery.redelivered)
+            elif isinstance(o, chunking.Refused):
+                out += self._hand(o.tokens, Undecodable(o.reason), o.payload_id, False, payload=o.payload_id)
+            elif isinstance(o, chunking.Incomplete):
+                out += self._incomplete([o])
+            elif isinstance(o, chunking.Duplicate):
+                self._late_chunk(o.payload_id, o.token)
+        return out
+
+    def _hand(self, deliveries: list[Delivery], msg: messages.Update | messages.Control | Undecodable,
+              message_id: str | None, redelivered: bool, *, payload: str | None = None) -> list[Decision]:
+        """Give the core one update message (one delivery, or every chunk of a chunked one)."""
         self._tokens += 1
         token = self._tokens
-        self._deliveries[token] = delivery
-        return self._core.receive(token, self._decode(delivery), time.monotonic(),
-                                  message_id=delivery.message_id, redelivered=delivery.redelivered)
+        self._deliveries[token] = deliveries
+        if payload is not None:
+            self._payloads[payload] = token
+        return self._core.receive(token, msg, time.monotonic(), message_id=message_id, redelivered=redelivered)
 
-    def _decode(self, delivery: Delivery) -> messages.Update | messages.Control | Undecodable:
+    def _incomplete(self, gone: list[chunking.Incomplete[Delivery]]) -> list[Decision]:
+        """Chunked updates whose chunks stopped arriving: one ledger line each, chunks acked with it."""
+        out: list[Decision] = []
+        for o in gone:
+            self._tokens += 1
+            token = self._tokens
+            self._deliveries[token] = o.tokens
+            self._payloads[o.payload_id] = token
+            task, worker = o.headers.get("x-fedmq-task"), o.headers.get("x-fedmq-worker")
+            decisions = self._core.incomplete(token, time.monotonic(), message_id=o.payload_id, reason=o.reason,
+                                              task_id=task if isinstance(task, str) else None,
+                                              worker_id=worker if isinstance(worker, str) else None)
+            if not decisions:  # interrupted: left unacked, the broker delivers them again
+                del self._deliveries[token]
+                self._payloads.pop(o.payload_id, None)
+            out += decisions
+        return out
+
+    def _late_chunk(self, payload_id: str, handle: Delivery) -> None:
+        """A chunk of an update completed (or given up) before: settled with it, or acked at the next checkpoint."""
+        token = self._payloads.get(payload_id)
+        if token is not None and token in self._deliveries:
+            self._deliveries[token].append(handle)
+        else:
+            self._pending.append(handle)
+
+    def _decode(self, body: bytes | memoryview) -> messages.Update | messages.Control | Undecodable:
         """An update, or a control message (a worker's failure report), or why it is neither."""
-        size = len(delivery.body)
+        size = len(body)
         if size > self.max_update_bytes:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
         try:
-            msg = messages.decode(delivery.body, expect=(messages.Update, messages.Control),
+            msg = messages.decode(body, expect=(messages.Update, messages.Control),
                                   max_bytes=self.max_update_bytes)
         except DecodeError as exc:
             return Undecodable(str(exc))
@@ -345,6 +415,7 @@ class Aggregator:
                     run_id = self._core.run_id
                     msg = messages.ModelVersion(version=d.version, params=d.params, spec=self.spec, round=d.round,
                                                 created_s=time.time(), run_id=run_id)
+                    # a model larger than --chunk-bytes goes as chunks, each with these headers
                     self._publish(self.topology.models, messages.encode(msg), message_id=f"model-{run_id}-{d.version}",
                                   headers={VERSION_HEADER: d.version, RUN_HEADER: run_id})
                 case Evaluate():
@@ -402,26 +473,29 @@ class Aggregator:
 
     def _publish(self, queue_name: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
         assert self.client is not None
-        self._unconfirmed.append(
-            self.client.publish_nowait(queue_name, body, message_id=message_id, headers=headers, sign=True)
-        )
+        self._unconfirmed += publish_payload(self.client, queue_name, body, chunk_bytes=self.cfg.chunk_bytes,
+                                             message_id=message_id, headers=headers, sign=True)
 
     def _settle(self, d: Settle) -> None:
         """Dead-letter a rejected update, record the fate, and ack with the next checkpoint."""
-        delivery = self._deliveries.pop(d.token)
+        deliveries = self._deliveries.pop(d.token)
+        delivery = deliveries[0]
         entry = d.entry
-        if d.fate == "rejected":
+        if isinstance(entry.get("message_id"), str):
+            self._payloads.pop(entry["message_id"], None)
+        if d.fate == "rejected" and delivery.body:  # a chunked update's bytes are gone: recorded, not dead-lettered
             self._dead_letter(delivery, d.reason or "rejected")
         self.ledger.record(entry)
-        self._pending.append(_ack_handle(delivery))
+        self._pending += [_ack_handle(x) for x in deliveries]
         fields = {k: entry[k] for k in ("task_id", "worker_id", "reason", "staleness", "weight") if entry.get(k) is not None}
+        mid = entry.get("message_id")
         if d.fate in ("rejected", "failed"):
             what = "rejecting update message %s: %s" if d.fate == "rejected" else "task failed (report %s): %s"
-            emit(log, "update_settled", what, delivery.message_id, d.reason,
-                 level=logging.WARNING, message_id=delivery.message_id, fate=d.fate, **fields)
+            emit(log, "update_settled", what, mid, d.reason,
+                 level=logging.WARNING, message_id=mid, fate=d.fate, **fields)
         else:
             emit(log, "update_settled", "update %s from %s: %s%s", entry.get("task_id", "?"), entry.get("worker_id", "?"),
-                 d.fate, f" ({d.reason})" if d.reason else "", message_id=delivery.message_id, fate=d.fate, **fields)
+                 d.fate, f" ({d.reason})" if d.reason else "", message_id=mid, fate=d.fate, **fields)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         assert self.client is not None
@@ -490,6 +564,10 @@ class Aggregator:
                 continue
             try:
                 pub.wait(0)  # raises the publish's own error, if it has one
+            except MessageTooLarge as exc:
+                raise MessageTooLarge(f"{exc}; models over --chunk-bytes ({self.cfg.chunk_bytes} bytes) go as "
+                                      "chunks of that size: lower it below the broker's limit",
+                                      reply_code=exc.reply_code) from None
             except BrokerError as exc:
                 if not exc.retryable:
                     raise

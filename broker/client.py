@@ -183,7 +183,7 @@ class _Subscription:
 class _Publish:
     exchange: str
     routing_key: str
-    body: bytes
+    body: bytes | memoryview  # a memoryview: a chunk of a payload (fedmq.broker.chunked), not copied
     properties: pika.BasicProperties
     mandatory: bool
     done: threading.Event = field(default_factory=threading.Event)
@@ -468,7 +468,7 @@ class Client:
     def publish_nowait(
         self,
         routing_key: str,
-        body: bytes,
+        body: bytes | memoryview,
         *,
         exchange: str = "",
         message_id: str | None = None,

@@ -35,6 +35,7 @@ from fedmq.options import (
     mask_secrets,
     parse_label_column,
 )
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
 from fedmq.shared.logs import setup_logging
@@ -289,6 +290,12 @@ def broker_delete(amqp_url: str, namespace: str, yes: bool, log_level: str, log_
 
 # ====================================================================== worker
 def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--chunk-bytes", type=click.IntRange(min=MIN_CHUNK_BYTES), default=DEFAULT_CHUNK_BYTES,
+                      show_default=True,
+                      help="Updates larger than this travel as chunks of this many bytes (RabbitMQ 4 refuses "
+                           "messages over 16 MiB by default).")(fn)
+    fn = click.option("--max-model-bytes", type=click.IntRange(min=1), default=2 * 1024**3, show_default=True,
+                      help="Skip model versions larger than this (a chunked one before anything is allocated).")(fn)
     fn = click.option("--trainer", default=DEFAULT_TRAINER, show_default=True,
                       help="Trainer factory MODULE:ATTR (see README, 'Bring your own model').")(fn)
     fn = click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
@@ -320,7 +327,7 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
-           log_format: str) -> None:
+           log_format: str, chunk_bytes: int, max_model_bytes: int) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
     from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
@@ -328,7 +335,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user, serve=serve)
+                       trust_user=trust_user, serve=serve, chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -348,7 +355,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @fails_cleanly
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
-            log_level: str, log_format: str) -> None:
+            log_level: str, log_format: str, chunk_bytes: int, max_model_bytes: int) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -357,7 +364,8 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
     stop = threading.Event()
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
-                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve))
+                      trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
+                      chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes))
 
 
 # ====================================================================== aggregator

@@ -383,6 +383,8 @@ def _final_of(lines: list[str]) -> dict[str, Any] | None:
 def _spawn_workers(options: dict[str, Any], fed: Federation, common: list[str], n: int) -> None:
     shards = Path(options["out"]) / "shards"
     n_slow = round(n * options["slow_workers"])
+    if options.get("chunk_bytes"):  # workers chunk their updates as the aggregator chunks its models
+        common = ["--chunk-bytes", str(options["chunk_bytes"]), *common]
     if options.get("in_process_workers"):
         argv = fedmq_argv("workers", "--shards", str(shards), "--slow", str(n_slow), "--slowdown", str(options["slowdown"]),
                           "--trainer", options["trainer"], *common)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.errors import DataError, FedmqError
 from fedmq.worker.service import Worker, WorkerConfig
 
@@ -39,6 +40,8 @@ def run_pool(
     slow: int = 0,
     heartbeat_s: float = 5.0,
     serve: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_model_bytes: int = 2 * 1024**3,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
@@ -51,7 +54,8 @@ def run_pool(
     for i, path in enumerate(files):
         straggler = i >= len(files) - slow
         cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
-                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve)
+                           slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
+                           chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

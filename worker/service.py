@@ -54,12 +54,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from fedmq.broker.chunked import StreamFollower, send_payload
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import events, messages
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.data import load_shard, scaling_warning
-from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
+from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
 
@@ -72,6 +74,8 @@ STOP_CONFIRM_GRACE_S = 10.0
 CONTROL_QUEUE_EXPIRES_S = 600.0
 #: a model version further ahead than this of the newest known of its run is not believed
 MAX_VERSION_JUMP = 1000
+#: a model version larger than this is the only one of its run the worker keeps
+LARGE_MODEL_BYTES = 64 * 1024 * 1024
 #: bad model messages logged one by one; later ones are counted
 BAD_MODEL_LOG_LIMIT = 20
 
@@ -99,7 +103,8 @@ class WorkerConfig:
     failure_backoff_s: float = 1.0
     declare: bool = True  # declare the namespace's topology on connect (needs configure rights)
     trust_user: str | None = None  # accept models, tasks and stops only from this broker user
-    max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
+    max_model_bytes: int = 2 * 1024**3  # the largest model accepted (one message, or put together from chunks)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # updates larger than this travel as chunks
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
 
@@ -185,7 +190,9 @@ class ModelBox:
                 stored[version] = delivery.body  # a version published again replaces the first
                 if self._decoded is not None and self._decoded[0] == (run, version):
                     self._decoded = None
-                for old in sorted(stored)[: -self.keep]:
+                # large models: only the newest is kept (memory bounded by the model, not by versions)
+                keep = self.keep if len(delivery.body) <= LARGE_MODEL_BYTES else 1
+                for old in sorted(stored)[:-keep]:
                     del stored[old]
                 while len(self._runs) > self.max_runs:
                     self._runs.popitem(last=False)
@@ -331,7 +338,8 @@ class Worker:
         """Called when handling task ``task_id`` reaches ``point``; does nothing here.
 
         Points: ``"task_started"`` (the task is decoded and its model is at hand, training is
-        next) and ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
+        next), ``"half_published"`` (a chunked update: half of its chunks are confirmed) and
+        ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
         Subclasses may override it to observe or instrument a worker.
         """
 
@@ -398,11 +406,13 @@ class Worker:
         client.on_failure = self._on_client_failure
         self.client = client
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
+        # whole model versions only: chunked ones put together, a late joiner re-reads from the first chunk
+        follower = StreamFollower(client, self.topology.models, self.models.offer, max_payload_bytes=cfg.max_model_bytes)
         client.subscribe(
             self.topology.models,
-            self.models.offer,
+            follower.on_delivery,
             prefetch=2,
-            arguments=lambda: {"x-stream-offset": "last"},
+            arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
         )
         client.subscribe(self.topology.tasks, self._on_task, prefetch=1)
@@ -595,20 +605,15 @@ class Worker:
         its confirm; a stop request leaves it a short grace."""
         client = self.client
         assert client is not None
-        pending = client.publish_nowait(
-            self.topology.updates, body, message_id=message_id,
-            headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id},
-        )
-        try:
-            try:
-                pending.wait(stop=self.stop)
-            except NotConfirmed:
-                if not self.stop.is_set() or client.closing:
-                    raise
-                pending.wait(STOP_CONFIRM_GRACE_S)  # the work is done: let its confirm arrive
-        except FedmqError:
-            pending.cancel()
-            raise
+
+        def confirmed(index: int, count: int) -> None:
+            if count > 1 and index == count // 2:
+                self.at("half_published", task.task_id)
+
+        # over --chunk-bytes: chunks, views of ``body``, at most two unconfirmed at a time
+        send_payload(client, self.topology.updates, body, chunk_bytes=self.config.chunk_bytes, message_id=message_id,
+                     headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id},
+                     stop=self.stop, grace_s=STOP_CONFIRM_GRACE_S, on_confirm=confirmed)
 
     def _report_failure(self, delivery: Delivery, task: messages.Task, reason: str) -> None:
         """Tell the aggregator this worker cannot do ``task`` (a ``failed`` control on the updates
