@@ -171,6 +171,7 @@ class StreamFollower:
         self._rewind: int | None = None
         self._rewound: set[str] = set()
         self.skipped = 0
+        self.rewinds = 0  # times it attached again at a payload's first chunk
 
     def arguments(self) -> dict[str, Any]:
         """The consumer arguments of the next (re)subscription: a pending rewind once, else ``last``."""
@@ -187,13 +188,14 @@ class StreamFollower:
             self._skip(f"payload {gone.payload_id}: {gone.reason}")
         pid, index, offset = (headers.get(chunking.ID_HEADER), headers.get(chunking.INDEX_HEADER),
                               headers.get(STREAM_OFFSET_HEADER))
-        if (isinstance(pid, str) and type(index) is int and index > 0 and type(offset) is int
+        if (isinstance(pid, str) and _is_int(index) and index > 0 and _is_int(offset)
                 and offset - index >= 0 and not self.reassembler.seen(pid) and pid not in self._rewound):
             # attached in the middle of a payload: read it again from its first chunk
             if len(self._rewound) > 64:
                 self._rewound.clear()
             self._rewound.add(pid)
-            self._rewind = offset - index
+            self._rewind = int(offset - index)
+            self.rewinds += 1
             log.info("stream %s: attached at chunk %d of payload %s; reading it again from offset %d",
                      self.queue, index, pid, offset - index)
             self.client.pause(self.queue)
@@ -210,3 +212,8 @@ class StreamFollower:
         self.skipped += 1
         if self.skipped <= 20 or self.skipped % 100 == 0:
             log.warning("stream %s: skipping %s", self.queue, what)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer header (AMQP long ints decode to a subclass of int), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)

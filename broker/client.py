@@ -786,7 +786,8 @@ class Client:
                 self._chan.basic_publish(
                     pub.exchange,
                     pub.routing_key,
-                    pub.body,
+                    # pika takes bytes only: a chunk (a view) is copied here, one at a time
+                    pub.body if isinstance(pub.body, bytes) else bytes(pub.body),
                     properties=pub.properties,
                     mandatory=pub.mandatory,
                 )

@@ -125,9 +125,9 @@ def payload_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def _int(headers: Mapping[str, Any], key: str) -> int:
     value = headers.get(key)
-    if type(value) is not int:
+    if not isinstance(value, int) or isinstance(value, bool):  # AMQP long ints decode to an int subclass
         raise ChunkError(f"chunk header {key} must be an integer, got {type(value).__name__}")
-    return value
+    return int(value)
 
 
 def parse(headers: Mapping[str, Any]) -> ChunkMeta:
