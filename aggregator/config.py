@@ -57,6 +57,9 @@ class AggregatorConfig:
     chunk_bytes: int = field(default=DEFAULT_CHUNK_BYTES, metadata={"help": (
         "Models larger than this travel as chunks of this many bytes (each one message; RabbitMQ 4 "
         "refuses messages over 16 MiB by default); smaller ones as one message.")})
+    consumer_timeout: float = field(default=86400.0, metadata={"help": (
+        "Seconds RabbitMQ (3.12+, 4.x) lets the aggregator hold an update unacked before it closes the "
+        "channel (x-consumer-timeout on its consumer; the broker's own default is 30 min).")})
     chunk_timeout: float = field(default=120.0, metadata={"help": (
         "Seconds a chunked update may go without a new chunk before its chunks are settled and it "
         "is recorded 'incomplete' (never applied).")})
@@ -106,6 +109,8 @@ class AggregatorConfig:
             raise ConfigError(f"--task-retries must be >= 0, got {self.task_retries}")
         if self.chunk_bytes < MIN_CHUNK_BYTES:
             raise ConfigError(f"--chunk-bytes must be at least {MIN_CHUNK_BYTES}, got {self.chunk_bytes}")
+        if self.consumer_timeout <= 0:
+            raise ConfigError(f"--consumer-timeout must be positive, got {self.consumer_timeout}")
         if self.chunk_timeout <= 0:
             raise ConfigError(f"--chunk-timeout must be positive, got {self.chunk_timeout}")
         if self.proximal_mu < 0:

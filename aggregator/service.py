@@ -76,7 +76,7 @@ from fedmq.aggregator.validate import expected_update_bytes
 from fedmq.broker.chunked import check_chunk_size, publish_payload
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
+from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import chunking, messages
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, MessageTooLarge
@@ -213,7 +213,10 @@ class Aggregator:
             self.topology.presence, self._on_presence, prefetch=200, settle_on_return=True,
             arguments=lambda: {"x-stream-offset": _stream_timestamp(since)},
         )
-        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch)
+        # updates stay unacked until a checkpoint (a sync round: until it closes): the broker's
+        # consumer timeout (30 min by default) must not cut them off
+        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch,
+                         arguments={CONSUMER_TIMEOUT_ARG: int(self.cfg.consumer_timeout * 1000)})
         # one aggregator per namespace: a second one is refused (NamespaceLocked) instead of
         # racing the first
         client.subscribe(self.topology.lock, lambda d: None, prefetch=1, exclusive=True)
@@ -565,9 +568,7 @@ class Aggregator:
             try:
                 pub.wait(0)  # raises the publish's own error, if it has one
             except MessageTooLarge as exc:
-                raise MessageTooLarge(f"{exc}; models over --chunk-bytes ({self.cfg.chunk_bytes} bytes) go as "
-                                      "chunks of that size: lower it below the broker's limit",
-                                      reply_code=exc.reply_code) from None
+                raise self._too_large(exc) from None
             except BrokerError as exc:
                 if not exc.retryable:
                     raise
@@ -576,7 +577,15 @@ class Aggregator:
         """Wait for every outstanding model and task publish (before acking anything)."""
         pending, self._unconfirmed = self._unconfirmed, []
         for pub in pending:
-            pub.wait()
+            try:
+                pub.wait()
+            except MessageTooLarge as exc:
+                raise self._too_large(exc) from None
+
+    def _too_large(self, exc: MessageTooLarge) -> MessageTooLarge:
+        """The broker's refusal of a model or task, with the option that decides message sizes."""
+        return MessageTooLarge(f"{exc}; or lower --chunk-bytes (now {self.cfg.chunk_bytes}): models larger than it "
+                               "travel as chunks of that size", reply_code=exc.reply_code)
 
     def final(self) -> dict[str, Any]:
         """The run's final figures (also history.json's ``final``)."""

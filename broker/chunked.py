@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import format_bytes
@@ -214,6 +214,6 @@ class StreamFollower:
             log.warning("stream %s: skipping %s", self.queue, what)
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     """An integer header (AMQP long ints decode to a subclass of int), not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)

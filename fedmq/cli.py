@@ -294,6 +294,9 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                       show_default=True,
                       help="Updates larger than this travel as chunks of this many bytes (RabbitMQ 4 refuses "
                            "messages over 16 MiB by default).")(fn)
+    fn = click.option("--consumer-timeout", type=click.FloatRange(min=1), default=86400.0, show_default=True,
+                      help="Seconds RabbitMQ (3.12+, 4.x) lets a task stay unacked while it trains "
+                           "(x-consumer-timeout; the broker's default is 30 min).")(fn)
     fn = click.option("--max-model-bytes", type=click.IntRange(min=1), default=2 * 1024**3, show_default=True,
                       help="Skip model versions larger than this (a chunked one before anything is allocated).")(fn)
     fn = click.option("--trainer", default=DEFAULT_TRAINER, show_default=True,
@@ -327,7 +330,7 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str, log_level: str,
-           log_format: str, chunk_bytes: int, max_model_bytes: int) -> None:
+           log_format: str, chunk_bytes: int, max_model_bytes: int, consumer_timeout: float) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
     from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
@@ -335,7 +338,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
-                       trust_user=trust_user, serve=serve, chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes)
+                       trust_user=trust_user, serve=serve, chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes,
+                       consumer_timeout_s=consumer_timeout)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -355,7 +359,7 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @fails_cleanly
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, serve: bool, amqp_url: str, namespace: str,
-            log_level: str, log_format: str, chunk_bytes: int, max_model_bytes: int) -> None:
+            log_level: str, log_format: str, chunk_bytes: int, max_model_bytes: int, consumer_timeout: float) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -365,7 +369,7 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, trainer: 
     on_signals(stop.set)
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
                       trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
-                      chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes))
+                      chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout))
 
 
 # ====================================================================== aggregator

@@ -42,6 +42,7 @@ def run_pool(
     serve: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_model_bytes: int = 2 * 1024**3,
+    consumer_timeout_s: float = 86400.0,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
@@ -55,7 +56,8 @@ def run_pool(
         straggler = i >= len(files) - slow
         cfg = WorkerConfig(data=str(path), worker_id=f"{id_prefix}{i}", trainer=trainer,
                            slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
-                           chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes)
+                           chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes,
+                           consumer_timeout_s=consumer_timeout_s)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

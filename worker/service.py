@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 from fedmq.broker.chunked import StreamFollower, send_payload
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
+from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import events, messages
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.data import load_shard, scaling_warning
@@ -105,6 +105,7 @@ class WorkerConfig:
     trust_user: str | None = None  # accept models, tasks and stops only from this broker user
     max_model_bytes: int = 2 * 1024**3  # the largest model accepted (one message, or put together from chunks)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # updates larger than this travel as chunks
+    consumer_timeout_s: float = 86400.0  # how long the broker lets a task stay unacked (RabbitMQ 3.12+)
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
 
@@ -415,7 +416,9 @@ class Worker:
             arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
         )
-        client.subscribe(self.topology.tasks, self._on_task, prefetch=1)
+        # a task stays unacked while it trains: longer than the broker's default consumer timeout (30 min)
+        client.subscribe(self.topology.tasks, self._on_task, prefetch=1,
+                         arguments={CONSUMER_TIMEOUT_ARG: int(cfg.consumer_timeout_s * 1000)})
         client.subscribe(
             control_queue,
             self._on_control,

@@ -35,8 +35,8 @@ STANDIN = "bench.standin:NoiseTrainer"
 #: 64 -> 5000 -> 5000 -> 10: 25.4M float32 parameters, about 101 MB
 LARGE = ("--hidden", "5000,5000", "--trainer", STANDIN)
 SMALL_CHUNKS = ("--chunk-bytes", "65536")
-#: 64 -> 256 -> 256 -> 10: 84k parameters, 6 chunks of 64 KiB
-SMALL = ("--hidden", "256,256")
+#: 64 -> 512 -> 10: 38k parameters, 3 chunks of 64 KiB
+SMALL = ("--hidden", "512")
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_a_25m_parameter_model_trains_through_a_16mib_broker(rabbitmq4_limits: P
     with np.load(run / "model.npz", allow_pickle=False) as model:
         assert sum(model[k].size for k in model.files) > 25_000_000  # the model really was over the limit
     ledger = assert_ledger_invariant(run, all_confirmed(procs))
-    assert {e["fate"] for e in ledger} == {"applied"}
+    assert {e["fate"] for e in ledger} <= {"applied", "late"}  # async: answers to the last tasks come late
 
 
 def test_a_chunk_size_over_the_broker_limit_fails_in_one_line(rabbitmq4_limits: PrivateNode, shards: Path,
@@ -264,3 +264,28 @@ def test_update_headers_arrive_with_the_reassembled_payload(amqp_url: str, names
     assert len(done) == 1 and bytes(done[0].body) == body
     assert done[0].headers == {"x-fedmq-signature": "sig", "x-fedmq-worker": "w9"}
     assert json.dumps(done[0].headers)  # plain values, as sent
+
+
+# ------------------------------------------------------------------------ consumer timeouts
+def test_task_and_update_consumers_carry_their_own_consumer_timeout(rabbitmq4_limits: PrivateNode, shards: Path,
+                                                                    procs: Procs, tmp_path: Path) -> None:
+    """A task trains while unacked, updates wait for the checkpoint unacked: both consumers set
+    ``x-consumer-timeout`` (honoured by RabbitMQ 3.12+ and 4.x; the node-wide default is 30 min)."""
+    url, ns = rabbitmq4_limits.url, new_namespace("cto")
+    common = ["--amqp-url", url, "--namespace", ns]
+    try:
+        aggregator(procs, shards, tmp_path / "run", common, "--rounds", "50", "--consumer-timeout", "7200")
+        start_worker(procs, shards, 0, common, "--consumer-timeout", "5400")
+
+        def consumers() -> dict[str, str]:
+            out = rabbitmq4_limits.ctl("list_consumers", "-q", "queue_name", "arguments")
+            return {line.split("\t")[0]: line for line in out.splitlines() if line.startswith(ns)}
+
+        seen = wait_for(lambda: (c := consumers()) and f"{ns}.tasks" in c and f"{ns}.updates" in c and c, 180,
+                        "the task and update consumers")
+    finally:
+        procs.kill("agg")
+        procs.kill("w0")
+        delete_namespace(url, ns)
+    assert "x-consumer-timeout" in seen[f"{ns}.tasks"] and "5400000" in seen[f"{ns}.tasks"], seen
+    assert "x-consumer-timeout" in seen[f"{ns}.updates"] and "7200000" in seen[f"{ns}.updates"], seen
