@@ -81,7 +81,7 @@ from fedmq.shared import chunking, messages
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.files import spill_allocator
+from fedmq.shared.files import drop_resident_pages, spill_allocator
 from fedmq.shared.trainer import Trainer, load_trainer_factory, mlp_spec
 
 log = logging.getLogger("fedmq.aggregator")
@@ -122,6 +122,7 @@ class Aggregator:
         self._payloads: dict[str, Token] = {}  # chunked update awaiting its fate -> its token
         self.assembler: chunking.Reassembler[Delivery] | None = None  # chunked updates: made in _restore
         self._pending: list[Delivery] = []  # settled, acked by the next checkpoint
+        self._settled = 0  # updates settled since the last checkpoint (a chunked one is many deliveries)
         # model and task publishes whose confirms we have not waited for yet: the next
         # checkpoint waits for them before it acks anything
         self._unconfirmed: list[PendingPublish] = []
@@ -345,7 +346,9 @@ class Aggregator:
         for o in self._assembler.offer(delivery.headers, delivery.body, handle, time.monotonic(),
                                        redelivered=delivery.redelivered):
             if isinstance(o, chunking.Complete):
-                out += self._hand(o.tokens, self._decode(o.body), o.payload_id, o.redelivered, payload=o.payload_id)
+                msg = self._decode(o.body)
+                drop_resident_pages(o.body)  # checked and decoded: its pages wait in the spill file
+                out += self._hand(o.tokens, msg, o.payload_id, o.redelivered, payload=o.payload_id)
             elif isinstance(o, chunking.Refused) and not o.whole:  # this chunk alone: dead-lettered with the reason
                 out += self._hand([delivery], Undecodable(o.reason), delivery.message_id, delivery.redelivered)
             elif isinstance(o, chunking.Refused):
@@ -490,6 +493,7 @@ class Aggregator:
             self._dead_letter(delivery, d.reason or "rejected")
         self.ledger.record(entry)
         self._pending += [_ack_handle(x) for x in deliveries]
+        self._settled += 1
         fields = {k: entry[k] for k in ("task_id", "worker_id", "reason", "staleness", "weight") if entry.get(k) is not None}
         mid = entry.get("message_id")
         if d.fate in ("rejected", "failed"):
@@ -534,7 +538,7 @@ class Aggregator:
             return
         due = (
             force
-            or len(self._pending) >= self.checkpoint_every
+            or self._settled >= self.checkpoint_every
             or time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
         )
         if not due:
@@ -554,6 +558,7 @@ class Aggregator:
         for delivery in self._pending:
             self.client.ack(delivery)
         self._pending = []
+        self._settled = 0
         self._last_checkpoint = time.monotonic()
 
     def _raise_refused_publishes(self) -> None:

@@ -14,7 +14,8 @@ on a synthetic 784-feature dataset (32 samples per worker). Reported per point:
   into a quorum queue with confirms, then one consumer reading them all -- and the ratio
   s/round / floor (goal <= 1.25);
 * peak RSS (VmHWM) of the aggregator and of worker 0, as multiples of the model's size
-  (goals: aggregator <= 4x, worker <= 3x, whatever N).
+  (goals: aggregator <= 4x, worker <= 3x, whatever N), and the peak of their anonymous memory
+  (RssAnon: RSS without file pages, e.g. the spill files the aggregator averages from).
 
 ``--unchunked`` also runs each point with ``--chunk-bytes`` above the model's size (one message per
 model and update; needs a node whose limit allows it: the node is then configured with 512 MiB), to
@@ -160,10 +161,12 @@ def raw_floor(url: str, model_bytes: int, n: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------ one fedmq point
 class PeakRss:
-    """Samples VmHWM (peak RSS) of some pids until stopped."""
+    """Samples VmHWM (peak RSS) and the peak of RssAnon (anonymous memory: RSS without file pages
+    such as the aggregator's spill files, which the kernel can write out) of some pids until stopped."""
 
     def __init__(self) -> None:
         self.peak: dict[str, int] = {}
+        self.peak_anon: dict[str, int] = {}
         self._pids: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -178,9 +181,11 @@ class PeakRss:
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             for name, pid in self._pids.items():
-                kb = status_kb(pid, "VmHWM")
+                kb, anon = status_kb(pid, "VmHWM"), status_kb(pid, "RssAnon")
                 if kb:
                     self.peak[name] = max(self.peak.get(name, 0), kb * 1024)
+                if anon:
+                    self.peak_anon[name] = max(self.peak_anon.get(name, 0), anon * 1024)
 
     def stop(self) -> None:
         self._stop.set()
@@ -226,7 +231,9 @@ def run_point(url: str, work: Path, params: int, n: int, rounds: int, chunk_byte
     return {"params": param_count(h), "hidden": h, "model_bytes": model_bytes, "workers": n, "rounds": rounds,
             "chunk_bytes": chunk_bytes, "per_round_s": per_round, "median_s": median(per_round),
             "peak_rss": dict(rss.peak), "aggregator_x_model": rss.peak.get("aggregator", 0) / model_bytes,
-            "worker_x_model": rss.peak.get("worker", 0) / model_bytes, "fates": fates, "loadavg": loadavg()}
+            "worker_x_model": rss.peak.get("worker", 0) / model_bytes, "peak_anon": dict(rss.peak_anon),
+            "aggregator_anon_x_model": rss.peak_anon.get("aggregator", 0) / model_bytes,
+            "worker_anon_x_model": rss.peak_anon.get("worker", 0) / model_bytes, "fates": fates, "loadavg": loadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = [16 * MiB] + ([512 * MiB] if args.unchunked else [])
     try:
         for limit in limits:
-            node = PrivateNode(config={"max_message_size": str(limit)}).start()
+            node = PrivateNode(config={"max_message_size": str(limit)}).start(timeout=240)
             try:
                 for params, n in points:
                     model_bytes = param_count(hidden_for(params)) * 4
@@ -267,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                 node.remove()  # its namespaces go with it
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    headers = ["params", "N", "MB/model", "chunk MiB", "s/round", "floor s", "ratio", "agg RSS/model", "worker RSS/model"]
+    headers = ["params", "N", "MB/model", "chunk MiB", "s/round", "floor s", "ratio", "agg RSS/model",
+               "agg anon/model", "worker RSS/model", "worker anon/model"]
     body = [[f"{r['params'] / 1e6:.0f}M", r["workers"], r["model_bytes"] / 1e6, r["chunk_bytes"] / MiB, r["median_s"],
-             r["floor"]["total_s"], r["ratio_to_floor"], r["aggregator_x_model"], r["worker_x_model"]] for r in rows]
+             r["floor"]["total_s"], r["ratio_to_floor"], r["aggregator_x_model"], r["aggregator_anon_x_model"],
+             r["worker_x_model"], r["worker_anon_x_model"]] for r in rows]
     print(table(headers, body))
     out = write_result("large_model", {"rounds": args.rounds, "rows": rows}, args.json)
     print(f"wrote {out}")

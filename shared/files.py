@@ -6,6 +6,7 @@ temp file behind.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -61,3 +62,15 @@ def spill_allocator(directory: str | os.PathLike[str]) -> Callable[[int], mmap.m
             os.close(fd)
 
     return allocate
+
+
+def drop_resident_pages(view: memoryview) -> None:
+    """Let the kernel take back the pages of a :func:`spill_allocator` buffer from this process.
+
+    Its pages are a shared file mapping: they leave the process's resident set (RSS) and stay in
+    the page cache or on disk; the next read faults them back in. Anything else is left alone.
+    """
+    owner = view.obj
+    if isinstance(owner, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            owner.madvise(mmap.MADV_DONTNEED)
