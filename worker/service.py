@@ -412,7 +412,7 @@ class Worker:
         client.subscribe(
             self.topology.models,
             follower.on_delivery,
-            prefetch=2,
+            prefetch=4,  # 4 chunks of a large model in flight: fewer credit round trips
             arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
         )
