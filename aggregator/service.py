@@ -166,7 +166,7 @@ class Aggregator:
         self.spec = {**architecture, SPEC_TRAINER_KEY: cfg.trainer}
         self.trainer: Trainer = load_trainer_factory(cfg.trainer)(architecture)
         self._initial = self.trainer.init_params()
-        model_bytes = sum(int(v.nbytes) for v in self._initial.values())
+        model_bytes = self.model_bytes = sum(int(v.nbytes) for v in self._initial.values())
         updates = self.policy.prefetch(model_bytes)
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, updates - 1))
         # a chunked update is held as all its chunks: room for them, and for one more update arriving
@@ -203,8 +203,8 @@ class Aggregator:
         # chunked updates are put together in files of the run directory, not in RAM
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
                                               allocate=spill_allocator(self.out / "spill"))
-        if self.chunks_per_update > 1:
-            assert self.client is not None
+        assert self.client is not None
+        if self.chunks_per_update > 1 or self.model_bytes + chunking.HEADROOM_BYTES > self.client.max_message_bytes:
             check_chunk_size(self.client, cfg.chunk_bytes)  # one line naming --chunk-bytes, before any publish
 
     def _connect(self) -> None:

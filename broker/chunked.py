@@ -91,7 +91,7 @@ def wait_confirms(pending: list[PendingPublish], timeout: float | None = None, *
 def send_payload(
     client: Client,
     routing_key: str,
-    body: bytes | bytearray | memoryview,
+    body: bytes | bytearray | memoryview | list[Any],
     *,
     chunk_bytes: int,
     message_id: str,
@@ -105,27 +105,33 @@ def send_payload(
     """Publish ``body`` (one message or chunks) and return once the broker confirmed all of it.
 
     At most ``window`` chunks are queued unconfirmed at a time, so a chunked payload holds no
-    more than that beyond the body in the client. ``on_confirm(index, count)`` is called after
+    more than that beyond the body in the client. ``body`` may be a list of pieces
+    (:func:`fedmq.shared.messages.encode_pieces`): the payload is then never joined into one
+    buffer, each chunk is cut from the pieces as it is sent. ``on_confirm(index, count)`` is called after
     each chunk's confirm. ``stop`` ends a wait early (:class:`~fedmq.shared.errors.NotConfirmed`),
     unless ``grace_s`` is given: then a publish already sent gets that much longer to be confirmed.
     On any failure every unconfirmed chunk is withdrawn and the error raised.
     """
-    chunks = chunking.split(body, chunk_bytes, message_id, headers)
-    if len(chunks) > 1:
+    if isinstance(body, list):
+        count, chunks = chunking.split_pieces(body, chunk_bytes, message_id, headers)
+    else:
+        listed = chunking.split(body, chunk_bytes, message_id, headers)
+        count, chunks = len(listed), iter(listed)
+    if count > 1:
         check_chunk_size(client, chunk_bytes)
     inflight: collections.deque[tuple[int, PendingPublish]] = collections.deque()
-    hint = chunk_bytes if len(chunks) > 1 else None
+    hint = chunk_bytes if count > 1 else None
 
     def settle_one() -> None:
         index, p = inflight[0]
         _wait(p, timeout, stop, grace_s, hint, client)
         inflight.popleft()
         if on_confirm is not None:
-            on_confirm(index, len(chunks))
+            on_confirm(index, count)
 
     try:
         for c in chunks:
-            mid = message_id if len(chunks) == 1 else f"{message_id}:{c.index}"
+            mid = message_id if count == 1 else f"{message_id}:{c.index}"
             inflight.append((c.index, client.publish_nowait(routing_key, c.data, message_id=mid, headers=c.headers)))
             while len(inflight) >= max(1, window):
                 settle_one()

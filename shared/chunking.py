@@ -41,10 +41,11 @@ Tokens are whatever the caller needs to settle a chunk later (a delivery, an ack
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -188,6 +189,47 @@ def split(body: bytes | bytearray | memoryview, chunk_bytes: int, payload_id: st
         meta = ChunkMeta(payload_id, i, count, total, chunk_bytes, sha)
         out.append(Chunk(view[meta.offset: meta.offset + meta.length], {**base, **meta.headers()}, i, count))
     return out
+
+
+def split_pieces(pieces: Sequence[bytes | bytearray | memoryview], chunk_bytes: int, payload_id: str,
+                 headers: Mapping[str, Any] | None = None) -> tuple[int, Iterator[Chunk]]:
+    """:func:`split` of the concatenation of ``pieces``, without ever making it: (how many chunks,
+    the chunks one by one). A chunk inside one piece is a view of it; one across pieces is the one
+    copy made. Small payloads (one chunk) are joined."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    views = [p if isinstance(p, memoryview) and p.format == "B" and p.ndim == 1 else memoryview(p).cast("B")
+             for p in pieces]
+    total = sum(len(v) for v in views)
+    if total <= chunk_bytes:
+        return 1, iter(split(b"".join(views), chunk_bytes, payload_id, headers))
+    base = dict(headers or {})
+    clash = sorted(CHUNK_HEADERS & set(base))
+    if clash:
+        raise ValueError(f"a payload's own headers may not use the chunk headers ({', '.join(clash)})")
+    sha = hashlib.sha256()
+    for v in views:
+        sha.update(v)
+    count = -(-total // chunk_bytes)
+    first = ChunkMeta(payload_id, 0, count, total, chunk_bytes, sha.hexdigest())
+
+    def chunks() -> Iterator[Chunk]:
+        piece, at = 0, 0  # the piece the next byte comes from, and where in it
+        for i in range(count):
+            meta = dataclasses.replace(first, index=i)
+            want, parts = meta.length, []
+            while want:
+                v = views[piece]
+                take = min(want, len(v) - at)
+                parts.append(v[at: at + take])
+                want -= take
+                at += take
+                if at == len(v):
+                    piece, at = piece + 1, 0
+            data = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+            yield Chunk(data, {**base, **meta.headers()}, i, count)
+
+    return count, chunks()
 
 
 # ------------------------------------------------------------------------------ reassembly
@@ -383,7 +425,7 @@ def check_chunk_bytes(chunk_bytes: int, max_message_bytes: int, option: str = "-
         return f"{option} {chunk_bytes} is below the minimum of {MIN_CHUNK_BYTES} bytes"
     if chunk_bytes + HEADROOM_BYTES > max_message_bytes:
         return (f"{option} {chunk_bytes} ({chunk_bytes / MiB:.1f} MiB) plus {HEADROOM_BYTES // 1024} KiB for "
-                f"headers is over the broker's maximum message size of {max_message_bytes} bytes "
+                f"headers is over the broker's maximum message size (max_message_size) of {max_message_bytes} bytes "
                 f"({max_message_bytes / MiB:.1f} MiB); set {option} to at most "
                 f"{max_message_bytes - HEADROOM_BYTES}")
     return None
@@ -398,5 +440,5 @@ __all__: Sequence[str] = (
     "CHUNK_HEADERS", "COUNT_HEADER", "DEFAULT_CHUNK_BYTES", "DIGEST_HEADER", "ID_HEADER", "INDEX_HEADER",
     "SIZE_HEADER", "TOTAL_HEADER", "Chunk", "ChunkError", "ChunkMeta", "Complete", "Duplicate", "Incomplete",
     "Outcome", "Reassembler", "Refused", "Stored", "check_chunk_bytes", "chunk_count", "digest", "is_chunk",
-    "parse", "payload_headers", "split",
+    "parse", "payload_headers", "split", "split_pieces",
 )

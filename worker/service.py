@@ -53,6 +53,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fedmq.broker.chunked import StreamFollower, send_payload
 from fedmq.broker.client import Client, Delivery
@@ -558,7 +559,8 @@ class Worker:
             client.pause(self.topology.tasks)  # before the ack: no second task for this version
         message_id = uuid.uuid4().hex
         try:
-            self._publish(messages.encode(update), task, message_id)
+            # pieces, not one buffer: a chunked update is cut from views of the trained arrays
+            self._publish(messages.encode_pieces(update), task, message_id)
         except FedmqError as exc:
             self._give_back(delivery, task.task_id, f"update not confirmed: {exc}", fatal=self._permanent(exc))
             return
@@ -603,7 +605,7 @@ class Worker:
         """``exc`` if no retry can help (the worker stops with it), else None."""
         return None if isinstance(exc, BrokerError) and exc.retryable else exc
 
-    def _publish(self, body: bytes, task: messages.Task, message_id: str) -> None:
+    def _publish(self, body: bytes | list[Any], task: messages.Task, message_id: str) -> None:
         """Publish an update (or failure report) for ``task`` to the updates queue and wait for
         its confirm; a stop request leaves it a short grace."""
         client = self.client

@@ -186,7 +186,7 @@ def test_hostile_chunks_are_rejected_or_recorded_incomplete_with_reasons(
         start_worker(procs, shards, i, common, *SMALL_CHUNKS)
     wait_for(lambda: (run / "updates.jsonl").exists() and (run / "updates.jsonl").stat().st_size > 0, 60,
              "a first update")
-    body = np.random.default_rng(0).bytes(300_000)
+    body = np.random.default_rng(0).bytes(200_000)  # 4 chunks of 64 KiB, under --max-update-bytes
     size = 65536
     client = Client(BrokerSettings.from_url(amqp_url), Topology(namespace), declare=False).start()
     try:
@@ -196,7 +196,7 @@ def test_hostile_chunks_are_rejected_or_recorded_incomplete_with_reasons(
 
         full = chunking.split(body, size, "missing")
         send(full[:2] + full[3:], "missing")  # chunk 2 never comes
-        foreign = chunking.split(np.random.default_rng(1).bytes(200_000), size, "missing")  # another payload, same id
+        foreign = chunking.split(np.random.default_rng(1).bytes(180_000), size, "missing")  # another payload, same id
         send([foreign[1]], "foreign")
         bad = chunking.split(body, size, "corrupt")
         flipped = bytearray(bad[1].data)
@@ -206,6 +206,8 @@ def test_hostile_chunks_are_rejected_or_recorded_incomplete_with_reasons(
         send([*reversed(dup), dup[0], dup[2]], "garbage")
         big = chunking.split(body, size, "oversized")
         send([chunking.Chunk(memoryview(bytes(size + 10)), big[0].headers, 0, big[0].count)], "oversized")
+        huge = chunking.split(np.random.default_rng(2).bytes(1_000_000), size, "huge")  # over --max-update-bytes
+        send(huge[:1], "huge")
         send([chunking.Chunk(memoryview(b"x" * 10), {chunking.ID_HEADER: "malformed", chunking.INDEX_HEADER: "1"},
                              0, 2)], "malformed")
     finally:
@@ -216,12 +218,13 @@ def test_hostile_chunks_are_rejected_or_recorded_incomplete_with_reasons(
     for e in ledger:
         by_id.setdefault(str(e["message_id"]).split(":")[0], []).append(e)
     assert [e["fate"] for e in by_id["missing"]] == ["incomplete"]
-    assert "4 of 5 chunks" in by_id["missing"][0]["reason"]
+    assert "3 of 4 chunks" in by_id["missing"][0]["reason"]
     assert [e["fate"] for e in by_id["foreign"]] == ["rejected"] and "foreign" in by_id["foreign"][0]["reason"]
     assert [e["fate"] for e in by_id["corrupt"]] == ["rejected"] and "corrupt" in by_id["corrupt"][0]["reason"]
     assert [e["fate"] for e in by_id["garbage"]] == ["rejected"]  # one line, however many copies of its chunks
     assert [e["fate"] for e in by_id["oversized"]] == ["rejected"] and "oversized" in by_id["oversized"][0]["reason"]
     assert [e["fate"] for e in by_id["malformed"]] == ["rejected"] and "header" in by_id["malformed"][0]["reason"]
+    assert [e["fate"] for e in by_id["huge"]] == ["rejected"] and "over the limit" in by_id["huge"][0]["reason"]
     assert_ledger_invariant(run, all_confirmed(procs))
     assert read_history(run)["final"]["updates_applied"] >= 30
 
@@ -274,7 +277,8 @@ def test_task_and_update_consumers_carry_their_own_consumer_timeout(rabbitmq4_li
     url, ns = rabbitmq4_limits.url, new_namespace("cto")
     common = ["--amqp-url", url, "--namespace", ns]
     try:
-        aggregator(procs, shards, tmp_path / "run", common, "--rounds", "50", "--consumer-timeout", "7200")
+        # it waits for a second worker that never comes: both consumers stay up while we look
+        aggregator(procs, shards, tmp_path / "run", common, "--min-workers", "2", "--consumer-timeout", "7200")
         start_worker(procs, shards, 0, common, "--consumer-timeout", "5400")
 
         def consumers() -> dict[str, str]:

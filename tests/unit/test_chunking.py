@@ -222,3 +222,25 @@ def test_fuzz_random_chunk_streams_never_raise_and_only_good_payloads_complete()
         for pid, b in payloads.items():
             if pid not in mutated and len(b) > size and len(b) <= 4000:
                 assert pid in completed, (trial, pid)
+
+
+def test_split_pieces_gives_the_chunks_of_the_joined_body() -> None:
+    import numpy as np
+
+    from fedmq.shared import messages
+
+    rng = np.random.default_rng(5)
+    update = messages.Update(task_id="t1", worker_id="w1", base_version=3, params={
+        "a": rng.standard_normal((300, 70), dtype=np.float32), "b": rng.standard_normal(9, dtype=np.float32)},
+        num_samples=10, train_loss=0.5, train_accuracy=0.5, duration_s=1.0, kind="weights", round=None,
+        run_id="r")
+    pieces = messages.encode_pieces(update)
+    whole = messages.encode(update)
+    assert b"".join(pieces) == whole
+    for size in (1000, 4096, 30_000, len(whole), len(whole) + 1):
+        count, chunks = ch.split_pieces(pieces, size, "p", {"x-h": "v"})
+        got = list(chunks)
+        want = ch.split(whole, size, "p", {"x-h": "v"})
+        assert count == len(want) == len(got)
+        assert [bytes(c.data) for c in got] == [bytes(c.data) for c in want]
+        assert [c.headers for c in got] == [c.headers for c in want]
