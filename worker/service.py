@@ -340,7 +340,7 @@ class Worker:
         """Called when handling task ``task_id`` reaches ``point``; does nothing here.
 
         Points: ``"task_started"`` (the task is decoded and its model is at hand, training is
-        next), ``"half_published"`` (a chunked update: half of its chunks are confirmed) and
+        next), ``"half_published"`` (a chunked update: about half of its chunks are confirmed, and at least one of the rest is not sent yet when it has 3 or more) and
         ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
         Subclasses may override it to observe or instrument a worker.
         """
@@ -612,7 +612,8 @@ class Worker:
         assert client is not None
 
         def confirmed(index: int, count: int) -> None:
-            if count > 1 and index == count // 2:
+            # about half-way, and at least one chunk not handed to the broker yet (window 2)
+            if count > 1 and index == max(0, count // 2 - 1):
                 self.at("half_published", task.task_id)
 
         # over --chunk-bytes: chunks, views of ``body``, at most two unconfirmed at a time
