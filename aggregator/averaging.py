@@ -9,6 +9,10 @@ import numpy as np
 Params = dict[str, np.ndarray]
 
 
+#: elements of a layer averaged at a time (float64 scratch: 2 x 32 MiB)
+REDUCE_BLOCK = 1 << 22
+
+
 def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Params:
     """Σ w_k·p_k / Σ w_k, accumulated in float64 in the given order, returned as float32."""
     if not updates:
@@ -20,11 +24,18 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
     out: Params = {}
     for name in names:
         shape = updates[0][0][name].shape
-        acc = np.zeros(shape, dtype=np.float64)
-        tmp = np.empty(shape, dtype=np.float64)
-        for params, weight in updates:
-            np.multiply(params[name], weight, out=tmp, dtype=np.float64)
-            acc += tmp
-        acc /= total
-        out[name] = acc.astype(np.float32)
+        result = np.empty(shape, dtype=np.float32)
+        flat = result.reshape(-1)
+        # block by block: float64 scratch of REDUCE_BLOCK elements whatever the layer's size, and
+        # every element summed in the same order as a whole-layer sum (the result is the same bits)
+        for start in range(0, flat.size, REDUCE_BLOCK):
+            stop = min(flat.size, start + REDUCE_BLOCK)
+            acc = np.zeros(stop - start, dtype=np.float64)
+            tmp = np.empty(stop - start, dtype=np.float64)
+            for params, weight in updates:
+                np.multiply(np.ravel(params[name])[start:stop], weight, out=tmp, dtype=np.float64)
+                acc += tmp
+            acc /= total
+            flat[start:stop] = acc
+        out[name] = result
     return out

@@ -9,6 +9,7 @@ from fedmq.aggregator.privacy import GaussianDP, check_accountant, make_dp
 from fedmq.aggregator.robust import RobustRule, make_robust
 from fedmq.aggregator.strategies import STRATEGIES, check_defences
 from fedmq.aggregator.tracking import check_tracker
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
 
@@ -71,6 +72,15 @@ class AggregatorConfig:
         "that can then no longer get --min-workers updates stops the run (exit 1).")})
     drain_timeout: float = 10.0
     max_update_bytes: int | None = None
+    chunk_bytes: int = field(default=DEFAULT_CHUNK_BYTES, metadata={"help": (
+        "Models larger than this travel as chunks of this many bytes (each one message; RabbitMQ 4 "
+        "refuses messages over 16 MiB by default); smaller ones as one message.")})
+    consumer_timeout: float = field(default=86400.0, metadata={"help": (
+        "Seconds RabbitMQ (3.12+, 4.x) lets the aggregator hold an update unacked before it closes the "
+        "channel (x-consumer-timeout on its consumer; the broker's own default is 30 min).")})
+    chunk_timeout: float = field(default=120.0, metadata={"help": (
+        "Seconds a chunked update may go without a new chunk before its chunks are settled and it "
+        "is recorded 'incomplete' (never applied).")})
     presence_timeout: float = 20.0
     track: str | None = field(default=None, metadata={"help": (
         "Experiment tracking: tensorboard (RUN_DIR/tensorboard) or mlflow (--track-uri, default "
@@ -138,6 +148,12 @@ class AggregatorConfig:
             raise ConfigError(f"--join-grace must be >= 0, got {self.join_grace}")
         if self.task_retries < 0:
             raise ConfigError(f"--task-retries must be >= 0, got {self.task_retries}")
+        if self.chunk_bytes < MIN_CHUNK_BYTES:
+            raise ConfigError(f"--chunk-bytes must be at least {MIN_CHUNK_BYTES}, got {self.chunk_bytes}")
+        if self.consumer_timeout <= 0:
+            raise ConfigError(f"--consumer-timeout must be positive, got {self.consumer_timeout}")
+        if self.chunk_timeout <= 0:
+            raise ConfigError(f"--chunk-timeout must be positive, got {self.chunk_timeout}")
         if self.proximal_mu < 0:
             raise ConfigError(f"--proximal-mu must be >= 0, got {self.proximal_mu}")
         if not self.hidden or any(h <= 0 for h in self.hidden):

@@ -550,6 +550,22 @@ class Coordinator:
             out = self._update(token, update, entry, now)
         return out + self._advance(now)
 
+    def incomplete(self, token: Token, now: float, *, message_id: str, reason: str, task_id: str | None = None,
+                   worker_id: str | None = None) -> list[Decision]:
+        """A chunked update whose chunks stopped arriving: settled ``incomplete``, never applied.
+
+        After an interrupt nothing is settled (its chunks come again to the resumed aggregator).
+        """
+        if self.phase is Phase.DONE and self.interrupted:
+            return []
+        entry: dict[str, Any] = {"message_id": message_id, "time_s": round(self.elapsed(now), 3),
+                                 "version": self.state.version, "redelivered": False}
+        if task_id:
+            entry["task_id"] = task_id
+        if worker_id:
+            entry["worker_id"] = worker_id
+        return [self.settle(token, entry, "incomplete", reason)]
+
     def evaluated(self, version: int, loss: float, accuracy: float, now: float) -> list[Decision]:
         """The answer to :class:`Evaluate`: record the version's history entry, then move on."""
         st = self.state

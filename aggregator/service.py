@@ -83,14 +83,16 @@ from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
 from fedmq.aggregator.tracking import SafeTracker, make_tracker
 from fedmq.aggregator.validate import expected_update_bytes
+from fedmq.broker.chunked import check_chunk_size, publish_payload
 from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import messages, signing
+from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
+from fedmq.shared import chunking, messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
-from fedmq.shared.errors import BrokerError, DecodeError, LockLost
+from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
+from fedmq.shared.files import drop_resident_pages, spill_allocator
 from fedmq.shared.spec import build_spec, make_trainer, run_trainer_config
 from fedmq.shared.trainer import Trainer, load_trainer_factory
 
@@ -131,8 +133,12 @@ class Aggregator:
         self.interrupted = False
         self.client: Client | None = None
         self.core: Coordinator | None = None
-        self._deliveries: dict[Token, Delivery] = {}  # token -> update delivery awaiting its fate
+        # token -> the deliveries of an update awaiting its fate (one, or every chunk of a chunked one)
+        self._deliveries: dict[Token, list[Delivery]] = {}
+        self._payloads: dict[str, Token] = {}  # chunked update awaiting its fate -> its token
+        self.assembler: chunking.Reassembler[Delivery] | None = None  # chunked updates: made in _restore
         self._pending: list[Delivery] = []  # settled, acked by the next checkpoint
+        self._settled = 0  # updates settled since the last checkpoint (a chunked one is many deliveries)
         # model and task publishes whose confirms we have not waited for yet: the next
         # checkpoint waits for them before it acks anything
         self._unconfirmed: list[PendingPublish] = []
@@ -210,8 +216,12 @@ class Aggregator:
         if cfg.export:
             check_export(cfg.export)
         self._initial = self.trainer.init_params()
-        self.prefetch = self.policy.prefetch(sum(int(v.nbytes) for v in self._initial.values()))
-        self.checkpoint_every = min(cfg.checkpoint_every, max(1, self.prefetch - 1))
+        model_bytes = self.model_bytes = sum(int(v.nbytes) for v in self._initial.values())
+        updates = self.policy.prefetch(model_bytes)
+        self.checkpoint_every = min(cfg.checkpoint_every, max(1, updates - 1))
+        # a chunked update is held as all its chunks: room for them, and for one more update arriving
+        self.chunks_per_update = chunking.chunk_count(model_bytes + 64 * 1024, cfg.chunk_bytes)
+        self.prefetch = updates if self.chunks_per_update == 1 else (updates + 1) * self.chunks_per_update
         if cfg.signing_key:
             self._signing_key = signing.load_private_key(cfg.signing_key)
         if cfg.worker_keys:
@@ -253,6 +263,12 @@ class Aggregator:
             self.ledger = durable.Ledger(self.out / "updates.jsonl")
             log.info("run %s starts", self.core.run_id)
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
+        # chunked updates are put together in files of the run directory, not in RAM
+        self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
+                                              allocate=spill_allocator(self.out / "spill"))
+        assert self.client is not None
+        if self.chunks_per_update > 1 or self.model_bytes + chunking.HEADROOM_BYTES > self.client.max_message_bytes:
+            check_chunk_size(self.client, cfg.chunk_bytes)  # one line naming --chunk-bytes, before any publish
 
     def _connect(self) -> None:
         client = Client(self.settings, self.topology, name="fedmq-aggregator")
@@ -262,7 +278,10 @@ class Aggregator:
             self.topology.presence, self._on_presence, prefetch=200, settle_on_return=True, paused=True,
             arguments=lambda: {"x-stream-offset": _stream_timestamp(time.time() - self.cfg.presence_timeout)},
         )
-        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch, paused=True)
+        # updates stay unacked until a checkpoint (a sync round: until it closes): the broker's
+        # consumer timeout (30 min by default) must not cut them off
+        client.subscribe(self.topology.updates, self._on_update, prefetch=self.prefetch, paused=True,
+                         arguments={CONSUMER_TIMEOUT_ARG: int(self.cfg.consumer_timeout * 1000)})
         # one active aggregator per namespace (fedmq.broker.lock): a second one is refused
         # (NamespaceLocked), or with --standby waits to take over
         self.lock = NamespaceLock(client, self.topology.lock, f"{self.incarnation}")
@@ -333,14 +352,13 @@ class Aggregator:
                     self._pump(self._wait_s())
                 if not core.interrupted:
                     self._sweep()
+                    self._carry(self._incomplete(self._assembler.give_up_all("the run ended first")))
             finally:
                 if not self._fenced:
                     self._checkpoint(force=True)
                     durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
-                self._checkpoint(force=True)
-                durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
-                if self.cfg.export:
-                    export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
+                    if self.cfg.export:
+                        export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
         finally:
             self.client.close()
             if self._fenced:
@@ -365,6 +383,11 @@ class Aggregator:
         return self.stop.is_set() and self._told != (True, self.interrupted)
 
     @property
+    def _assembler(self) -> chunking.Reassembler[Delivery]:
+        assert self.assembler is not None, "the run has not started"
+        return self.assembler
+
+    @property
     def _core(self) -> Coordinator:
         assert self.core is not None, "the run has not started"
         return self.core
@@ -373,9 +396,9 @@ class Aggregator:
         """How long the inbox may stay quiet before the core or a checkpoint needs a look."""
         now = time.monotonic()
         wait = min(_MAX_WAIT_S, self._last_checkpoint + self.cfg.checkpoint_interval - now)
-        wake = self._core.next_wake(now)
-        if wake is not None:
-            wait = min(wait, wake - now)
+        for wake in (self._core.next_wake(now), self._assembler.next_deadline()):
+            if wake is not None:
+                wait = min(wait, wake - now)
         return max(0.05, wait)
 
     # ------------------------------------------------------------------ inbox
@@ -390,6 +413,7 @@ class Aggregator:
         if client.failure is not None:  # permanent: out of run(), so the command fails
             raise client.failure
         self._raise_refused_publishes()
+        self._carry(self._incomplete(self._assembler.expire(time.monotonic())))
         if kind == "wake":
             self._carry(core.tick(time.monotonic()))
             self._checkpoint()
@@ -420,39 +444,96 @@ class Aggregator:
                 self._carry(self._receive(item))
 
     def _receive(self, delivery: Delivery) -> list[Decision]:
+        if not chunking.is_chunk(delivery.headers):
+            msg = self._decode(delivery.body, delivery.headers, delivery.user_id)
+            return self._hand([delivery], msg, delivery.message_id, delivery.redelivered)
+        out: list[Decision] = []
+        handle = _ack_handle(delivery)  # the chunk's bytes go into the payload's buffer
+        for o in self._assembler.offer(delivery.headers, delivery.body, handle, time.monotonic(),
+                                       redelivered=delivery.redelivered):
+            if isinstance(o, chunking.Complete):
+                users = {t.user_id for t in o.tokens}
+                msg = self._decode(o.body, o.headers, users.pop() if len(users) == 1 else None)
+                drop_resident_pages(o.body)  # checked and decoded: its pages wait in the spill file
+                out += self._hand(o.tokens, msg, o.payload_id, o.redelivered, payload=o.payload_id)
+            elif isinstance(o, chunking.Refused) and not o.whole:  # this chunk alone: dead-lettered with the reason
+                out += self._hand([delivery], Undecodable(o.reason), delivery.message_id, delivery.redelivered)
+            elif isinstance(o, chunking.Refused):
+                out += self._hand(o.tokens, Undecodable(o.reason), o.payload_id, False, payload=o.payload_id)
+            elif isinstance(o, chunking.Incomplete):
+                out += self._incomplete([o])
+            elif isinstance(o, chunking.Duplicate):
+                self._late_chunk(o.payload_id, o.token)
+        return out
+
+    def _hand(self, deliveries: list[Delivery], msg: messages.Update | messages.Control | Undecodable,
+              message_id: str | None, redelivered: bool, *, payload: str | None = None) -> list[Decision]:
+        """Give the core one update message (one delivery, or every chunk of a chunked one)."""
         self._tokens += 1
         token = self._tokens
-        self._deliveries[token] = delivery
-        return self._core.receive(token, self._decode(delivery), time.monotonic(),
-                                  message_id=delivery.message_id, redelivered=delivery.redelivered)
+        self._deliveries[token] = deliveries
+        if payload is not None:
+            self._payloads[payload] = token
+        return self._core.receive(token, msg, time.monotonic(), message_id=message_id, redelivered=redelivered)
 
-    def _decode(self, delivery: Delivery) -> messages.Update | messages.Control | Undecodable:
-        """An update, or a control message (a worker's failure report), or why it is neither."""
-        unsigned = IdentityBook.unsigned(delivery.user_id) if self.cfg.require_user_id else None
+    def _incomplete(self, gone: list[chunking.Incomplete[Delivery]]) -> list[Decision]:
+        """Chunked updates whose chunks stopped arriving: one ledger line each, chunks acked with it."""
+        out: list[Decision] = []
+        for o in gone:
+            self._tokens += 1
+            token = self._tokens
+            self._deliveries[token] = o.tokens
+            self._payloads[o.payload_id] = token
+            task, worker = o.headers.get("x-fedmq-task"), o.headers.get("x-fedmq-worker")
+            decisions = self._core.incomplete(token, time.monotonic(), message_id=o.payload_id, reason=o.reason,
+                                              task_id=task if isinstance(task, str) else None,
+                                              worker_id=worker if isinstance(worker, str) else None)
+            if not decisions:  # interrupted: left unacked, the broker delivers them again
+                del self._deliveries[token]
+                self._payloads.pop(o.payload_id, None)
+            out += decisions
+        return out
+
+    def _late_chunk(self, payload_id: str, handle: Delivery) -> None:
+        """A chunk of an update completed (or given up) before: settled with it, or acked at the next checkpoint."""
+        token = self._payloads.get(payload_id)
+        if token is not None and token in self._deliveries:
+            self._deliveries[token].append(handle)
+        else:
+            self._pending.append(handle)
+
+    def _decode(self, body: bytes | memoryview, headers: dict[str, Any], user_id: str | None,
+                ) -> messages.Update | messages.Control | Undecodable:
+        """An update, or a control message (a worker's failure report), or why it is neither.
+
+        ``headers`` and ``user_id`` are the message's (a chunked one's: its first chunk's headers,
+        and the user every chunk was published by, None if they differ)."""
+        unsigned = IdentityBook.unsigned(user_id) if self.cfg.require_user_id else None
         if unsigned is not None:
             return Undecodable(unsigned)
-        size = len(delivery.body)
+        size = len(body)
         if size > self.max_update_bytes:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
         try:
-            msg = messages.decode(delivery.body, expect=(messages.Update, messages.Control),
+            msg = messages.decode(body, expect=(messages.Update, messages.Control),
                                   max_bytes=self.max_update_bytes)
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)
         if self.cfg.require_user_id:
-            refused = self.identities.refuse(msg.worker_id, delivery.user_id)
+            refused = self.identities.refuse(msg.worker_id, user_id)
             if refused is not None:
                 return Undecodable(refused)
-        unverified = self._unverified(delivery, msg)
+        unverified = self._unverified(headers, body, msg)
         return msg if unverified is None else Undecodable(unverified)
 
-    def _unverified(self, delivery: Delivery, msg: messages.Update | messages.Control) -> str | None:
+    def _unverified(self, headers: dict[str, Any], body: bytes | memoryview,
+                    msg: messages.Update | messages.Control) -> str | None:
         """With --worker-keys: why ``msg`` is not signed by the worker it names for this run, or None."""
         if self._worker_keys is None:
             return None
         claims = signing.claims_of(msg)
-        reason = signing.verify(delivery.headers, delivery.body, claims, self._worker_keys)
+        reason = signing.verify(headers, body, claims, self._worker_keys)
         run = self._core.run_id
         if reason is None and msg.run_id != run:
             reason = f"signed for run {msg.run_id or '(none)'}, not this run {run} (a replay, or left from another run)"
@@ -479,6 +560,7 @@ class Aggregator:
                     run_id = self._core.run_id
                     msg = messages.ModelVersion(version=d.version, params=d.params, spec=self.spec, round=d.round,
                                                 created_s=time.time(), run_id=run_id)
+                    # a model larger than --chunk-bytes goes as chunks, each with these headers
                     body = messages.encode(msg)
                     self._publish(self.topology.models, body, message_id=f"model-{run_id}-{d.version}",
                                   headers={VERSION_HEADER: d.version, RUN_HEADER: run_id, **self._signed(msg, body)})
@@ -537,26 +619,30 @@ class Aggregator:
 
     def _publish(self, queue_name: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
         assert self.client is not None
-        self._unconfirmed.append(
-            self.client.publish_nowait(queue_name, body, message_id=message_id, headers=headers, sign=True)
-        )
+        self._unconfirmed += publish_payload(self.client, queue_name, body, chunk_bytes=self.cfg.chunk_bytes,
+                                             message_id=message_id, headers=headers, sign=True)
 
     def _settle(self, d: Settle) -> None:
         """Dead-letter a rejected update, record the fate, and ack with the next checkpoint."""
-        delivery = self._deliveries.pop(d.token)
+        deliveries = self._deliveries.pop(d.token)
+        delivery = deliveries[0]
         entry = d.entry
-        if d.fate == "rejected":
+        if isinstance(entry.get("message_id"), str):
+            self._payloads.pop(entry["message_id"], None)
+        if d.fate == "rejected" and delivery.body:  # a chunked update's bytes are gone: recorded, not dead-lettered
             self._dead_letter(delivery, d.reason or "rejected")
         self.ledger.record(entry)
-        self._pending.append(_ack_handle(delivery))
+        self._pending += [_ack_handle(x) for x in deliveries]
+        self._settled += 1
         fields = {k: entry[k] for k in ("task_id", "worker_id", "reason", "staleness", "weight") if entry.get(k) is not None}
+        mid = entry.get("message_id")
         if d.fate in ("rejected", "failed"):
             what = "rejecting update message %s: %s" if d.fate == "rejected" else "task failed (report %s): %s"
-            emit(log, "update_settled", what, delivery.message_id, d.reason,
-                 level=logging.WARNING, message_id=delivery.message_id, fate=d.fate, **fields)
+            emit(log, "update_settled", what, mid, d.reason,
+                 level=logging.WARNING, message_id=mid, fate=d.fate, **fields)
         else:
             emit(log, "update_settled", "update %s from %s: %s%s", entry.get("task_id", "?"), entry.get("worker_id", "?"),
-                 d.fate, f" ({d.reason})" if d.reason else "", message_id=delivery.message_id, fate=d.fate, **fields)
+                 d.fate, f" ({d.reason})" if d.reason else "", message_id=mid, fate=d.fate, **fields)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         assert self.client is not None
@@ -594,7 +680,7 @@ class Aggregator:
             return
         due = (
             force
-            or len(self._pending) >= self.checkpoint_every
+            or self._settled >= self.checkpoint_every
             or time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
         )
         if not due:
@@ -616,6 +702,7 @@ class Aggregator:
         for delivery in self._pending:
             self.client.ack(delivery)
         self._pending = []
+        self._settled = 0
         self._last_checkpoint = time.monotonic()
 
     def _guard(self) -> None:
@@ -652,6 +739,8 @@ class Aggregator:
                 continue
             try:
                 pub.wait(0)  # raises the publish's own error, if it has one
+            except MessageTooLarge as exc:
+                raise self._too_large(exc) from None
             except BrokerError as exc:
                 if not exc.retryable:
                     raise
@@ -660,7 +749,15 @@ class Aggregator:
         """Wait for every outstanding model and task publish (before acking anything)."""
         pending, self._unconfirmed = self._unconfirmed, []
         for pub in pending:
-            pub.wait()
+            try:
+                pub.wait()
+            except MessageTooLarge as exc:
+                raise self._too_large(exc) from None
+
+    def _too_large(self, exc: MessageTooLarge) -> MessageTooLarge:
+        """The broker's refusal of a model or task, with the option that decides message sizes."""
+        return MessageTooLarge(f"{exc}; or lower --chunk-bytes (now {self.cfg.chunk_bytes}): models larger than it "
+                               "travel as chunks of that size", reply_code=exc.reply_code)
 
     def final(self) -> dict[str, Any]:
         """The run's final figures (also history.json's ``final``)."""

@@ -194,7 +194,7 @@ class _Subscription:
 class _Publish:
     exchange: str
     routing_key: str
-    body: bytes
+    body: bytes | memoryview  # a memoryview: a chunk of a payload (fedmq.broker.chunked), not copied
     properties: pika.BasicProperties
     mandatory: bool
     done: threading.Event = field(default_factory=threading.Event)
@@ -514,7 +514,7 @@ class Client:
     def publish_nowait(
         self,
         routing_key: str,
-        body: bytes,
+        body: bytes | memoryview,
         *,
         exchange: str = "",
         message_id: str | None = None,
@@ -855,7 +855,8 @@ class Client:
                 self._chan.basic_publish(
                     pub.exchange,
                     pub.routing_key,
-                    pub.body,
+                    # pika takes bytes only: a chunk (a view) is copied here, one at a time
+                    pub.body if isinstance(pub.body, bytes) else bytes(pub.body),
                     properties=pub.properties,
                     mandatory=pub.mandatory,
                 )

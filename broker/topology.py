@@ -30,6 +30,11 @@ from fedmq.shared.errors import ConfigError
 VERSION_HEADER = "x-fedmq-version"
 #: header of a model message: its run id (str, docs/protocol.md)
 RUN_HEADER = "x-fedmq-run"
+#: consumer argument: how long (ms) the broker lets the consumer hold a delivery unacked before it
+#: closes the channel; honoured by RabbitMQ 3.12+ and 4.x, ignored by older brokers (which only
+#: have the node-wide ``consumer_timeout``, 30 min by default). Set per consumer, not per queue,
+#: so that namespaces declared before keep their arguments.
+CONSUMER_TIMEOUT_ARG = "x-consumer-timeout"
 
 _VALID_NS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

@@ -35,6 +35,7 @@ from fedmq.options import (
     mask_secrets,
     parse_label_column,
 )
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedmq.shared.defaults import ATTACK_KINDS, DEFAULT_ATTACK_SCALE, DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
 from fedmq.shared.logs import setup_logging
@@ -316,6 +317,15 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--aggregator-key", type=click.Path(dir_okay=False), default=None,
                       help="The aggregator's public key (PEM, `fedmq keys generate`): accept only models, "
                            "tasks and stops it signed; others are skipped or dead-lettered.")(fn)
+    fn = click.option("--chunk-bytes", type=click.IntRange(min=MIN_CHUNK_BYTES), default=DEFAULT_CHUNK_BYTES,
+                      show_default=True,
+                      help="Updates larger than this travel as chunks of this many bytes (RabbitMQ 4 refuses "
+                           "messages over 16 MiB by default).")(fn)
+    fn = click.option("--consumer-timeout", type=click.FloatRange(min=1), default=86400.0, show_default=True,
+                      help="Seconds RabbitMQ (3.12+, 4.x) lets a task stay unacked while it trains "
+                           "(x-consumer-timeout; the broker's default is 30 min).")(fn)
+    fn = click.option("--max-model-bytes", type=click.IntRange(min=1), default=2 * 1024**3, show_default=True,
+                      help="Skip model versions larger than this (a chunked one before anything is allocated).")(fn)
     fn = click.option("--trainer", default=DEFAULT_TRAINER, show_default=True,
                       help="Trainer factory MODULE:ATTR (see README, 'Bring your own model').")(fn)
     fn = click.option("--slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
@@ -355,7 +365,8 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, signing_key: str | None,
            aggregator_key: str | None, attack: str | None, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool, amqp_url: str, namespace: str,
-           log_level: str, log_format: str) -> None:
+           log_level: str, log_format: str, chunk_bytes: int, max_model_bytes: int,
+           consumer_timeout: float) -> None:
     """Train on a local shard for the federation."""
     setup_logging(log_level, log_format)
     from fedmq.worker.service import Worker, WorkerConfig, default_worker_id
@@ -364,7 +375,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
     cfg = WorkerConfig(data=data_file, worker_id=worker_id or default_worker_id(), slowdown=slowdown,
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
                        trust_user=trust_user, serve=serve, signing_key=signing_key, aggregator_key=aggregator_key,
-                       attack=attack, attack_scale=attack_scale)
+                       attack=attack, attack_scale=attack_scale, chunk_bytes=chunk_bytes,
+                       max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())
@@ -390,7 +402,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_keys: str | None,
             aggregator_key: str | None, attackers: int, attack: str | None, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool,
-            amqp_url: str, namespace: str, log_level: str, log_format: str) -> None:
+            amqp_url: str, namespace: str, log_level: str, log_format: str, chunk_bytes: int,
+            max_model_bytes: int, consumer_timeout: float) -> None:
     """Run many workers in one process, each with its own connection and thread."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
@@ -401,7 +414,8 @@ def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_k
     sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
                       trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
                       signing_keys=signing_keys, aggregator_key=aggregator_key,
-                      attackers=attackers, attack=attack, attack_scale=attack_scale))
+                      attackers=attackers, attack=attack, attack_scale=attack_scale,
+                      chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout))
 
 
 # ====================================================================== aggregator

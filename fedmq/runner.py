@@ -446,6 +446,8 @@ def _spawn_workers(options: dict[str, Any], fed: Federation, common: list[str], 
     signed = ["--aggregator-key", str(keys / "aggregator.pub")] if options.get("sign") else []
     hostile = attackers(options, n)
     attack = ["--attack", str(options.get("attack")), "--attack-scale", str(options.get("attack_scale"))]
+    if options.get("chunk_bytes"):  # workers chunk their updates as the aggregator chunks its models
+        common = ["--chunk-bytes", str(options["chunk_bytes"]), *common]
     if options.get("in_process_workers"):
         if signed:
             signed += ["--signing-keys", str(keys / "workers")]

@@ -226,6 +226,17 @@ def pack(doc: Mapping[str, Any]) -> bytes:
     return b"".join(packer.pieces)
 
 
+def pack_pieces(doc: Mapping[str, Any]) -> list[Any]:
+    """:func:`pack` without the final join: the document as a list of pieces (bytes, and
+    zero-copy views of the arrays) whose concatenation is ``pack(doc)``. Lets a sender cut a large
+    document into chunks without ever holding it in one buffer."""
+    if not isinstance(doc, Mapping):
+        raise TypeError(f"the document must be a mapping, not a {type(doc).__name__}")
+    packer = _Packer()
+    packer.mapping(doc, "")
+    return packer.pieces
+
+
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     """Encode an ordered name -> array map as a msgpack map of array maps."""
     for name, arr in arrays.items():

@@ -6,6 +6,8 @@ temp file behind.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -38,3 +40,37 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
             os.unlink(tmp)
         raise
     _fsync_dir(target.parent)
+
+
+def spill_allocator(directory: str | os.PathLike[str]) -> Callable[[int], mmap.mmap]:
+    """An allocator of ``size``-byte buffers backed by files in ``directory`` instead of RAM.
+
+    Each buffer is a shared map of a new file that is unlinked at once: the kernel may write its
+    pages out and drop them (they are page cache, not anonymous memory), and the space is freed
+    when the last view of the buffer goes, or the process dies; nothing is left to clean up.
+    """
+    where = Path(directory)
+
+    def allocate(size: int) -> mmap.mmap:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="payload-", suffix=".part", dir=where)
+        try:
+            os.unlink(path)
+            os.ftruncate(fd, size)
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+
+    return allocate
+
+
+def drop_resident_pages(view: memoryview) -> None:
+    """Let the kernel take back the pages of a :func:`spill_allocator` buffer from this process.
+
+    Its pages are a shared file mapping: they leave the process's resident set (RSS) and stay in
+    the page cache or on disk; the next read faults them back in. Anything else is left alone.
+    """
+    owner = view.obj
+    if isinstance(owner, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            owner.madvise(mmap.MADV_DONTNEED)

@@ -50,6 +50,7 @@ __all__ = [
     "Update",
     "decode",
     "encode",
+    "encode_pieces",
     "message_type",
 ]
 
@@ -145,6 +146,12 @@ def message_type(msg: Message) -> str:
 
 def encode(msg: Message) -> bytes:
     """The wire bytes of ``msg``; TypeError if a field has no wire form (e.g. a list param)."""
+    return b"".join(encode_pieces(msg))
+
+
+def encode_pieces(msg: Message) -> list[Any]:
+    """:func:`encode` as pieces (bytes and zero-copy views of the params) whose concatenation is
+    the wire bytes: a large update is sent chunk by chunk without one model-sized buffer."""
     name = message_type(msg)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": name}
     for f in fields(msg):
@@ -152,7 +159,7 @@ def encode(msg: Message) -> bytes:
         if f.name == "params":
             _check_params_to_send(value, f"{name}.params")
         doc[f.name] = value
-    return codec.pack(doc)
+    return codec.pack_pieces(doc)
 
 
 def _check_params_to_send(params: Any, where: str) -> None:

@@ -35,10 +35,10 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -106,20 +106,34 @@ def claims_of(msg: messages.Message, signer: str | None = None) -> Claims:
                   task_id if isinstance(task_id, str) else "", None)
 
 
-def statement(claims: Claims, body: bytes | bytearray | memoryview) -> bytes:
+Body: TypeAlias = "bytes | bytearray | memoryview | Sequence[Any]"
+
+
+def body_digest(body: Body) -> bytes:
+    """SHA-256 of the body, given whole or as the pieces whose concatenation it is
+    (:func:`fedmq.shared.messages.encode_pieces`: a large update is never joined into one buffer)."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        return hashlib.sha256(body).digest()
+    h = hashlib.sha256()
+    for piece in body:
+        h.update(piece)
+    return h.digest()
+
+
+def statement(claims: Claims, body: Body) -> bytes:
     """The bytes signed: :data:`DOMAIN`, a zero byte, then the type, run, signer, task, version
     (decimal, empty for none) and SHA-256 of ``body``, each as a 4-byte big-endian length and
     the bytes (text in UTF-8)."""
     version = "" if claims.version is None else str(claims.version)
     parts = [p.encode("utf-8") for p in (claims.kind, claims.run_id, claims.signer, claims.task_id, version)]
-    parts.append(hashlib.sha256(body).digest())
+    parts.append(body_digest(body))
     out = bytearray(DOMAIN + b"\0")
     for part in parts:
         out += len(part).to_bytes(4, "big") + part
     return bytes(out)
 
 
-def sign_headers(key: Ed25519PrivateKey, claims: Claims, body: bytes | bytearray | memoryview) -> dict[str, str]:
+def sign_headers(key: Ed25519PrivateKey, claims: Claims, body: Body) -> dict[str, str]:
     """The signature headers for ``body`` making ``claims``."""
     signature = key.sign(statement(claims, body))
     return {SIGNER_HEADER: claims.signer, SIGNATURE_HEADER: base64.b64encode(signature).decode("ascii")}

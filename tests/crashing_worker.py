@@ -4,7 +4,8 @@
         --amqp-url URL --namespace NS [--log-format json]
 
 (run from the repository root). The points are those of :meth:`fedmq.worker.service.Worker.at`:
-``task_started`` and ``update_confirmed`` (the broker confirmed the update, the ack is next).
+``task_started``, ``half_published`` (half the chunks of a chunked update are confirmed) and
+``update_confirmed`` (the broker confirmed the update, the ack is next).
 Product code knows nothing of this: the crash lives in a subclass that overrides the hook.
 """
 
@@ -33,7 +34,9 @@ class CrashingWorker(Worker):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.crashing_worker", description=__doc__)
-    parser.add_argument("--crash-at", required=True, choices=["task_started", "update_confirmed"])
+    parser.add_argument("--crash-at", required=True, choices=["task_started", "half_published", "update_confirmed"])
+    parser.add_argument("--trainer", default=None)
+    parser.add_argument("--chunk-bytes", type=int, default=None)
     parser.add_argument("--data", required=True)
     parser.add_argument("--worker-id", required=True)
     parser.add_argument("--amqp-url", required=True)
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", default="json", choices=["json", "text"])
     args = parser.parse_args(argv)
     setup_logging("info", args.log_format)
-    worker = CrashingWorker(WorkerConfig(data=args.data, worker_id=args.worker_id),
+    extra = {k: v for k, v in (("trainer", args.trainer), ("chunk_bytes", args.chunk_bytes)) if v is not None}
+    worker = CrashingWorker(WorkerConfig(data=args.data, worker_id=args.worker_id, **extra),
                             BrokerSettings.from_url(args.amqp_url), Topology(args.namespace))
     worker.crash_at = args.crash_at
     signal.signal(signal.SIGTERM, lambda *_: worker.request_stop())

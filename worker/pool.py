@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.errors import DataError, FedmqError
 from fedmq.shared.signing import PRIVATE_SUFFIX
 from fedmq.worker.service import Worker, WorkerConfig
@@ -45,6 +46,9 @@ def run_pool(
     attackers: int = 0,
     attack: str | None = None,
     attack_scale: float = 10.0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_model_bytes: int = 2 * 1024**3,
+    consumer_timeout_s: float = 86400.0,
 ) -> int:
     """Run one worker per shard until ``stop`` is set or every worker stopped.
 
@@ -65,7 +69,9 @@ def run_pool(
         cfg = WorkerConfig(data=str(path), worker_id=worker_id, trainer=trainer,
                            slowdown=slowdown if straggler else 1.0, heartbeat_s=heartbeat_s, serve=serve,
                            signing_key=key, aggregator_key=aggregator_key,
-                           attack=attack if hostile else None, attack_scale=attack_scale)
+                           attack=attack if hostile else None, attack_scale=attack_scale,
+                           chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes,
+                           consumer_timeout_s=consumer_timeout_s)
         workers.append(Worker(cfg, settings, topology))
     codes: dict[str, int] = {}
 

@@ -58,15 +58,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedmq.broker.chunked import StreamFollower, send_payload
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
-from fedmq.broker.topology import RUN_HEADER, VERSION_HEADER, Topology
+from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import events, messages, signing
+from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.data import load_shard, scaling_warning
-from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, NotConfirmed, WorkerRefused
+from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
@@ -80,6 +83,8 @@ STOP_CONFIRM_GRACE_S = 10.0
 CONTROL_QUEUE_EXPIRES_S = 600.0
 #: a model version further ahead than this of the newest known of its run is not believed
 MAX_VERSION_JUMP = 1000
+#: a model version larger than this is the only one of its run the worker keeps
+LARGE_MODEL_BYTES = 64 * 1024 * 1024
 #: bad model messages logged one by one; later ones are counted
 BAD_MODEL_LOG_LIMIT = 20
 
@@ -109,7 +114,9 @@ class WorkerConfig:
     trust_user: str | None = None  # accept models, tasks and stops only from this broker user
     signing_key: str | None = None  # Ed25519 private key (PEM): sign updates, reports and presence
     aggregator_key: str | None = None  # Ed25519 public key (PEM): accept only models, tasks, stops it signed
-    max_model_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES
+    max_model_bytes: int = 2 * 1024**3  # the largest model accepted (one message, or put together from chunks)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # updates larger than this travel as chunks
+    consumer_timeout_s: float = 86400.0  # how long the broker lets a task stay unacked (RabbitMQ 3.12+)
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
     idle_log_s: float = 30.0  # while no task comes, say so this often
     attack: str | None = None  # --attack: poison this worker's updates (tests, benchmarks, research)
@@ -214,7 +221,9 @@ class ModelBox:
                 if self._decoded is not None and self._decoded[0][0] == run and (
                         self._decoded[0][1] == version or self._decoded[0][1] in forged):
                     self._decoded = None
-                for old in sorted(stored)[: -self.keep]:
+                # large models: only the newest is kept (memory bounded by the model, not by versions)
+                keep = self.keep if len(delivery.body) <= LARGE_MODEL_BYTES else 1
+                for old in sorted(stored)[:-keep]:
                     del stored[old]
                 while len(self._runs) > self.max_runs:
                     self._runs.popitem(last=False)
@@ -367,7 +376,8 @@ class Worker:
         """Called when handling task ``task_id`` reaches ``point``; does nothing here.
 
         Points: ``"task_started"`` (the task is decoded and its model is at hand, training is
-        next) and ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
+        next), ``"half_published"`` (a chunked update: about half of its chunks are confirmed, and at least one of the rest is not sent yet when it has 3 or more) and
+        ``"update_confirmed"`` (the broker confirmed the update; the ack is next).
         Subclasses may override it to observe or instrument a worker.
         """
 
@@ -422,7 +432,7 @@ class Worker:
         claims = signing.claims_of(msg, signer=signing.AGGREGATOR_ID)
         return signing.verify(delivery.headers, delivery.body, claims, lambda _signer: key)
 
-    def _signed(self, msg: messages.Message, body: bytes) -> dict[str, str]:
+    def _signed(self, msg: messages.Message, body: signing.Body) -> dict[str, str]:
         """The signature headers of what this worker publishes (--signing-key), or none."""
         key = self._signing_key
         return {} if key is None else signing.sign_headers(key, signing.claims_of(msg), body)
@@ -458,14 +468,18 @@ class Worker:
         client.on_failure = self._on_client_failure
         self.client = client
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
+        # whole model versions only: chunked ones put together, a late joiner re-reads from the first chunk
+        follower = StreamFollower(client, self.topology.models, self.models.offer, max_payload_bytes=cfg.max_model_bytes)
         client.subscribe(
             self.topology.models,
-            self.models.offer,
-            prefetch=2,
-            arguments=lambda: {"x-stream-offset": "last"},
+            follower.on_delivery,
+            prefetch=4,  # 4 chunks of a large model in flight: fewer credit round trips
+            arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
         )
-        client.subscribe(self.topology.tasks, self._on_task, prefetch=1)
+        # a task stays unacked while it trains: longer than the broker's default consumer timeout (30 min)
+        client.subscribe(self.topology.tasks, self._on_task, prefetch=1,
+                         arguments={CONSUMER_TIMEOUT_ARG: int(cfg.consumer_timeout_s * 1000)})
         client.subscribe(
             control_queue,
             self._on_control,
@@ -660,22 +674,20 @@ class Worker:
         --signing-key, and wait for its confirm; a stop request leaves it a short grace."""
         client = self.client
         assert client is not None
-        body = messages.encode(msg)
-        pending = client.publish_nowait(
-            self.topology.updates, body, message_id=message_id,
-            headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id, **self._signed(msg, body)},
-            sign=True,  # user_id: RabbitMQ vouches for our broker user (aggregator --require-user-id)
-        )
-        try:
-            try:
-                pending.wait(stop=self.stop)
-            except NotConfirmed:
-                if not self.stop.is_set() or client.closing:
-                    raise
-                pending.wait(STOP_CONFIRM_GRACE_S)  # the work is done: let its confirm arrive
-        except FedmqError:
-            pending.cancel()
-            raise
+        # pieces, not one buffer: a chunked update is cut from views of the trained arrays
+        body = messages.encode_pieces(msg)
+
+        def confirmed(index: int, count: int) -> None:
+            # about half-way, and at least one chunk not handed to the broker yet (window 2)
+            if count > 1 and index == max(0, count // 2 - 1):
+                self.at("half_published", task.task_id)
+
+        # over --chunk-bytes: chunks, views of ``body``, at most two unconfirmed at a time; user_id:
+        # RabbitMQ vouches for our broker user (aggregator --require-user-id)
+        send_payload(client, self.topology.updates, body, chunk_bytes=self.config.chunk_bytes, message_id=message_id,
+                     headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id,
+                              **self._signed(msg, body)},
+                     stop=self.stop, grace_s=STOP_CONFIRM_GRACE_S, on_confirm=confirmed, sign=True)
 
     def _report_failure(self, delivery: Delivery, task: messages.Task, reason: str) -> None:
         """Tell the aggregator this worker cannot do ``task`` (a ``failed`` control on the updates

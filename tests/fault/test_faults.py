@@ -122,21 +122,22 @@ SYNC = ["--mode", "sync", "--rounds", "10", "--workers-per-round", "4", "--min-w
         "--checkpoint-every", "1"]
 
 
-def _sync_run(amqp_url: str, shards: Path, procs: Procs, run: Path, prefix: str, faults: bool) -> None:
+def _sync_run(amqp_url: str, shards: Path, procs: Procs, run: Path, prefix: str, faults: bool,
+              agg_extra: tuple[str, ...] = (), worker_extra: tuple[str, ...] = ()) -> None:
     ns = new_namespace(prefix)
     common = ["--amqp-url", amqp_url, "--namespace", ns]
-    agg_args = ["aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), *SYNC, *common]
+    agg_args = ["aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), *SYNC, *agg_extra, *common]
     try:
         procs.start(f"{prefix}-agg", *agg_args)
         for i in range(WORKERS):
-            worker(procs, shards, i, common, name=f"w{prefix}{i}")
+            worker(procs, shards, i, common, *worker_extra, name=f"w{prefix}{i}")
         if faults:
             wait_for(lambda: history_len(run) >= 3, 60, "round 3")
             procs.kill(f"{prefix}-agg")
             procs.start(f"{prefix}-agg2", *agg_args, "--resume")
             wait_for(lambda: history_len(run) >= 6, 60, "round 6 after the resume")
             procs.kill(f"w{prefix}1")
-            worker(procs, shards, 1, common, name=f"w{prefix}1b")
+            worker(procs, shards, 1, common, *worker_extra, name=f"w{prefix}1b")
             assert procs.wait(f"{prefix}-agg2", 120) == 0, procs.dump()
         else:
             assert procs.wait(f"{prefix}-agg", 120) == 0, procs.dump()

@@ -1,7 +1,8 @@
 """A model over the broker's message limit fails the run at once, in one line, instead of looping.
 
-Until chunked transfer exists, a model version or update bigger than RabbitMQ's
-``max_message_size`` cannot travel. The broker answers such a publish with 406
+A model version or update bigger than ``--chunk-bytes`` travels as chunks (tests/fault/test_chunked.py);
+one under ``--chunk-bytes`` but over RabbitMQ's ``max_message_size`` (a chunk size above the broker's
+limit) cannot travel. The broker answers such a publish with 406
 PRECONDITION_FAILED and closes the channel; the client used to take that for a lost
 connection and republish forever (242 reconnects in 300 s, nothing said).
 """
