@@ -42,6 +42,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -502,7 +503,7 @@ class Aggregator:
         else:
             self._pending.append(handle)
 
-    def _decode(self, body: bytes | memoryview, headers: dict[str, Any], user_id: str | None,
+    def _decode(self, body: bytes | memoryview, headers: Mapping[str, Any], user_id: str | None,
                 ) -> messages.Update | messages.Control | Undecodable:
         """An update, or a control message (a worker's failure report), or why it is neither.
 
@@ -527,7 +528,7 @@ class Aggregator:
         unverified = self._unverified(headers, body, msg)
         return msg if unverified is None else Undecodable(unverified)
 
-    def _unverified(self, headers: dict[str, Any], body: bytes | memoryview,
+    def _unverified(self, headers: Mapping[str, Any], body: bytes | memoryview,
                     msg: messages.Update | messages.Control) -> str | None:
         """With --worker-keys: why ``msg`` is not signed by the worker it names for this run, or None."""
         if self._worker_keys is None:

@@ -35,10 +35,10 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -106,7 +106,7 @@ def claims_of(msg: messages.Message, signer: str | None = None) -> Claims:
                   task_id if isinstance(task_id, str) else "", None)
 
 
-Body: TypeAlias = "bytes | bytearray | memoryview | Sequence[Any]"
+Body: TypeAlias = "bytes | bytearray | memoryview | list[Any]"
 
 
 def body_digest(body: Body) -> bytes:
@@ -115,7 +115,7 @@ def body_digest(body: Body) -> bytes:
     if isinstance(body, bytes | bytearray | memoryview):
         return hashlib.sha256(body).digest()
     h = hashlib.sha256()
-    for piece in body:
+    for piece in cast(list[Any], body):
         h.update(piece)
     return h.digest()
 
