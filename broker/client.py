@@ -754,9 +754,13 @@ class Client:
                 chan.queue_bind(sub.queue, sub.bind_exchange)
             chan.basic_qos(prefetch_count=sub.prefetch)
             arguments = dict(sub.arguments()) if sub.arguments else None
-            if arguments is not None and STREAM_OFFSET in arguments and sub.next_offset is not None:
+            start = arguments.get(STREAM_OFFSET) if arguments is not None else None
+            explicit = isinstance(start, int) and not isinstance(start, bool)
+            if arguments is not None and start is not None and not explicit and sub.next_offset is not None:
                 # a resubscription (after a reconnect, possibly to another node): go on after
-                # the last message handled, so that none is skipped or handled twice
+                # the last message handled, so that none is skipped or handled twice; an offset
+                # number the subscriber asks for is its own choice (a stream follower reading a
+                # chunked payload again from its first chunk), and is honoured
                 arguments[STREAM_OFFSET] = sub.next_offset
             sub.consumer_tag = chan.basic_consume(
                 sub.queue,
