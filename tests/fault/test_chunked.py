@@ -159,15 +159,18 @@ def test_sync_run_killed_aggregator_with_chunks_in_flight_is_bit_identical(amqp_
 
 
 def test_a_late_joiner_trains_on_a_complete_chunked_version(amqp_url: str, namespace: str, shards: Path, procs: Procs,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    # every task takes 0.5 s whatever the machine's speed: the run outlasts the late worker's start
+    monkeypatch.setenv("FEDMQ_TEST_SLEEP_S", "0.5")
+    trainer = ("--trainer", "tests.trainers:SleepyTrainer")
     aggregator(procs, shards, run, common, "--mode", "async", "--strategy", "fedasync", "--max-updates", "40",
-               "--min-workers", "1", "--concurrency", "2", *SMALL, *SMALL_CHUNKS)
-    start_worker(procs, shards, 0, common, *SMALL_CHUNKS)
+               "--min-workers", "1", "--concurrency", "2", *SMALL, *SMALL_CHUNKS, *trainer)
+    start_worker(procs, shards, 0, common, *SMALL_CHUNKS, *trainer)
     wait_for(lambda: read_history(run)["final"]["version"] >= 5 if (run / "history.json").exists() else False, 90,
              "five versions")
-    start_worker(procs, shards, 1, common, *SMALL_CHUNKS)  # attaches at `last`: the middle or end of a version
+    start_worker(procs, shards, 1, common, *SMALL_CHUNKS, *trainer)  # attaches at `last`: mid-version or its end
     assert procs.wait("agg", 180) == 0, procs.dump()
     late = procs.events("w1", "update_confirmed")
     assert late, procs.log("w1")[-3000:]
