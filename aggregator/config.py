@@ -12,6 +12,7 @@ from fedmq.aggregator.tracking import check_tracker
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
+from fedmq.shared.memory import parse_budget
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class AggregatorConfig:
         "Seconds a chunked update may go without a new chunk before its chunks are settled and it "
         "is recorded 'incomplete' (never applied).")})
     presence_timeout: float = 20.0
+    memory_budget: str = field(default="auto", metadata={"help": (
+        "Refuse at start a model this process cannot hold: a size (8G, 512M), auto (the memory "
+        "available to it) or off. The need is a multiple of the model's size that depends on the "
+        "strategy (README, 'Large models').")})
     track: str | None = field(default=None, metadata={"help": (
         "Experiment tracking: tensorboard (RUN_DIR/tensorboard) or mlflow (--track-uri, default "
         "RUN_DIR/mlruns); needs the fedmq[tensorboard] or fedmq[mlflow] extra.")})
@@ -152,6 +157,7 @@ class AggregatorConfig:
             raise ConfigError(f"--chunk-bytes must be at least {MIN_CHUNK_BYTES}, got {self.chunk_bytes}")
         if self.consumer_timeout <= 0:
             raise ConfigError(f"--consumer-timeout must be positive, got {self.consumer_timeout}")
+        parse_budget(self.memory_budget)
         if self.chunk_timeout <= 0:
             raise ConfigError(f"--chunk-timeout must be positive, got {self.chunk_timeout}")
         if self.proximal_mu < 0:

@@ -79,6 +79,7 @@ from fedmq.aggregator.core import (
     WorkerRefused,
 )
 from fedmq.aggregator.export import check_export, export_model
+from fedmq.aggregator.footprint import memory_factor
 from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
@@ -89,7 +90,7 @@ from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import chunking, messages, signing
+from fedmq.shared import chunking, memory, messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
@@ -218,6 +219,8 @@ class Aggregator:
             check_export(cfg.export)
         self._initial = self.trainer.init_params()
         model_bytes = self.model_bytes = sum(int(v.nbytes) for v in self._initial.values())
+        factor, why = memory_factor(cfg)
+        memory.check_fits(model_bytes, factor, cfg.memory_budget, who="aggregator", why=why)
         updates = self.policy.prefetch(model_bytes)
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, updates - 1))
         # a chunked update is held as all its chunks: room for them, and for one more update arriving

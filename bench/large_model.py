@@ -75,10 +75,21 @@ def parse_size(text: str) -> int:
 
 
 # ------------------------------------------------------------------ the raw-pika floor
+def _params(url: str) -> Any:
+    """Bare pika parameters without heartbeats: at 1 GB a floor connection waits minutes between
+    its own calls (while the others move bytes), and a BlockingConnection only answers heartbeats
+    inside pika calls, so the broker would drop it ("missed heartbeats from client")."""
+    import pika
+
+    params = pika.URLParameters(url)
+    params.heartbeat = 0
+    return params
+
+
 def _stream_reader(url: str, queue: str, count: int, ready: Any) -> None:
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(_params(url))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=4)
     ready.wait()
@@ -92,7 +103,7 @@ def _stream_reader(url: str, queue: str, count: int, ready: Any) -> None:
 def _queue_writer(url: str, queue: str, nbytes: int, ready: Any) -> None:
     import pika
 
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(_params(url))
     ch = conn.channel()
     ch.confirm_delivery()
     body = bytes(nbytes)
@@ -109,7 +120,7 @@ def raw_floor(url: str, model_bytes: int, n: int) -> dict[str, float]:
 
     tag = f"floor-{time.time_ns()}"
     stream, work = f"{tag}.models", f"{tag}.updates"
-    conn = pika.BlockingConnection(pika.URLParameters(url))
+    conn = pika.BlockingConnection(_params(url))
     ch = conn.channel()
     ch.queue_declare(stream, durable=True, arguments={"x-queue-type": "stream"})
     ch.queue_declare(work, durable=True, arguments={"x-queue-type": "quorum"})

@@ -1,0 +1,109 @@
+"""The memory budget: refuse a model too big for this machine up front, in one line.
+
+A process that runs out of memory half-way through a round is killed by the kernel with no
+word of why; a model that cannot fit is better refused before the run starts. The budget is
+``--memory-budget``: a size (``8G``, ``512M``, ``1073741824``), ``auto`` (the default: the memory
+this process can still get, the smaller of the host's ``MemAvailable`` and its cgroup's
+``memory.max`` less what the cgroup already uses, plus what the process holds already) or
+``off``. The need is a multiple of the model's size that each process states (the aggregator's
+depends on its strategy: see :func:`fedmq.aggregator.policy.memory_factor`); the multiples are
+the peaks measured by ``bench/large_model.py`` rounded up, so the check refuses what would
+certainly not fit rather than predict a peak to the byte.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fedmq.shared.errors import ConfigError
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_budget(text: str | int | None) -> int | str | None:
+    """``auto`` (None also means auto), ``off``, or a size in bytes (binary units: 1G = 2**30)."""
+    if text is None:
+        return "auto"
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ConfigError(f"--memory-budget must be positive, got {text}")
+        return text
+    value = str(text).strip().lower()
+    if value in ("auto", "off"):
+        return value
+    m = _SIZE.match(value)
+    if m is None:
+        raise ConfigError(f"--memory-budget must be auto, off or a size such as 8G or 512M, got {text!r}")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise ConfigError(f"--memory-budget must be positive, got {text!r}")
+    return size
+
+
+def _meminfo(key: str, path: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this process's cgroup (v2) still allows: memory.max - memory.current; None if unlimited."""
+    try:
+        rel = next(line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.startswith("0::"))
+        where = root / rel.strip().lstrip("/")
+        limit = (where / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((where / "memory.current").read_text().strip()))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _own_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def available_bytes() -> int | None:
+    """The memory this process can still get plus what it holds (None where nothing says)."""
+    room = [r for r in (_meminfo("MemAvailable"), _cgroup_room()) if r is not None]
+    return min(room) + _own_rss() if room else None
+
+
+def describe(nbytes: float) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def check_fits(model_bytes: int, factor: float, budget: int | str | None, *, who: str, why: str) -> None:
+    """Raise :class:`ConfigError` (one line, naming the sizes and the options) if ``factor`` x
+    ``model_bytes`` is over the budget; ``why`` says what the factor counts."""
+    budget = parse_budget(budget)
+    if budget == "off":
+        return
+    source = "set by --memory-budget"
+    if budget == "auto":
+        budget, source = available_bytes(), "the memory available to it now"
+        if budget is None:
+            return
+    assert isinstance(budget, int)
+    need = int(model_bytes * factor)
+    if need > budget:
+        raise ConfigError(
+            f"the model ({describe(model_bytes)}) is too big for the {who}'s memory: it needs about "
+            f"{describe(need)} ({factor:g} x the model: {why}) but its budget is {describe(budget)} ({source}); "
+            "use a smaller model, a machine with more memory, or set --memory-budget (off: no check)")

@@ -1,0 +1,70 @@
+"""The memory budget: a model too big for a process is refused before the run, in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fedmq.aggregator.config import AggregatorConfig
+from fedmq.aggregator.footprint import BASE_FACTOR, memory_factor
+from fedmq.cli import main
+from fedmq.shared import memory
+from fedmq.shared.errors import ConfigError
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("auto", "auto"), ("off", "off"), (None, "auto"), ("8G", 8 * 1024**3), ("512M", 512 * 1024**2),
+    ("1.5g", int(1.5 * 1024**3)), ("1048576", 1048576), ("64KiB", 64 * 1024), (4096, 4096),
+])
+def test_parse_budget(text: object, expected: object) -> None:
+    assert memory.parse_budget(text) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "8X", "1e9"])
+def test_parse_budget_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(ConfigError, match="--memory-budget"):
+        memory.parse_budget(text)
+
+
+def test_check_fits_names_sizes_and_option() -> None:
+    memory.check_fits(100, 4, 400, who="aggregator", why="w")  # exactly at the budget: fits
+    with pytest.raises(ConfigError) as err:
+        memory.check_fits(1024**3, 4, 2 * 1024**3, who="aggregator", why="the model and its average")
+    text = str(err.value)
+    assert "\n" not in text
+    for needle in ("1.00 GiB", "4.00 GiB", "2.00 GiB", "4 x the model", "--memory-budget", "aggregator"):
+        assert needle in text
+    memory.check_fits(1024**5, 4, "off", who="aggregator", why="w")  # off: no check
+
+
+def test_auto_budget_is_what_this_machine_has() -> None:
+    have = memory.available_bytes()
+    assert have is not None and have > 0  # Linux: /proc/meminfo
+    memory.check_fits(1024, 4, "auto", who="worker", why="w")
+    with pytest.raises(ConfigError, match="the memory available to it now"):
+        memory.check_fits(have, 4, "auto", who="worker", why="w")
+
+
+def test_factor_grows_with_what_a_strategy_holds() -> None:
+    sync = memory_factor(AggregatorConfig(test_data="t", out="r"))[0]
+    assert sync == BASE_FACTOR  # updates go to spill files, averaged block by block
+    buff = memory_factor(AggregatorConfig(test_data="t", out="r", mode="async", strategy="fedbuff"))[0]
+    krum = memory_factor(AggregatorConfig(test_data="t", out="r", mode="async", strategy="fedbuff", buffer_size=5,
+                                          robust="multi-krum"))[0]
+    assert sync < buff < krum == BASE_FACTOR + 5
+
+
+def test_aggregator_refuses_a_model_over_its_budget_in_one_line(tmp_path: Path) -> None:
+    """Before it connects to anything: no broker is needed to say the model cannot fit."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", X=rng.random((20, 64), dtype=np.float32), y=np.arange(20) % 10)
+    # 64 -> 1000 -> 10: 75,010 parameters, 300 kB; 4 x that is over 1 MiB
+    result = CliRunner().invoke(main, ["aggregator", "--test-data", str(tmp_path / "test.npz"), "--out",
+                                       str(tmp_path / "run"), "--hidden", "1000", "--memory-budget", "1M",
+                                       "--amqp-url", "amqp://guest:guest@127.0.0.1:1/"])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("\n") == 1, result.output
+    assert "too big for the aggregator's memory" in result.output and "--memory-budget" in result.output
