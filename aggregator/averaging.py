@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedmq.shared.files import release_pages
+
 Params = dict[str, np.ndarray]
 
 
@@ -33,8 +35,10 @@ def weighted_average(updates: Sequence[tuple[Mapping[str, np.ndarray], float]]) 
             acc = np.zeros(stop - start, dtype=np.float64)
             tmp = np.empty(stop - start, dtype=np.float64)
             for params, weight in updates:
-                np.multiply(np.ravel(params[name])[start:stop], weight, out=tmp, dtype=np.float64)
+                block = np.ravel(params[name])[start:stop]
+                np.multiply(block, weight, out=tmp, dtype=np.float64)
                 acc += tmp
+                release_pages(block)  # an update in a spill file: its pages leave this process again
             acc /= total
             flat[start:stop] = acc
         out[name] = result

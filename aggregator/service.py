@@ -94,7 +94,7 @@ from fedmq.shared import chunking, memory, messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.files import drop_resident_pages, spill_allocator
+from fedmq.shared.files import drop_resident_pages, release_pages, spill_allocator
 from fedmq.shared.spec import build_spec, make_trainer, run_trainer_config
 from fedmq.shared.trainer import Trainer, load_trainer_factory
 
@@ -269,7 +269,8 @@ class Aggregator:
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
         # chunked updates are put together in files of the run directory, not in RAM
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
-                                              allocate=spill_allocator(self.out / "spill"))
+                                              allocate=spill_allocator(self.out / "spill"),
+                                              release=release_pages)
         assert self.client is not None
         if self.chunks_per_update > 1 or self.model_bytes + chunking.HEADROOM_BYTES > self.client.max_message_bytes:
             check_chunk_size(self.client, cfg.chunk_bytes)  # one line naming --chunk-bytes, before any publish

@@ -301,6 +301,8 @@ class _Assembly(Generic[T]):
     tokens: list[T] = field(default_factory=list)
     headers: dict[str, Any] = field(default_factory=dict)
     redelivered: bool = False
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0  # chunks 0 .. hashed-1 are in the digest (hashed in order, as they arrive)
 
 
 class Reassembler(Generic[T]):
@@ -312,11 +314,15 @@ class Reassembler(Generic[T]):
     """
 
     def __init__(self, *, max_payload_bytes: int, timeout_s: float, max_open: int = 1024,
-                 allocate: Allocate = allocate_in_memory) -> None:
+                 allocate: Allocate = allocate_in_memory,
+                 release: Callable[[memoryview], None] | None = None) -> None:
         self.max_payload_bytes = max_payload_bytes
         self.timeout_s = timeout_s
         self.max_open = max_open
         self.allocate = allocate
+        # called with each stretch of a payload's buffer once it is written and in the digest:
+        # a file-backed buffer (``allocate``) lets those pages leave the process's memory
+        self.release = release
         self._open: OrderedDict[str, _Assembly[T]] = OrderedDict()
         self._done: OrderedDict[str, None] = OrderedDict()
 
@@ -381,18 +387,30 @@ class Reassembler(Generic[T]):
         a.view[meta.offset: meta.offset + meta.length] = data
         a.have[meta.index] = 1
         a.received += 1
+        self._hash_in_order(a)
         if a.received < meta.count:
             out.append(Stored(meta.payload_id))
             return out
         del self._open[meta.payload_id]
         self._remember(meta.payload_id)
-        got = digest(a.view)
+        got = a.hasher.hexdigest()
         if got != meta.sha256:
             out.append(Refused(meta.payload_id, f"payload {meta.payload_id} is corrupt: its SHA-256 is {got}, "
                                                 f"its chunks say {meta.sha256}", a.tokens, a.headers, whole=True))
             return out
         out.append(Complete(meta.payload_id, a.view, a.headers, a.tokens, a.redelivered))
         return out
+
+    def _hash_in_order(self, a: _Assembly[T]) -> None:
+        """Fold the chunks that now follow the hashed prefix into the digest (in index order:
+        chunks usually come in order, so each is hashed once, as it arrives), then release them."""
+        size = a.meta.size
+        while a.hashed < a.meta.count and a.have[a.hashed]:
+            piece = a.view[a.hashed * size: min(a.meta.total, (a.hashed + 1) * size)]
+            a.hasher.update(piece)
+            if self.release is not None:
+                self.release(piece)
+            a.hashed += 1
 
     def expire(self, now: float) -> list[Incomplete[T]]:
         """Give up every payload that received no chunk for ``timeout_s``."""

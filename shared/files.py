@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -74,3 +76,30 @@ def drop_resident_pages(view: memoryview) -> None:
     if isinstance(owner, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
             owner.madvise(mmap.MADV_DONTNEED)
+
+
+def release_pages(buffer: memoryview | np.ndarray) -> None:
+    """Let the kernel take back, from this process, the pages under a stretch of a
+    :func:`spill_allocator` buffer (a slice of it, or an array that views one) — the pages of the
+    stretch and the partial pages at its ends; they stay in the page cache or on disk and fault
+    back in on the next read, so nothing is lost (a shared file mapping). Anything else: no-op.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    owner: object = buffer
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, memoryview):
+        owner = owner.obj
+    if not isinstance(owner, mmap.mmap) or owner.closed:
+        return
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        data = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
+        if data.size == 0:
+            return
+        start = int(data.ctypes.data) - int(np.frombuffer(owner, dtype=np.uint8).ctypes.data)
+        end = start + int(data.nbytes)
+        if start < 0 or end > len(owner):
+            return
+        first = start - start % mmap.PAGESIZE
+        owner.madvise(mmap.MADV_DONTNEED, first, end - first)

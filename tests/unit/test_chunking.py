@@ -4,6 +4,7 @@ recorded with a reason. Includes a seeded fuzz over random chunk streams."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -244,3 +245,52 @@ def test_split_pieces_gives_the_chunks_of_the_joined_body() -> None:
         assert count == len(want) == len(got)
         assert [bytes(c.data) for c in got] == [bytes(c.data) for c in want]
         assert [c.headers for c in got] == [c.headers for c in want]
+
+
+def test_each_stretch_is_hashed_and_released_once_in_order_whatever_the_arrival_order() -> None:
+    """The digest is folded in as chunks arrive (no second read of the whole payload at the end),
+    and each stretch is handed to ``release`` once it is in the digest: a spill file's pages then
+    leave the process while the rest of the payload is still coming."""
+    b = body(10_000, 3)
+    chunks = ch.split(b, 1024, "p", {})
+    released: list[bytes] = []
+    r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10,
+                                            release=lambda view: released.append(bytes(view)))
+    order = [chunks[2], chunks[0], chunks[0], chunks[1], *chunks[4:], chunks[3]]
+    out = feed(r, order[:3])
+    assert released == [b[:1024]]  # chunk 2 waits for chunk 1 before it can be hashed
+    out += feed(r, order[3:])
+    assert released == [b[i:i + 1024] for i in range(0, len(b), 1024)]
+    assert [o for o in out if isinstance(o, ch.Complete)][0].body == b
+
+
+def test_a_corrupt_chunk_still_fails_the_incremental_digest() -> None:
+    b = body(5000, 4)
+    chunks = ch.split(b, 1000, "p", {})
+    bad = bytearray(chunks[2].data)
+    bad[7] ^= 1
+    chunks[2] = dataclasses.replace(chunks[2], data=memoryview(bytes(bad)))
+    r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    refused = [o for o in feed(r, chunks) if isinstance(o, ch.Refused)]
+    assert len(refused) == 1 and refused[0].whole and "corrupt" in refused[0].reason
+
+
+def test_released_spill_pages_leave_the_process_and_keep_their_bytes(tmp_path) -> None:
+    import numpy as np
+
+    from fedmq.shared.files import release_pages, spill_allocator
+
+    def rss_file_kb() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+    size = 64 << 20
+    view = memoryview(spill_allocator(tmp_path)(size)).cast("B")
+    view[:] = b"\x07" * size
+    before = rss_file_kb()
+    arr = np.frombuffer(view, dtype=np.float32)[1000:]  # an array that views the buffer, as a decoded update
+    release_pages(arr)
+    assert rss_file_kb() < before - (size >> 10) // 2  # most of the 64 MiB left this process
+    assert bytes(view[:4]) == b"\x07" * 4 and int(np.frombuffer(view, dtype=np.uint8)[-1]) == 7
+    release_pages(memoryview(bytearray(10)))  # not a spill buffer: nothing happens
+    release_pages(np.zeros(3))
