@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmq.rundir import complete_history
 from fedmq.shared.errors import ConfigError
 
 
 def load_history(run_dir: str) -> dict[str, Any]:
     path = Path(run_dir) / "history.json"
     try:
-        return json.loads(path.read_text())
+        return complete_history(Path(run_dir), json.loads(path.read_text()))
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} has no history.json (is it a fedmq run directory?)") from None
     except ValueError as exc:
