@@ -49,6 +49,7 @@ from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
+from fedmq.aggregator import taskids
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
 from fedmq.aggregator.validate import check_update
@@ -294,7 +295,8 @@ class RunState:
     Its size does not grow with the length of the run: the evaluated versions live in the
     append-only ``history.jsonl`` (the checkpoint records its committed length,
     ``history_offset``, as it does the ledger's), the state keeps only the last one; the
-    settled task ids are only those an update could still claim (:meth:`Policy.forget`).
+    settled task ids are only those an update could still claim (:meth:`Policy.forget`), and
+    task ids are written as runs of consecutive ids (:mod:`fedmq.aggregator.taskids`).
     """
 
     version: int = 0
@@ -324,13 +326,13 @@ class RunState:
         """JSON-like; outstanding tasks are stored by age, so no clock value leaves the process."""
         return {
             "version": self.version, "round": self.round, "elapsed_s": self.elapsed_s,
-            "applied_tasks": sorted(self.applied_tasks), "counts": dict(self.counts),
+            "applied_runs": taskids.pack_set(self.applied_tasks), "counts": dict(self.counts),
             "last_evaluated": self.last_evaluated, "evaluations": self.evaluations,
             "outstanding_age_s": {k: max(0.0, now - v) for k, v in self.outstanding.items()},
             "task_seq": self.task_seq, "ledger_offset": self.ledger_offset, "history_offset": self.history_offset,
             "reached_target": self.reached_target,
             "staleness_since_version": list(self.staleness_since_version),
-            "run_id": self.run_id, "issued": dict(self.issued),
+            "run_id": self.run_id, "issued_runs": taskids.pack(self.issued),
             "predecessors": [list(p) for p in self.predecessors],
             "workers": {w: dict(v) for w, v in self.workers.items()},
         }
@@ -339,7 +341,10 @@ class RunState:
     def from_meta(cls, meta: Mapping[str, Any], now: float) -> RunState:
         st = cls()
         st.version, st.round, st.elapsed_s = int(meta["version"]), int(meta["round"]), float(meta["elapsed_s"])
-        st.applied_tasks = set(meta["applied_tasks"])
+        if "applied_runs" in meta:
+            st.applied_tasks = taskids.unpack_set(meta["applied_runs"])
+        else:  # written before the runs form
+            st.applied_tasks = set(meta["applied_tasks"])
         st.counts.update(meta["counts"])
         if "history" in meta:  # written before history.jsonl: the shell writes it from this list
             st.legacy_history = list(meta["history"])
@@ -358,7 +363,10 @@ class RunState:
         st.staleness_since_version = list(meta.get("staleness_since_version", []))
         st.run_id = str(meta.get("run_id", ""))
         # an older checkpoint did not record issued ids: its outstanding ones at least were
-        st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
+        if "issued_runs" in meta:
+            st.issued = taskids.unpack(meta["issued_runs"])
+        else:
+            st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
         st.workers = {str(w): {**new_worker_stats(), **v} for w, v in meta.get("workers", {}).items()}
         predecessors = [(str(i), int(n)) for i, n in meta.get("predecessors", [])]
         if "incarnation" in meta:  # the incarnation that wrote this checkpoint

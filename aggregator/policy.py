@@ -49,12 +49,13 @@ from fedmq.aggregator.core import (
     describe_failures,
 )
 from fedmq.aggregator.strategies import Contribution
+from fedmq.aggregator.taskids import ASYNC_ID
 from fedmq.shared import messages
 
 #: the update bodies an asynchronous run holds unacked: about this many bytes
 IN_FLIGHT_BYTES = 128 * 1024 * 1024
 
-_ASYNC_TASK = re.compile(r"a(\d{6,})-(.+)", re.DOTALL)  # a000042-<incarnation>
+_ASYNC_TASK = ASYNC_ID  # a000042-<incarnation>
 _TICKET = re.compile(r"r(\d{5,})-(\d{3,})(?:-(\d+))?")  # a task of a round: r00003-001, r00003-001-2
 _CONTRIBUTION = re.compile(r"r(\d{5,}):(.+)", re.DOTALL)  # a worker's contribution: r00003:w1
 

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmq.aggregator.core import Settle
+from fedmq.aggregator import taskids
+from fedmq.aggregator.core import RunState, Settle
 from fedmq.aggregator.history import HISTORY_TAIL, History
 from fedmq.rundir import complete_history, history_len, read_history
 from tests.unit.test_core import (
@@ -58,7 +59,9 @@ def test_async_checkpoint_meta_does_not_grow_with_versions_and_tasks() -> None:
     assert late["version"] == 2000 and late["evaluations"] == 2000
     assert "history" not in late and late["last_evaluated"]["version"] == 2000
     # the settled set: only ids still issued (the last MEMORY + outstanding)
-    assert len(late["applied_tasks"]) <= MEMORY + 2 and len(late["issued"]) <= MEMORY + 2
+    state = RunState.from_meta(late, 10.0)
+    assert len(state.applied_tasks) <= MEMORY + 2 and len(state.issued) <= MEMORY + 2
+    assert len(late["issued_runs"]) <= 3 and len(late["applied_runs"]) <= 2  # consecutive ids: runs
     # the same size after 100 or 2,000 versions, but for the longer numbers in it
     assert len(json.dumps(late)) <= len(json.dumps(early)) + 200
 
@@ -78,7 +81,7 @@ def test_sync_checkpoint_meta_does_not_grow_with_rounds() -> None:
             sizes[r] = meta_size(run, now + 0.5)
     assert run.core.state.round == 300
     meta = checkpoint(run.core, 400.0)[0]
-    assert sorted(meta["applied_tasks"]) == ["r00300-000", "r00300-001"]  # the last closed round only
+    assert RunState.from_meta(meta, 0.0).applied_tasks == {"r00300-000", "r00300-001"}  # the last closed round only
     assert sizes[300] <= sizes[10] + 200
 
 
@@ -86,7 +89,7 @@ def test_an_update_for_an_expired_applied_id_is_rejected_not_applied() -> None:
     run = async_driver()
     apply_async(run, 1, 40, 1.0)
     saved = checkpoint(run.core, 2.0)
-    assert "a000001-t" not in saved[0]["applied_tasks"]  # dropped: older than the issued memory
+    assert "a000001-t" not in RunState.from_meta(saved[0], 0.0).applied_tasks  # dropped: older than the issued memory
     st = run.core.state
     before = (st.version, st.counts["applied"])
     got = run.send(update("a000001-t", base=0), 3.0, redelivered=True)  # a redelivered copy
@@ -132,11 +135,12 @@ def test_ids_a_crashed_incarnation_issued_after_its_checkpoint_are_never_applied
         [task, *_] = sorted(resumed.core.state.outstanding)
         assert fates(resumed.send(update(task, base=resumed.core.state.version), now)) == ["applied"]
     again = checkpoint(resumed.core, 200.0)[0]
-    assert "a000008-t" in again["applied_tasks"]  # still claimable through the window: kept
+    kept = RunState.from_meta(again, 0.0).applied_tasks
+    assert "a000008-t" in kept  # still claimable through the window: kept
     applied = resumed.core.state.counts["applied"]
     got = resumed.send(update("a000008-t", base=5), 201.0, redelivered=True)
     assert fates(got) == ["duplicate"] and resumed.core.state.counts["applied"] == applied
-    assert len(again["applied_tasks"]) <= MEMORY + 2 + 1
+    assert len(kept) <= MEMORY + 2 + 1
 
 
 def test_sync_update_of_a_forgotten_round_is_stale() -> None:
@@ -215,3 +219,15 @@ def test_readers_complete_a_running_history_from_history_jsonl(tmp_path: Path) -
     from fedmq.status import collect
 
     assert collect(tmp_path, broker=False)["evaluations"] == 150
+
+
+def test_task_id_runs_round_trip_in_order() -> None:
+    issued = {"a000005-t": "open", "a000006-t": "open", "a000007-t": "failed", "a000008-t": "open",
+              "a000003-u": "open", "a999999-t": "open", "a1000000-t": "open", "r00001-000": "open", "odd": "failed"}
+    runs = taskids.pack(issued)
+    assert list(taskids.unpack(json.loads(json.dumps(runs))).items()) == list(issued.items())
+    assert len(runs) == 8
+    many = {f"a{i:06d}-t": "open" for i in range(1, 5000)}
+    assert taskids.pack(many) == [["t", 1, 4999, "open", 6]]
+    applied = {f"a{i:06d}-t" for i in (1, 2, 3, 7)} | {"r00002:w1"}
+    assert taskids.unpack_set(taskids.pack_set(applied)) == applied
