@@ -14,26 +14,37 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-ASYNC_ID = re.compile(r"a(\d{6,})-(.+)", re.DOTALL)  # as the async policy makes them (a000042-<incarnation>)
+#: an asynchronous task id: a<sequence number, 6 digits or more>-<incarnation>
+ASYNC_ID = re.compile(r"a(\d{6,})-(.+)", re.DOTALL)
+
+
+def _parse(task_id: str) -> tuple[str, int, int] | None:
+    """``(incarnation, seq, digits)`` of an async id, None for any other (string operations: a
+    checkpoint parses thousands of ids)."""
+    dash = task_id.find("-")
+    digits = task_id[1:dash]
+    if dash < 0 or task_id[:1] != "a" or len(digits) < 6 or not digits.isdigit() or not digits.isascii() or dash + 1 == len(task_id):
+        return None
+    return task_id[dash + 1:], int(digits), len(digits)
 
 
 def pack(ids: Mapping[str, str]) -> list[list[Any]]:
-    """``{task id: status}`` in its order, as runs: ``[incarnation, first, last, status, width]``
+    """``{task id: status}`` in its order, as runs: ``[incarnation, first, last, status, digits]``
     for consecutive async ids, ``[task id, status]`` for any other."""
     runs: list[list[Any]] = []
+    last: list[Any] | None = None
     for task_id, status in ids.items():
-        m = ASYNC_ID.fullmatch(task_id)
-        if m is None:
+        parsed = _parse(task_id)
+        if parsed is None:
             runs.append([task_id, status])
+            last = None
             continue
-        digits, incarnation = m.group(1), m.group(2)
-        seq, width = int(digits), len(digits)
-        last = runs[-1] if runs else None
-        if (last is not None and len(last) == 5 and last[0] == incarnation and last[2] + 1 == seq
-                and last[3] == status and last[4] == width):
+        incarnation, seq, width = parsed
+        if last is not None and last[2] + 1 == seq and last[0] == incarnation and last[3] == status and last[4] == width:
             last[2] = seq
         else:
-            runs.append([incarnation, seq, seq, status, width])
+            last = [incarnation, seq, seq, status, width]
+            runs.append(last)
     return runs
 
 
@@ -55,12 +66,24 @@ def unpack(runs: Iterable[list[Any]]) -> dict[str, str]:
 
 
 def pack_set(ids: Iterable[str]) -> list[list[Any]]:
-    """A set of task ids as runs (in sequence order)."""
-    def key(task_id: str) -> tuple[str, int, str]:
-        m = ASYNC_ID.fullmatch(task_id)
-        return (m.group(2), int(m.group(1)), "") if m else ("", -1, task_id)
-
-    return pack(dict.fromkeys(sorted(ids, key=key), ""))
+    """A set of task ids as runs (async ids in sequence order, then the others)."""
+    parsed: list[tuple[str, int, int]] = []
+    others: list[str] = []
+    for task_id in ids:
+        p = _parse(task_id)
+        if p is None:
+            others.append(task_id)
+        else:
+            parsed.append(p)
+    parsed.sort()
+    runs: list[list[Any]] = []
+    for incarnation, seq, width in parsed:
+        last = runs[-1] if runs else None
+        if last is not None and last[2] + 1 == seq and last[0] == incarnation and last[4] == width:
+            last[2] = seq
+        else:
+            runs.append([incarnation, seq, seq, "", width])
+    return runs + [[t, ""] for t in sorted(others)]
 
 
 def unpack_set(runs: Iterable[list[Any]]) -> set[str]:

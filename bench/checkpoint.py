@@ -49,7 +49,14 @@ def child(versions: int, repeat: int, out: Path) -> dict[str, Any]:
 
     from fedmq.aggregator import durable
     from fedmq.aggregator.config import AggregatorConfig
-    from fedmq.aggregator.core import Coordinator, Decision, Evaluate, RunState, Settle, VersionEvaluated
+    from fedmq.aggregator.core import (
+        Coordinator,
+        Decision,
+        Evaluate,
+        RunState,
+        Settle,
+        VersionEvaluated,
+    )
     from fedmq.aggregator.policy import make_policy
     from fedmq.aggregator.service import Aggregator
     from fedmq.aggregator.strategies import make_strategy

@@ -222,11 +222,11 @@ def test_readers_complete_a_running_history_from_history_jsonl(tmp_path: Path) -
 
 
 def test_task_id_runs_round_trip_in_order() -> None:
-    issued = {"a000005-t": "open", "a000006-t": "open", "a000007-t": "failed", "a000008-t": "open",
+    issued = {"a1234567": "open", "a00000x-t": "open", "a000001-": "open", "a000002-t-2": "open", "a000005-t": "open", "a000006-t": "open", "a000007-t": "failed", "a000008-t": "open",
               "a000003-u": "open", "a999999-t": "open", "a1000000-t": "open", "r00001-000": "open", "odd": "failed"}
     runs = taskids.pack(issued)
     assert list(taskids.unpack(json.loads(json.dumps(runs))).items()) == list(issued.items())
-    assert len(runs) == 8
+    assert len(runs) == 12
     many = {f"a{i:06d}-t": "open" for i in range(1, 5000)}
     assert taskids.pack(many) == [["t", 1, 4999, "open", 6]]
     applied = {f"a{i:06d}-t" for i in (1, 2, 3, 7)} | {"r00002:w1"}
