@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmq.rundir import complete_history
+from fedmq.rundir import complete_history, read_jsonl
 from fedmq.shared.errors import ConfigError
 
 
@@ -34,19 +34,7 @@ def load_history(run_dir: str) -> dict[str, Any]:
 
 def read_ledger(run_dir: str) -> list[dict[str, Any]]:
     """The entries of ``updates.jsonl`` (a line being written, or not JSON, is skipped)."""
-    try:
-        lines = (Path(run_dir) / "updates.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
+    return read_jsonl(Path(run_dir) / "updates.jsonl")
 
 
 #: marker colour of each fate on the timeline (the fates of fedmq.shared.events.FATES)

@@ -39,19 +39,26 @@ def complete_history(run_dir: Path, doc: Any) -> Any:
     """
     if not isinstance(doc, dict) or doc.get("history_complete", True) is not False:
         return doc
+    entries = read_jsonl(Path(run_dir) / str(doc.get("history_log") or "history.jsonl"))
+    return {**doc, "history": entries} if len(entries) >= len(doc.get("history") or []) else doc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file another process may be appending to: a line being
+    written, or not JSON, is skipped; a missing file is empty."""
     try:
-        lines = (Path(run_dir) / str(doc.get("history_log") or "history.jsonl")).read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        return doc
-    entries: list[dict[str, Any]] = []
+        return []
+    out: list[dict[str, Any]] = []
     for line in lines:
         try:
             entry = json.loads(line)
         except ValueError:
             continue
         if isinstance(entry, dict):
-            entries.append(entry)
-    return {**doc, "history": entries} if len(entries) >= len(doc.get("history") or []) else doc
+            out.append(entry)
+    return out
 
 
 def history_len(run_dir: Path) -> int:
