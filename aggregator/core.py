@@ -326,13 +326,14 @@ class RunState:
         """JSON-like; outstanding tasks are stored by age, so no clock value leaves the process."""
         return {
             "version": self.version, "round": self.round, "elapsed_s": self.elapsed_s,
-            "applied_runs": taskids.pack_set(self.applied_tasks), "counts": dict(self.counts),
+            # applied ids still issued are marked in "issued_runs" (one pass, few runs); the others here
+            "applied_runs": taskids.pack_set(self.applied_tasks.difference(self.issued)), "counts": dict(self.counts),
             "last_evaluated": self.last_evaluated, "evaluations": self.evaluations,
             "outstanding_age_s": {k: max(0.0, now - v) for k, v in self.outstanding.items()},
             "task_seq": self.task_seq, "ledger_offset": self.ledger_offset, "history_offset": self.history_offset,
             "reached_target": self.reached_target,
             "staleness_since_version": list(self.staleness_since_version),
-            "run_id": self.run_id, "issued_runs": taskids.pack(self.issued),
+            "run_id": self.run_id, "issued_runs": taskids.pack_marked(self.issued, self.applied_tasks),
             "predecessors": [list(p) for p in self.predecessors],
             "workers": {w: dict(v) for w, v in self.workers.items()},
         }
@@ -345,6 +346,9 @@ class RunState:
             st.applied_tasks = taskids.unpack_set(meta["applied_runs"])
         else:  # written before the runs form
             st.applied_tasks = set(meta["applied_tasks"])
+        if "issued_runs" in meta:
+            st.issued, applied = taskids.unpack_marked(meta["issued_runs"])
+            st.applied_tasks |= applied
         st.counts.update(meta["counts"])
         if "history" in meta:  # written before history.jsonl: the shell writes it from this list
             st.legacy_history = list(meta["history"])
@@ -363,9 +367,7 @@ class RunState:
         st.staleness_since_version = list(meta.get("staleness_since_version", []))
         st.run_id = str(meta.get("run_id", ""))
         # an older checkpoint did not record issued ids: its outstanding ones at least were
-        if "issued_runs" in meta:
-            st.issued = taskids.unpack(meta["issued_runs"])
-        else:
+        if "issued_runs" not in meta:
             st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
         st.workers = {str(w): {**new_worker_stats(), **v} for w, v in meta.get("workers", {}).items()}
         predecessors = [(str(i), int(n)) for i, n in meta.get("predecessors", [])]
