@@ -67,6 +67,10 @@ class AggregatorConfig:
         "(from the newest checkpoint in --out, as --resume) when it stops or dies.")})
     checkpoint_every: int = 10
     checkpoint_interval: float = 5.0
+    issued_memory: int | None = field(default=None, metadata={"help": (
+        "Async: task ids remembered besides the outstanding ones (default 4096); an answer to an "
+        "older one is rejected, so the checkpoint's settled task ids stay bounded. Must exceed what "
+        "can still be in flight (concurrency plus unacked redeliveries).")})
     task_timeout: float = 300.0
     task_retries: int = field(default=2, metadata={"help": (
         "Sync: replacement tasks a task of a round gets when workers report it failed; a round "
@@ -141,6 +145,7 @@ class AggregatorConfig:
             "buffer_size": self.buffer_size, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr": self.lr, "min_workers": self.min_workers, "round_timeout": self.round_timeout,
             "checkpoint_every": self.checkpoint_every, "server_lr": self.server_lr,
+            "issued_memory": self.issued_memory,
         }
         for name, value in positive.items():
             if value is not None and value <= 0:

@@ -49,6 +49,7 @@ from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
+from fedmq.aggregator import taskids
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
 from fedmq.aggregator.validate import check_update
@@ -289,17 +290,26 @@ def new_worker_stats() -> dict[str, Any]:
 
 @dataclass
 class RunState:
-    """Everything a checkpoint holds about the run (besides the model and strategy arrays)."""
+    """Everything a checkpoint holds about the run (besides the model and strategy arrays).
+
+    Its size does not grow with the length of the run: the evaluated versions live in the
+    append-only ``history.jsonl`` (the checkpoint records its committed length,
+    ``history_offset``, as it does the ledger's), the state keeps only the last one; the
+    settled task ids are only those an update could still claim (:meth:`Policy.forget`), and
+    task ids are written as runs of consecutive ids (:mod:`fedmq.aggregator.taskids`).
+    """
 
     version: int = 0
     round: int = 0
     elapsed_s: float = 0.0  # run time before the clock last started
-    applied_tasks: set[str] = field(default_factory=set)  # applied, or stale by --max-staleness
+    applied_tasks: set[str] = field(default_factory=set)  # applied, or stale by --max-staleness (bounded)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
-    history: list[dict[str, Any]] = field(default_factory=list)
+    last_evaluated: dict[str, Any] | None = None  # the newest history entry (the rest: history.jsonl)
+    evaluations: int = 0  # history entries so far
     outstanding: dict[str, float] = field(default_factory=dict)  # async task id -> issued at (core clock)
     task_seq: int = 0
     ledger_offset: int = 0
+    history_offset: int = 0
     reached_target: bool = False
     staleness_since_version: list[int] = field(default_factory=list)
     run_id: str = ""
@@ -309,18 +319,21 @@ class RunState:
     # have issued tasks after its last checkpoint, with higher sequence numbers
     predecessors: list[tuple[str, int]] = field(default_factory=list)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker id -> new_worker_stats()
+    # a checkpoint written before history.jsonl held the whole history: handed to the shell once
+    legacy_history: list[dict[str, Any]] | None = None
 
     def to_meta(self, now: float) -> dict[str, Any]:
         """JSON-like; outstanding tasks are stored by age, so no clock value leaves the process."""
         return {
             "version": self.version, "round": self.round, "elapsed_s": self.elapsed_s,
-            "applied_tasks": sorted(self.applied_tasks), "counts": dict(self.counts),
-            "history": list(self.history),
+            # applied ids still issued are marked in "issued_runs" (one pass, few runs); the others here
+            "applied_runs": taskids.pack_set(self.applied_tasks.difference(self.issued)), "counts": dict(self.counts),
+            "last_evaluated": self.last_evaluated, "evaluations": self.evaluations,
             "outstanding_age_s": {k: max(0.0, now - v) for k, v in self.outstanding.items()},
-            "task_seq": self.task_seq, "ledger_offset": self.ledger_offset,
+            "task_seq": self.task_seq, "ledger_offset": self.ledger_offset, "history_offset": self.history_offset,
             "reached_target": self.reached_target,
             "staleness_since_version": list(self.staleness_since_version),
-            "run_id": self.run_id, "issued": dict(self.issued),
+            "run_id": self.run_id, "issued_runs": taskids.pack_marked(self.issued, self.applied_tasks),
             "predecessors": [list(p) for p in self.predecessors],
             "workers": {w: dict(v) for w, v in self.workers.items()},
         }
@@ -329,19 +342,33 @@ class RunState:
     def from_meta(cls, meta: Mapping[str, Any], now: float) -> RunState:
         st = cls()
         st.version, st.round, st.elapsed_s = int(meta["version"]), int(meta["round"]), float(meta["elapsed_s"])
-        st.applied_tasks = set(meta["applied_tasks"])
+        if "applied_runs" in meta:
+            st.applied_tasks = taskids.unpack_set(meta["applied_runs"])
+        else:  # written before the runs form
+            st.applied_tasks = set(meta["applied_tasks"])
+        if "issued_runs" in meta:
+            st.issued, applied = taskids.unpack_marked(meta["issued_runs"])
+            st.applied_tasks |= applied
         st.counts.update(meta["counts"])
-        st.history = list(meta["history"])
+        if "history" in meta:  # written before history.jsonl: the shell writes it from this list
+            st.legacy_history = list(meta["history"])
+            st.last_evaluated = dict(st.legacy_history[-1]) if st.legacy_history else None
+            st.evaluations = len(st.legacy_history)
+        else:
+            st.last_evaluated = dict(meta["last_evaluated"]) if meta.get("last_evaluated") else None
+            st.evaluations = int(meta.get("evaluations", 0))
         if "outstanding_age_s" in meta:
             st.outstanding = {k: now - float(v) for k, v in meta["outstanding_age_s"].items()}
         else:  # an older checkpoint held wall-clock issue times: count them from now
             st.outstanding = dict.fromkeys(meta.get("outstanding", {}), now)
         st.task_seq, st.ledger_offset = int(meta["task_seq"]), int(meta["ledger_offset"])
+        st.history_offset = int(meta.get("history_offset", 0))
         st.reached_target = bool(meta["reached_target"])
         st.staleness_since_version = list(meta.get("staleness_since_version", []))
         st.run_id = str(meta.get("run_id", ""))
         # an older checkpoint did not record issued ids: its outstanding ones at least were
-        st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
+        if "issued_runs" not in meta:
+            st.issued = {str(k): str(v) for k, v in meta.get("issued", dict.fromkeys(st.outstanding, "open")).items()}
         st.workers = {str(w): {**new_worker_stats(), **v} for w, v in meta.get("workers", {}).items()}
         predecessors = [(str(i), int(n)) for i, n in meta.get("predecessors", [])]
         if "incarnation" in meta:  # the incarnation that wrote this checkpoint
@@ -394,6 +421,11 @@ class Policy(Protocol):
 
     def holds(self, task_id: str) -> bool:
         """Whether an update for ``task_id`` is held unsettled (a duplicate of it is one)."""
+        ...
+
+    def forget(self, run: Coordinator) -> None:
+        """Drop from ``run.state.applied_tasks`` the ids no update can claim any more (an update
+        for one is stale or rejected as unissued whatever the set says), so the set is bounded."""
         ...
 
     def evaluated(self, run: Coordinator, now: float) -> list[Decision]:
@@ -472,14 +504,25 @@ class Coordinator:
         return cls(config, strategy, policy, params, state=RunState.from_meta(meta, now), incarnation=incarnation,
                    run_id=run_id)
 
-    def to_meta(self, now: float, *, ledger_offset: int | None = None) -> dict[str, Any]:
-        """The run state for a checkpoint taken at ``now`` (with the ledger's committed length)."""
+    def to_meta(self, now: float, *, ledger_offset: int | None = None,
+                history_offset: int | None = None) -> dict[str, Any]:
+        """The run state for a checkpoint taken at ``now`` (with the committed lengths of the
+        ledger and of history.jsonl). Settled task ids that no update can claim any more are
+        dropped first (:meth:`Policy.forget`): the checkpoint's size does not grow with the run."""
+        self.policy.forget(self)
         meta = self.state.to_meta(now)
         meta["elapsed_s"] = self.elapsed(now)
         meta["incarnation"] = self.incarnation
         if ledger_offset is not None:
             meta["ledger_offset"] = ledger_offset
+        if history_offset is not None:
+            meta["history_offset"] = history_offset
         return meta
+
+    @property
+    def issued_memory(self) -> int:
+        """Asynchronous task ids remembered besides the outstanding ones (--issued-memory)."""
+        return self.config.issued_memory or ISSUED_MEMORY
 
     @property
     def run_id(self) -> str:
@@ -580,7 +623,8 @@ class Coordinator:
             entry["round"] = round_
         entry.update(self.strategy.report())  # e.g. the privacy spent so far
         st.staleness_since_version = []
-        st.history.append(entry)
+        st.last_evaluated = dict(entry)
+        st.evaluations += 1
         if self.config.target_accuracy is not None and accuracy >= self.config.target_accuracy:
             st.reached_target = True
         if self._awaiting == version:
@@ -645,7 +689,7 @@ class Coordinator:
     def summary(self, now: float) -> dict[str, Any]:
         """The final figures (what ``run()`` returns and history.json's ``final`` holds)."""
         st = self.state
-        last = st.history[-1] if st.history else {}
+        last = st.last_evaluated or {}
         return {
             "version": st.version, "accuracy": last.get("accuracy"), "loss": last.get("loss"),
             "time_s": round(self.elapsed(now), 3), "updates_applied": st.counts["applied"],
@@ -705,7 +749,7 @@ class Coordinator:
         """An asynchronous task went out: remember its id (the last ISSUED_MEMORY, and every outstanding one)."""
         st = self.state
         st.issued[task_id] = "open"
-        excess = len(st.issued) - ISSUED_MEMORY - len(st.outstanding)
+        excess = len(st.issued) - self.issued_memory - len(st.outstanding)
         if excess > 0:
             old = [t for t in itertools.islice(st.issued, excess + len(st.outstanding)) if t not in st.outstanding]
             for t in old[:excess]:

@@ -113,8 +113,14 @@ class RunDirLock:
                            f"{other}{where}; this one ({self.incarnation}) stops without writing")
 
 
-class Ledger:
-    """``updates.jsonl``: one line per update message received, with its fate."""
+class AppendLog:
+    """An append-only JSON-lines file: ``updates.jsonl`` (the ledger: one line per update message
+    received, with its fate) or ``history.jsonl`` (one line per evaluated version).
+
+    :meth:`commit` returns the committed length, which the checkpoint records; a resumed run
+    opens it with ``truncate_to`` that length (what was written after it is done again), a new
+    run without (the file starts empty).
+    """
 
     def __init__(self, path: Path, truncate_to: int | None = None) -> None:
         self.path = path
@@ -144,6 +150,10 @@ class Ledger:
             os.close(self._f.fileno())
         with contextlib.suppress(OSError, ValueError):
             self._f.close()
+
+
+#: the ledger's name for it
+Ledger = AppendLog
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:

@@ -32,7 +32,6 @@ import re
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.core import (
     ASYNC_FAILURE_FACTOR,
-    ISSUED_MEMORY,
     REPORT_EVERY_S,
     Candidate,
     Checkpoint,
@@ -50,12 +49,13 @@ from fedmq.aggregator.core import (
     describe_failures,
 )
 from fedmq.aggregator.strategies import Contribution
+from fedmq.aggregator.taskids import ASYNC_ID
 from fedmq.shared import messages
 
 #: the update bodies an asynchronous run holds unacked: about this many bytes
 IN_FLIGHT_BYTES = 128 * 1024 * 1024
 
-_ASYNC_TASK = re.compile(r"a(\d{6,})-(.+)", re.DOTALL)  # a000042-<incarnation>
+_ASYNC_TASK = ASYNC_ID  # a000042-<incarnation>
 _TICKET = re.compile(r"r(\d{5,})-(\d{3,})(?:-(\d+))?")  # a task of a round: r00003-001, r00003-001-2
 _CONTRIBUTION = re.compile(r"r(\d{5,}):(.+)", re.DOTALL)  # a worker's contribution: r00003:w1
 
@@ -188,6 +188,25 @@ class SyncRounds:
     def holds(self, task_id: str) -> bool:
         return any(c.update.task_id == task_id for c in self._held.values())
 
+    def forget(self, run: Coordinator) -> None:
+        """Keep the applied ids of the last closed round only (a redelivery of one is a duplicate).
+
+        Why dropping the others is safe: an update (or failure report) is taken only for a task
+        of the round in progress, ``state.round + 1``. Ids of round ``k`` are only ever applied
+        when round ``k`` closes, which makes ``state.round`` ``k``; rounds never go back (a resume
+        restores the round of its checkpoint, and that checkpoint's set). So an update naming a
+        round below ``state.round`` has ``update.round`` below it too (:meth:`unissued` rejects
+        one whose round differs from its task's), and :meth:`accept` or :meth:`failed` settle it
+        ``stale``: never applied, whatever the set holds.
+        """
+        st = run.state
+        keep = set()
+        for task_id in st.applied_tasks:
+            m = _TICKET.fullmatch(task_id) or _CONTRIBUTION.fullmatch(task_id)
+            if m is not None and int(m.group(1)) >= st.round:
+                keep.add(task_id)
+        st.applied_tasks = keep
+
     def evaluated(self, run: Coordinator, now: float) -> list[Decision]:
         return [Checkpoint()]  # every round is durable before the next one starts
 
@@ -303,7 +322,22 @@ class AsyncUpdates:
         if self._issued_unrecorded(run, update.task_id):
             run.remember_issued(update.task_id)
             return None
+        if self._issued_long_ago(run, update.task_id):
+            return (f"task {update.task_id!r} was issued too long ago: run {run.run_id} remembers only its last "
+                    f"{run.issued_memory} task ids besides the outstanding ones (an answer to it may have been "
+                    "applied already)")
         return f"task {update.task_id!r} was never issued by run {run.run_id} (or too long ago)"
+
+    @staticmethod
+    def _issued_long_ago(run: Coordinator, task_id: str) -> bool:
+        """Whether ``task_id`` names a task this incarnation, or one it resumed from, did issue
+        (and has since forgotten)."""
+        m = _ASYNC_TASK.fullmatch(task_id)
+        if m is None:
+            return False
+        seq, incarnation = int(m.group(1)), m.group(2)
+        issued = [(run.incarnation, run.state.task_seq), *run.state.predecessors]
+        return any(incarnation == inc and 0 < seq <= last for inc, last in issued)
 
     @staticmethod
     def _issued_unrecorded(run: Coordinator, task_id: str) -> bool:
@@ -313,7 +347,8 @@ class AsyncUpdates:
         if m is None:
             return False
         seq, incarnation = int(m.group(1)), m.group(2)
-        return any(incarnation == inc and last < seq <= last + ISSUED_MEMORY for inc, last in run.state.predecessors)
+        memory = run.issued_memory
+        return any(incarnation == inc and last < seq <= last + memory for inc, last in run.state.predecessors)
 
     def accept(self, run: Coordinator, candidate: Candidate, now: float) -> list[Decision]:
         cfg, st, update, tau = self.config, run.state, candidate.update, candidate.staleness
@@ -355,6 +390,25 @@ class AsyncUpdates:
 
     def holds(self, task_id: str) -> bool:
         return False
+
+    def forget(self, run: Coordinator) -> None:
+        """Keep the applied ids an update could still claim: those in ``state.issued`` and those
+        a predecessor may have issued after its last checkpoint (:meth:`_issued_unrecorded`).
+
+        Why dropping the others is safe: an update whose task id is not in ``applied_tasks``
+        goes on to :meth:`unissued`, which takes it only if its id is in ``state.issued`` or
+        in a predecessor's window, and rejects it otherwise ("never issued ... or too long
+        ago"): never applied. A dropped id is in neither, and never will be again:
+        ``state.issued`` only gains ids :meth:`advance` makes, whose sequence number is above
+        every earlier one of this incarnation (incarnations are unique), and ids of a
+        predecessor's window, which is fixed when the run resumes: the windows only change in
+        :meth:`RunState.from_meta`, which adds the window *above* the checkpoint's ``task_seq``
+        (ids never issued when that set was written) and drops the oldest. Its size is bounded
+        by --issued-memory + outstanding + MAX_PREDECESSORS x --issued-memory, whatever the
+        length of the run.
+        """
+        st = run.state
+        st.applied_tasks = {t for t in st.applied_tasks if t in st.issued or self._issued_unrecorded(run, t)}
 
     def evaluated(self, run: Coordinator, now: float) -> list[Decision]:
         return []

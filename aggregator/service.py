@@ -12,7 +12,8 @@ only after a checkpoint that contains its effect is on disk, in one order kept b
 :meth:`Aggregator._checkpoint` alone: wait for the broker's confirms of model and task
 publishes, fsync the ledger, write the checkpoint, ack. A crash therefore loses nothing
 (unacked updates are redelivered) and applies nothing twice (the checkpoint holds the set of
-applied task ids, and the ledger is truncated back to the checkpoint on ``--resume``).
+applied task ids an update can still claim, and the ledger and ``history.jsonl`` are truncated
+back to the checkpoint on ``--resume``).
 
 Every run has an id (``YYYYmmddTHHMMSSZ-xxxxxx``, docs/protocol.md), made here when a run starts
 and kept by the checkpoint (``--resume`` continues the run); models (body and the
@@ -80,6 +81,7 @@ from fedmq.aggregator.core import (
 )
 from fedmq.aggregator.export import check_export, export_model
 from fedmq.aggregator.footprint import memory_factor
+from fedmq.aggregator.history import HISTORY_LOG, History
 from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
@@ -259,12 +261,15 @@ class Aggregator:
             )
             st = self.core.state
             self.ledger = durable.Ledger(self.out / "updates.jsonl", truncate_to=st.ledger_offset)
+            self.history = History(self.out, truncate_to=st.history_offset, legacy=st.legacy_history)
+            st.legacy_history = None
             log.info("resumed run %s from checkpoint: version %d, round %d, %d updates applied",
                      st.run_id, st.version, st.round, st.counts["applied"])
         else:
             self.core = Coordinator(cfg, self.strategy, self.policy, initial, incarnation=incarnation,
                                     run_id=new_run_id())
             self.ledger = durable.Ledger(self.out / "updates.jsonl")
+            self.history = History(self.out)
             log.info("run %s starts", self.core.run_id)
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
         # chunked updates are put together in files of the run directory, not in RAM
@@ -361,15 +366,18 @@ class Aggregator:
             finally:
                 if not self._fenced:
                     self._checkpoint(force=True)
-                    durable.save_params(self.out / "model.npz", core.params)  # history.json: by the checkpoint
+                    durable.save_params(self.out / "model.npz", core.params)
+                    self._write_history(full=True)  # every version, once, when the aggregator leaves
                     if self.cfg.export:
                         export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
         finally:
             self.client.close()
             if self._fenced:
                 self.ledger.abandon()
+                self.history.abandon()
             else:
                 self.ledger.close()
+                self.history.close()
         final = self.final()
         self._tracker.call("finish", {**final, "failed": core.failure is not None}, dict(core.state.counts),
                            self.out / "model.npz")
@@ -579,6 +587,7 @@ class Aggregator:
                 case PurgeTasks():
                     self._purge_tasks()
                 case VersionEvaluated(entry=e):
+                    self.history.record(e)
                     where = f"round {e['round']:3d}" if "round" in e else f"version {e['version']:4d}"
                     emit(log, "version_evaluated", "%s  accuracy %.4f  loss %.4f  updates %d  staleness %.2f  t=%.1fs",
                          where, e["accuracy"], e["loss"], e["updates_applied"], e["staleness_mean"], e["time_s"], **e)
@@ -694,11 +703,13 @@ class Aggregator:
         self._confirm_publishes()
         self._guard()
         offset = self.ledger.commit()
+        history_offset = self.history.commit()
         now = time.monotonic()
         strategy_meta, strategy_arrays = core.strategy.state()
         arrays = {f"model/{k}": v for k, v in core.params.items()}
         arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
-        meta = {"state": core.to_meta(now, ledger_offset=offset), "strategy": strategy_meta,
+        meta = {"state": core.to_meta(now, ledger_offset=offset, history_offset=history_offset),
+                "strategy": strategy_meta,
                 "config": self.cfg.to_json(), "takeovers": self._takeovers,
                 "identities": self.identities.to_meta()}
         durable.save_checkpoint(self.out, meta, arrays)
@@ -768,11 +779,15 @@ class Aggregator:
         """The run's final figures (also history.json's ``final``)."""
         return self._core.summary(time.monotonic())
 
-    def _write_history(self) -> None:
+    def _write_history(self, *, full: bool = False) -> None:
+        """history.json: at a checkpoint with the newest versions only (a bounded cost), when the
+        aggregator leaves with all of them (:mod:`fedmq.aggregator.history`)."""
         core = self._core
         final = {**self.final(), "finished": core.done and not core.interrupted}
         doc = {"config": self.cfg.to_json(), "spec": self.spec, "namespace": self.topology.namespace,
-               "run_id": core.run_id, "history": core.state.history, "final": final, "takeovers": self._takeovers,
+               "run_id": core.run_id, "history": self.history.entries(full=full), "history_complete": full,
+               "evaluations": core.state.evaluations, "history_log": HISTORY_LOG,
+               "final": final, "takeovers": self._takeovers,
                "counts": dict(core.state.counts), "workers": core.workers_report(), "failure": core.failure}
         durable.atomic_write_json(self.out / "history.json", doc)
 

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedmq.rundir import complete_history, read_jsonl
 from fedmq.shared.errors import ConfigError
 
 
 def load_history(run_dir: str) -> dict[str, Any]:
     path = Path(run_dir) / "history.json"
     try:
-        return json.loads(path.read_text())
+        return complete_history(Path(run_dir), json.loads(path.read_text()))
     except FileNotFoundError:
         raise ConfigError(f"{run_dir} has no history.json (is it a fedmq run directory?)") from None
     except ValueError as exc:
@@ -33,19 +34,7 @@ def load_history(run_dir: str) -> dict[str, Any]:
 
 def read_ledger(run_dir: str) -> list[dict[str, Any]]:
     """The entries of ``updates.jsonl`` (a line being written, or not JSON, is skipped)."""
-    try:
-        lines = (Path(run_dir) / "updates.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
+    return read_jsonl(Path(run_dir) / "updates.jsonl")
 
 
 #: marker colour of each fate on the timeline (the fates of fedmq.shared.events.FATES)

@@ -24,12 +24,45 @@ def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def read_history(run_dir: Path) -> dict[str, Any]:
-    """``history.json``: the evaluated versions and the final result."""
-    return json.loads((Path(run_dir) / "history.json").read_text())
+    """``history.json``: the evaluated versions and the final result (while a run is going,
+    with every version so far: :func:`complete_history`)."""
+    return complete_history(Path(run_dir), json.loads((Path(run_dir) / "history.json").read_text()))
+
+
+def complete_history(run_dir: Path, doc: Any) -> Any:
+    """``doc`` (history.json) with its ``history`` list complete.
+
+    While a run is going, the aggregator writes history.json with its newest versions only
+    (``"history_complete": false``) and appends every version to ``history.jsonl``
+    (:mod:`fedmq.aggregator.history`): the list is read from there (a line being written is
+    skipped). A document without the flag (an older run) or complete is returned as it is.
+    """
+    if not isinstance(doc, dict) or doc.get("history_complete", True) is not False:
+        return doc
+    entries = read_jsonl(Path(run_dir) / str(doc.get("history_log") or "history.jsonl"))
+    return {**doc, "history": entries} if len(entries) >= len(doc.get("history") or []) else doc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file another process may be appending to: a line being
+    written, or not JSON, is skipped; a missing file is empty."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    out: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
 
 
 def history_len(run_dir: Path) -> int:
-    """How many evaluated versions ``history.json`` holds (0 while it does not exist)."""
+    """How many evaluated versions there are so far (0 while history.json does not exist)."""
     try:
         return len(read_history(run_dir)["history"])
     except (OSError, ValueError, KeyError):

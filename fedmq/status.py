@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmq.rundir import complete_history
 from fedmq.shared.events import FATES
 
 DONE_STATES = ("finished", "interrupted")
@@ -67,7 +68,7 @@ def read_history(run_dir: Path) -> dict[str, Any] | None:
         doc = json.loads((run_dir / "history.json").read_text())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return complete_history(run_dir, doc) if isinstance(doc, dict) else None
 
 
 def run_state(run_dir: Path, history: dict[str, Any] | None) -> str:

@@ -22,19 +22,20 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def link_tree(dest: Path) -> Path:
-    """``dest/fedmq`` with every mapped package linked in; returns that package directory."""
-    package_dir: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+def link_tree(dest: Path, root: Path = ROOT) -> Path:
+    """``dest/fedmq`` with every mapped package of the checkout ``root`` linked in; returns that
+    package directory (``dest`` on ``sys.path`` imports that checkout as ``fedmq``)."""
+    package_dir: dict[str, str] = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     if dest.exists():
         shutil.rmtree(dest)
     top = dest / "fedmq"
     top.mkdir(parents=True)
-    for path in sorted((ROOT / package_dir["fedmq"]).iterdir()):
+    for path in sorted((root / package_dir["fedmq"]).iterdir()):
         if path.suffix == ".py":
             (top / path.name).symlink_to(path)
     for name, folder in package_dir.items():
         if name != "fedmq":
-            (top / name.split(".", 1)[1]).symlink_to(ROOT / folder, target_is_directory=True)
+            (top / name.split(".", 1)[1]).symlink_to(root / folder, target_is_directory=True)
     return top
 
 

@@ -380,7 +380,8 @@ def test_an_async_run_with_defences_resumes_to_the_same_decisions(defence: dict[
     for k in CORE_SHAPES:
         assert run.core.params[k].tobytes() == resumed.core.params[k].tobytes()
     if "dp_noise" in defence:
-        last = resumed.core.state.history[-1]
+        last = resumed.core.state.last_evaluated
+        assert last is not None
         assert last["dp_steps"] == last["version"] and last["dp_epsilon"] > 0
 
 

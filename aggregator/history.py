@@ -1,0 +1,70 @@
+"""The run's evaluated versions: ``history.jsonl``, append-only, and what ``history.json`` holds.
+
+A checkpoint used to hold the whole history, and every checkpoint rewrote all of history.json:
+its cost grew with the length of the run. Now each version's entry is appended to
+``history.jsonl`` when it is evaluated, made durable with the checkpoint (which records the
+committed length, ``history_offset``, as it does the ledger's) and cut back to it on
+``--resume`` (the versions after it are made and evaluated again), so each version is in it
+exactly once. The core keeps only the newest entry.
+
+``history.json`` keeps its format for users and tools. During a run each checkpoint writes it
+with the last :data:`HISTORY_TAIL` entries only (``"history_complete": false``, and
+``"evaluations"``: how many there are), a bounded cost; when the aggregator leaves (finished,
+failed or interrupted) it is written with every entry (``"history_complete": true``).
+:func:`fedmq.rundir.read_history` (used by ``fedmq status``, ``fedmq plot`` and the tests)
+fills in the whole list from ``history.jsonl`` while a run is going.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedmq.aggregator.durable import AppendLog, read_ledger
+
+HISTORY_LOG = "history.jsonl"
+#: evaluated versions history.json holds while the run is going (the rest are in history.jsonl)
+HISTORY_TAIL = 100
+
+
+class History:
+    """``history.jsonl`` of a run, and the newest :data:`HISTORY_TAIL` entries in memory."""
+
+    def __init__(self, run_dir: Path, *, truncate_to: int | None = None,
+                 legacy: list[dict[str, Any]] | None = None) -> None:
+        """A new run (``truncate_to`` None), or a resumed one: cut back to the checkpoint's
+        ``truncate_to``; ``legacy``: the history list of a checkpoint written before
+        history.jsonl, which becomes its content."""
+        self.path = run_dir / HISTORY_LOG
+        if legacy is not None:
+            truncate_to = None
+        if truncate_to is not None and not self.path.exists():
+            truncate_to = None  # nothing to cut back (e.g. the file was removed)
+        self._log = AppendLog(self.path, truncate_to=truncate_to)
+        self.tail: deque[dict[str, Any]] = deque(maxlen=HISTORY_TAIL)
+        if truncate_to is not None:
+            self.tail.extend(read_ledger(self.path)[-HISTORY_TAIL:])  # once per resume
+        for entry in legacy or []:
+            self.record(entry)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        """A version was evaluated (durable with the next :meth:`commit`)."""
+        self._log.record(entry)
+        self.tail.append(dict(entry))
+
+    def commit(self) -> int:
+        """Flush and fsync; return the committed length (the checkpoint's ``history_offset``)."""
+        return self._log.commit()
+
+    def entries(self, *, full: bool) -> list[dict[str, Any]]:
+        """Every entry so far (read back from the file: call after :meth:`commit`), or the tail."""
+        return read_ledger(self.path) if full else list(self.tail)
+
+    def close(self) -> None:
+        self._log.close()
+
+    def abandon(self) -> None:
+        """Close without flushing what was recorded since the last commit (we lost the run)."""
+        self._log.abandon()
