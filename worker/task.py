@@ -24,11 +24,12 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 
-from fedmq.shared import messages
+from fedmq.shared import compression, messages
+from fedmq.shared.compression import Compressed, ErrorFeedback
 from fedmq.shared.trainer import FitResult, Trainer
 from fedmq.worker.attack import Attack
 
@@ -58,6 +59,7 @@ class Done:
 
     update: messages.Update
     compute_s: float  # seconds inside the trainer
+    compressed: Compressed | None = None  # its compressed form, whose residual is kept once confirmed
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,7 @@ class TaskRunner:
         self._labels: tuple[int, np.ndarray] | None = None  # (classes, the labels it trains on)
         self._trainer: tuple[str, Trainer] | None = None
         self._unbuildable: dict[str, str] = {}  # spec key -> why the factory failed on it
+        self.feedback = ErrorFeedback()  # top-k's residual for the current run (in memory only)
 
     @staticmethod
     def skip_reason(task: messages.Task, latest: int | None) -> str | None:
@@ -259,10 +262,22 @@ class TaskRunner:
         if self.attack is not None:
             params = self.attack.tamper(params, model.params, delta=task.update_kind == "delta",
                                         seed=derive_seed(task.seed, self.worker_id))
+        compressed = None
+        if task.compression != "none":
+            try:
+                compressed = self.feedback.compress(task.run_id, params, compression.parse(task.compression))
+            except ValueError as exc:
+                return Failed(f"the update cannot be compressed with {task.compression}: {exc}")
+            params = cast(messages.Params, compressed.layers)  # the wire form; decoded back to float32
         update = messages.Update(
             task_id=work_id(task, self.worker_id), worker_id=self.worker_id, base_version=model.version,
             num_samples=int(result.num_samples), params=params, kind=task.update_kind,
             train_loss=float(result.loss), train_accuracy=float(result.accuracy),
-            duration_s=compute_s, round=task.round, run_id=task.run_id,
+            duration_s=compute_s, round=task.round, run_id=task.run_id, compression=task.compression,
         )
-        return Done(update, compute_s)
+        return Done(update, compute_s, compressed)
+
+    def confirmed(self, done: Done) -> None:
+        """``done``'s update was confirmed by the broker: its residual (top-k) is the one to carry."""
+        if done.compressed is not None:
+            self.feedback.keep(done.compressed)
