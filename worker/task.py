@@ -11,6 +11,10 @@ A trainer that raises, or returns parameters that do not fit the model (other na
 or dtypes, non-finite values) or non-finite metrics, is a :class:`Failed` with a reason that
 says which: the worker reports it to the aggregator rather than send an update it would reject.
 
+A task with a ``compression`` (``--compress`` on the aggregator) gets its delta in that scheme's
+wire form (:mod:`fedmq.shared.compression`); top-k's error-feedback residual is kept by
+:meth:`TaskRunner.confirmed`, called once the broker confirmed the update.
+
 Before a worker trains on a run at all, :func:`misfit` says whether its shard and trainer can
 take part (the model's feature count and classes, the trainer the model's spec names): if
 not, the worker refuses the run (docs/protocol.md). The spec's ``"trainer"`` entry names the

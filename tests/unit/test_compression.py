@@ -97,6 +97,16 @@ def test_int8_round_trip_within_half_a_scale_per_element():
     assert layers["big"]["scale"][0] > 50 * layers["big"]["scale"][1]
 
 
+def test_int8_scales_are_each_blocks_largest_magnitude_over_127_across_scratch_chunks():
+    x = (np.random.default_rng(3).standard_normal(300 * INT8_BLOCK + 5) * 0.1).astype(np.float32)
+    layer = compression.encode_params({"x": x}, parse("int8"))["x"]
+    padded = np.concatenate([np.abs(x), np.zeros(-x.size % INT8_BLOCK, np.float32)])
+    np.testing.assert_allclose(layer["scale"], padded.reshape(-1, INT8_BLOCK).max(axis=1) / 127, rtol=1e-6)
+    per_element = np.repeat(layer["scale"], INT8_BLOCK)[: x.size]
+    back = layer["q"].astype(np.float32) * per_element
+    assert np.all(np.abs(back - x) <= per_element / 2 * (1 + 1e-6))
+
+
 def test_topk_keeps_exactly_the_largest_entries():
     delta = _delta()
     got = _roundtrip("topk:0.1", delta)
