@@ -336,11 +336,11 @@ class ErrorFeedback:
         if residual is not None and any(
                 name not in residual or residual[name].shape != x.shape for name, x in delta.items()):
             residual = None  # another model: the old residual means nothing to it
-        total = {k: (x + residual[k] if residual is not None else np.array(x, np.float32)) for k, x in delta.items()}
+        total = {k: np.ascontiguousarray(x + residual[k] if residual is not None else np.array(x, np.float32, order="C"))
+                 for k, x in delta.items()}  # C order: the residual is zeroed through a flat view
         layers = encode_params(total, scheme)
-        sent = decompress(layers, scheme)
         for k, x in total.items():
-            x -= sent[k]  # what was not sent, now the residual
+            x.reshape(-1)[layers[k]["indices"]] = 0.0  # sent exactly; the rest is the residual
         return Compressed(layers, run_id, total)
 
     def keep(self, compressed: Compressed) -> None:

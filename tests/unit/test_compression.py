@@ -190,6 +190,15 @@ def test_error_feedback_keeps_the_residual_only_when_confirmed_and_only_for_its_
     assert fresh[-2:].tolist() == [19.0, 20.0]  # another run starts from nothing
 
 
+def test_error_feedback_of_a_fortran_ordered_delta_keeps_what_was_not_sent():
+    feedback, scheme = ErrorFeedback(), parse("topk:0.1")
+    delta = {"w": np.asfortranarray(np.arange(1, 41, dtype=np.float32).reshape(5, 8))}
+    out = feedback.compress("r", delta, scheme)
+    feedback.keep(out)
+    assert feedback.residual is not None
+    np.testing.assert_array_equal(compression.decompress(out.layers, scheme)["w"] + feedback.residual["w"], delta["w"])
+
+
 def test_without_feedback_nothing_is_kept():
     feedback = ErrorFeedback()
     out = feedback.compress("r", {"w": np.ones(10, np.float32)}, parse("topk:0.1"), feedback=False)
