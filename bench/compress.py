@@ -32,12 +32,11 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from bench.robust import setup  # noqa: E402
 from fedmq.aggregator.strategies import Contribution, make_strategy  # noqa: E402
 from fedmq.aggregator.validate import as_weights  # noqa: E402
 from fedmq.shared import compression, messages  # noqa: E402
-from fedmq.shared.data import load_dataset  # noqa: E402
-from fedmq.shared.partition import PARTITIONERS  # noqa: E402
-from fedmq.shared.trainer import MLPTrainer, mlp_spec  # noqa: E402
+from fedmq.shared.trainer import MLPTrainer  # noqa: E402
 from fedmq.worker.task import Done, TaskRunner  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -49,11 +48,9 @@ VARIANTS = [("none", "none", True), ("fp16", "fp16", True), ("int8", "int8", Tru
 def simulate(scheme: str, feedback: bool, *, rounds: int, workers: int, seed: int,
              checkpoints: tuple[int, ...]) -> dict[str, Any]:
     """Test accuracy at each round of ``checkpoints`` and the mean wire bytes of an update."""
-    ds = load_dataset("digits", seed=seed)
-    parts = PARTITIONERS["iid"](ds.y_train, workers, seed=seed, alpha=0.5)
-    spec = mlp_spec(ds.X_train.shape[1], ds.num_classes, hidden=[64], seed=seed)
+    shards, (X_test, y_test), spec = setup(workers, "iid", seed)  # as bench/robust.py: the same split
     evaluator = MLPTrainer(spec)
-    runners = [TaskRunner(MLPTrainer, ds.X_train[idx], ds.y_train[idx], f"w{i}") for i, idx in enumerate(parts)]
+    runners = [TaskRunner(MLPTrainer, X, y, f"w{i}") for i, (X, y) in enumerate(shards)]
     strategy = make_strategy("fedavg")
     params = evaluator.init_params()
     kind = "weights" if scheme == "none" else "delta"
@@ -80,8 +77,8 @@ def simulate(scheme: str, feedback: bool, *, rounds: int, workers: int, seed: in
         assert result.params is not None
         params = result.params
         if r in checkpoints or r == rounds:
-            acc[r] = round(float(evaluator.evaluate(params, ds.X_test, ds.y_test)[1]), 4)
-    return {"accuracy": acc, "bytes_per_update": round(float(np.mean(sizes)), 1), "test_samples": len(ds.y_test)}
+            acc[r] = round(float(evaluator.evaluate(params, X_test, y_test)[1]), 4)
+    return {"accuracy": acc, "bytes_per_update": round(float(np.mean(sizes)), 1), "test_samples": len(y_test)}
 
 
 def codec_costs(size: int, repeats: int = 5) -> list[dict[str, Any]]:

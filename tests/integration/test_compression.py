@@ -5,8 +5,6 @@ from a hostile participant are rejected with their reasons and dead-lettered.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from tests.helpers import (
     Procs,
     assert_ledger_invariant,
     confirmed_updates,
-    fedmq_argv,
+    fedmq_run_ok,
     read_history,
     read_ledger,
     wait_for,
@@ -36,11 +34,7 @@ LAYERS = {"dense_0/W": (64, 64), "dense_0/b": (64,), "dense_1/W": (64, 10), "den
 
 
 def fedmq_run(amqp_url: str, namespace: str, out: Path, *args: str) -> str:
-    env = {**os.environ, "FEDMQ_AMQP_URL": amqp_url, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run(fedmq_argv("run", *COMMON, "--namespace", namespace, "--out", str(out), *args),
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return fedmq_run_ok(amqp_url, namespace, out, *COMMON, *args)
 
 
 @pytest.mark.parametrize(("scheme", "mode"), [
