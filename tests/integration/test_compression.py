@@ -54,6 +54,19 @@ def test_a_compressed_run_learns_and_records_its_compression(amqp_url: str, name
     assert len(applied) >= 60 and all(e["compression"] == scheme for e in ledger), ledger[:3]
 
 
+def test_compressed_updates_larger_than_a_chunk_travel_in_chunks(amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    hidden = 1024  # 76,810 parameters: an int8 update of ~77 KB, two chunks of 64 KiB
+    delta = {"W": np.zeros((64 * hidden + hidden + hidden * 10 + 10,), np.float32)}
+    layers = compression.encode_params(delta, compression.parse("int8"))
+    assert sum(layer["q"].nbytes for layer in layers.values()) > 65536
+    out = tmp_path / "run"
+    fedmq_run(amqp_url, namespace, out, "--mode", "sync", "--rounds", "3", "--hidden", str(hidden),
+              "--chunk-bytes", "65536", "--compress", "int8")
+    ledger = read_ledger(out)
+    assert [e["fate"] for e in ledger] == ["applied"] * 12 and {e["compression"] for e in ledger} == {"int8"}
+    assert read_history(out)["final"]["rounds"] == 3
+
+
 # ------------------------------------------------------------------ hostile compressed updates
 
 
