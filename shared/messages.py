@@ -418,11 +418,13 @@ def decode(
     *,
     expect: type | tuple[type, ...] | Any | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_decompressed_bytes: int | None = None,
 ) -> Message:
     """Decode and fully validate one message; raise DecodeError naming what is wrong.
 
     ``expect`` restricts the accepted message classes. ``len(data)`` is checked against
-    ``max_bytes`` before anything is parsed. (A non-message class in ``expect`` is a
+    ``max_bytes`` before anything is parsed; a compressed update's float32 params against
+    ``max_decompressed_bytes`` (default ``max_bytes``) before they are allocated. (A non-message class in ``expect`` is a
     programming error and raises TypeError.)
     """
     wanted = _expected(expect) if expect is not None else None
@@ -444,5 +446,6 @@ def decode(
         doc = {**{key: value for key, value in later.items() if key not in doc}, **doc}
     values = {key: check(doc[key], name, key) for key, check in checks.items()}
     if cls is Update:
-        values["params"] = _update_params(values["params"], values["compression"], max_bytes)
+        limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
+        values["params"] = _update_params(values["params"], values["compression"], limit)
     return cls(**values)

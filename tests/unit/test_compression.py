@@ -315,3 +315,13 @@ def test_fuzzed_compressed_payloads_are_refused_or_decode_to_finite_float32(sche
 
 def test_scheme_text_is_canonical():
     assert Scheme("topk", 0.1).text == "topk:0.1" and parse(" topk:0.10 ").text == "topk:0.1"
+
+
+def test_the_decompressed_size_has_its_own_limit():
+    layers = compression.encode_params({"w": np.ones(10_000, np.float32)}, parse("int8"))
+    wire = encode(_update("int8", layers))
+    assert len(wire) < 20_000
+    got = decode(wire, max_bytes=20_000, max_decompressed_bytes=40_000)  # 10 KB on the wire, 40 KB as float32
+    assert isinstance(got, Update) and got.params["w"].nbytes == 40_000
+    with pytest.raises(DecodeError, match="decompresses to 40000 bytes, over the limit of 39999"):
+        decode(wire, max_bytes=20_000, max_decompressed_bytes=39_999)
