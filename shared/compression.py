@@ -24,7 +24,7 @@ error is a rounding, not a dropped entry).
 :func:`decode_params` is the strict decoder of compressed layers: every layer must have exactly
 its scheme's keys with the exact dtypes, consistent lengths, finite values, non-negative scales
 that cannot overflow, int8 values in range, top-k indices in range and strictly increasing, and
-the whole update may not decompress to more than the message size limit. It raises only
+the whole update may not decompress to more than a given limit (the aggregator: its model's size). It raises only
 :class:`~fedmq.shared.errors.DecodeError`, naming the layer; every array it returns is a fresh,
 writable float32 array (one update at a time, decompressed where it is validated).
 """
