@@ -10,6 +10,8 @@ from fedmq.aggregator.robust import RobustRule, make_robust
 from fedmq.aggregator.strategies import STRATEGIES, check_defences
 from fedmq.aggregator.tracking import check_tracker
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
+from fedmq.shared.compression import Scheme
+from fedmq.shared.compression import parse as parse_compression
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
 from fedmq.shared.memory import parse_budget
@@ -118,6 +120,10 @@ class AggregatorConfig:
         "Differential privacy: noise multiplier z; N(0, (z*S/n)^2) is added to each average of n "
         "clipped deltas (0: off). Needs the fedmq[dp] extra.")})
     dp_delta: float = field(default=1e-5, metadata={"help": "Differential privacy: the delta of the (epsilon, delta) reported."})
+    compress: str = field(default="none", metadata={"help": (
+        "Compress the workers' updates: none, fp16, int8 (a scale per 1024 values) or topk:FRACTION "
+        "(the largest entries of each layer, the rest kept on the worker as error feedback). "
+        "Updates then carry deltas; fedavg and fedbuff only.")})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -176,7 +182,18 @@ class AggregatorConfig:
         if self.workers_per_round is not None and self.workers_per_round < self.min_workers:
             raise ConfigError("--workers-per-round must be at least --min-workers")
         self._check_defences()
+        scheme = self.compression()
+        if scheme.lossy and self.strategy_name == "fedasync":
+            raise ConfigError(f"--compress {scheme.text} works with fedavg and fedbuff, not fedasync (a compressed "
+                              "update is a delta from its base version, which fedasync no longer holds)")
         return self
+
+    def compression(self) -> Scheme:
+        """The --compress scheme (ConfigError for one that does not parse)."""
+        try:
+            return parse_compression(self.compress)
+        except ValueError as exc:
+            raise ConfigError(f"--compress: {exc}") from None
 
     def robust_rule(self) -> RobustRule:
         """The --robust rule with its parameters (ConfigError for impossible ones)."""

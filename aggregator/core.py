@@ -52,7 +52,7 @@ import numpy as np
 from fedmq.aggregator import taskids
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
-from fedmq.aggregator.validate import check_update
+from fedmq.aggregator.validate import as_weights, check_update
 from fedmq.shared import messages
 from fedmq.shared.errors import FedmqError, ValidationError
 from fedmq.shared.events import FATES
@@ -528,6 +528,17 @@ class Coordinator:
     def run_id(self) -> str:
         return self.state.run_id
 
+    @property
+    def compression(self) -> str:
+        """The run's --compress scheme, as tasks and updates name it."""
+        return self.config.compression().text
+
+    @property
+    def update_kind(self) -> str:
+        """What tasks ask for: the strategy's kind, or deltas when updates are compressed (which
+        :func:`as_weights` turns back into weights for a strategy that wants those)."""
+        return "delta" if self.compression != "none" else self.strategy.update_kind
+
     # ------------------------------------------------------------------ inputs
     def start(self, now: float) -> list[Decision]:
         """The run begins (fresh or resumed)."""
@@ -741,8 +752,8 @@ class Coordinator:
         cfg = self.config
         return IssueTask(messages.Task(
             task_id=task_id, version=version, mode=cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.strategy.update_kind,
-            run_id=self.run_id,
+            lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.update_kind,
+            run_id=self.run_id, compression=self.compression,
         ))
 
     def remember_issued(self, task_id: str) -> None:
@@ -853,10 +864,15 @@ class Coordinator:
         other = self._other_run(update.run_id)
         if other is not None:
             return [self.settle(token, entry, "stale", other)]
+        if update.compression != "none" or self.compression != "none":
+            entry["compression"] = update.compression
         try:
-            check_update(update, self._shapes(), expected_kind=self.strategy.update_kind, current_version=st.version)
+            check_update(update, self._shapes(), expected_kind=self.update_kind, current_version=st.version,
+                         compression=self.compression)
         except ValidationError as exc:
             return [self.settle(token, entry, "rejected", str(exc))]
+        if self.strategy.update_kind == "weights" and update.kind == "delta" and update.base_version == st.version:
+            update = as_weights(update, self.params)
         entry.update(train_loss=update.train_loss, train_accuracy=update.train_accuracy,
                      duration_s=round(update.duration_s, 4))
         tau = st.version - update.base_version

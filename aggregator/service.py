@@ -272,6 +272,8 @@ class Aggregator:
             self.history = History(self.out)
             log.info("run %s starts", self.core.run_id)
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
+        # a compressed update may not decompress to more than an uncompressed one of this model may be
+        self.max_decompressed_bytes = expected_update_bytes(self.core.params)
         # chunked updates are put together in files of the run directory, not in RAM
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
                                               allocate=spill_allocator(self.out / "spill"),
@@ -529,7 +531,7 @@ class Aggregator:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
         try:
             msg = messages.decode(body, expect=(messages.Update, messages.Control),
-                                  max_bytes=self.max_update_bytes)
+                                  max_bytes=self.max_update_bytes, max_decompressed_bytes=self.max_decompressed_bytes)
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -16,9 +17,12 @@ def check_update(
     *,
     expected_kind: str,
     current_version: int,
+    compression: str = "none",
 ) -> None:
     """Raise :class:`ValidationError` naming the first thing that does not fit the model."""
     who = f"update from worker {update.worker_id!r} (task {update.task_id})"
+    if update.compression != compression:
+        raise ValidationError(f"{who} is compressed with {update.compression}, this run asked for {compression}")
     if update.kind != expected_kind:
         raise ValidationError(f"{who} carries {update.kind}, this strategy expects {expected_kind}")
     if update.base_version > current_version:
@@ -39,6 +43,19 @@ def check_update(
             )
         if array.dtype != np.float32:
             raise ValidationError(f"{who} has layer {name!r} of dtype {array.dtype}, model expects float32")
+
+
+def as_weights(update: messages.Update, base: Mapping[str, np.ndarray]) -> messages.Update:
+    """``update``'s delta as the weights ``base + delta`` (``base`` being its base version), for a
+    strategy that averages weights (FedAvg) in a run whose updates are compressed deltas.
+
+    The delta's arrays (decompressed, so the update's own) are added to in place: no second copy.
+    """
+    params = {}
+    for name, delta in update.params.items():
+        out = delta if delta.flags.writeable else delta.copy()
+        params[name] = np.add(out, base[name], out=out)
+    return replace(update, params=params, kind="weights")
 
 
 def expected_update_bytes(params: Mapping[str, np.ndarray]) -> int:

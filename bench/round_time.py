@@ -14,7 +14,8 @@ From the ledger (``updates.jsonl``, receive time of every update) each round is 
 *collect* (round start -> last update received) and *close* (-> round evaluated: decode,
 average, evaluate, checkpoint).
 
-Reports median s/round and MB/s moved (2 x N x model bytes per round / s). No peer figure is
+Reports median s/round and MB/s moved (2 x N x model bytes per round / s; with ``--compress`` the
+updates move fewer bytes, and MB/s stays in model-sized units so that it compares with ``none``). No peer figure is
 written in this file: with ``--peers flower`` each point is followed, in the same run, by the
 same workload on Flower's Simulation Engine and Deployment Engine (``bench/peers/flower.py``,
 in its own pinned environment: ``python bench/peers/flower.py --setup`` creates it, and
@@ -22,7 +23,9 @@ in its own pinned environment: ``python bench/peers/flower.py --setup`` creates 
 fedmq / Simulation and the speedup over Deployment, with the 1-minute load average at each
 point. Goals (issue 15): >= 20x faster than Deployment, <= Simulation's time at every point.
 The exit status is 1 when a peer failed to run or a goal was missed, else 0.
-Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--profile DIR]
+``--compress none,int8`` runs every point once per scheme, one after the other (the table has a row
+each; Flower runs once per point and is compared with each).
+Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--profile DIR]
 [--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
 """
 from __future__ import annotations
@@ -59,20 +62,21 @@ from bench._common import (  # noqa: E402
     write_result,
     write_synthetic,
 )
+from fedmq.shared.compression import parse as parse_compression  # noqa: E402
 
 SPEEDUP_GOAL = 20.0
 PEERS = ("flower",)
 
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, rounds: int,
-              profile: Path | None) -> dict[str, Any]:
+              profile: Path | None, compress: str = "none") -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-n{n}-{label}"
     argv = fedmq_argv(
         "aggregator", "--mode", "sync", "--rounds", str(rounds), "--workers-per-round", str(n),
         "--min-workers", str(n), "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(work / "data" / "test.npz"), "--out", str(run_dir), "--round-timeout", "300",
-        "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json",
+        "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json", "--compress", compress,
     )
     if profile is not None:
         argv = pyspy_argv(argv, profile / f"round_time-n{n}-{label}.txt")
@@ -125,7 +129,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         d = CpuSnapshots.delta(marks[1], marks[rounds])
         cpu_per_round = {k: v / (rounds - 1) for k, v in d.items() if k not in ("machine_total", "wall", "cores")}
     return {
-        "workers": n, "model": label, "hidden": hidden, "params": mlp_param_count(hidden), "model_bytes": model_bytes,
+        "workers": n, "model": label, "compress": compress, "hidden": hidden, "params": mlp_param_count(hidden), "model_bytes": model_bytes,
         "rounds": rounds, "per_round_s": per_round, "median_s": s_round, "mean_s": sum(steady) / len(steady),
         "collect_median_s": median(collect[1:]), "close_median_s": median(close[1:]),
         "mb_per_s": 2 * n * model_bytes / s_round / 1e6,
@@ -155,13 +159,13 @@ def run_peers(engines: list[str], n: int, label: str, rounds: int, deployment_ro
 
 def peer_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
     """The side-by-side table, and whether every goal was met (>= 20x Deployment, <= Simulation)."""
-    headers = ["N", "model", "fedmq s", "load", "Flower Sim s", "load", "fedmq/Sim", "<=Sim", "Flower Deploy s",
+    headers = ["N", "model", "compress", "fedmq s", "load", "Flower Sim s", "load", "fedmq/Sim", "<=Sim", "Flower Deploy s",
                "load", "Deploy/fedmq", ">=20x"]
     body: list[list[Any]] = []
     met = True
     for r in rows:
         sim, dep = r["peers"].get("simulation", {}), r["peers"].get("deployment", {})
-        cells: list[Any] = [r["workers"], r["model"], r["median_s"], r["loadavg"]]
+        cells: list[Any] = [r["workers"], r["model"], r.get("compress", "none"), r["median_s"], r["loadavg"]]
         if "median_s" in sim:
             ok = r["median_s"] <= sim["median_s"]
             cells += [sim["median_s"], sim["loadavg"], r["median_s"] / sim["median_s"], "PASS" if ok else "MISS"]
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per point (default 8; quick: 4)")
     parser.add_argument("--profile", type=Path, default=None, help="record the aggregator and worker 0 with py-spy into DIR")
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/round_time.json)")
+    parser.add_argument("--compress", default="none",
+                        help="comma-separated --compress schemes, each run at every point in turn (e.g. none,int8)")
     parser.add_argument("--peers", choices=PEERS, default=None,
                         help="after each point, run the same workload on this peer (bench/peers/) and print the ratios")
     parser.add_argument("--peer-engines", default="simulation,deployment",
@@ -200,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     if rounds < 3 or args.deployment_rounds < 3:
         parser.error("--rounds and --deployment-rounds must be at least 3 (round 1 is excluded from the median)")
     sizes = [s for s in args.sizes.split(",") if s]
+    schemes = [s for s in args.compress.split(",") if s]
+    for scheme in schemes:
+        try:
+            parse_compression(scheme)
+        except ValueError as exc:
+            parser.error(f"--compress: {exc}")
     if any(n < 1 for n in workers) or any(s not in MODEL_SIZES for s in sizes):
         parser.error("workers must be positive and sizes among 100k, 1M, 10M")
     engines = [e for e in args.peer_engines.split(",") if e] if args.peers else []
@@ -220,17 +232,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in workers:
             for label in sizes:
-                ns = f"{namespace}-n{n}-{label}"
-                try:
-                    row = run_point(children, work, ns, n, label, rounds, args.profile)
-                finally:
-                    children.stop_all()
-                    delete_namespace(ns)
-                rows.append(row)
-                print(f"  N={n} {label}: {row['median_s']:.3f} s/round", file=sys.stderr)
-                if engines:
-                    row["peers"] = run_peers(engines, n, label, rounds, args.deployment_rounds, work / "peers",
-                                             row["median_s"])
+                point = []
+                for scheme in schemes:  # side by side: the schemes of one point run one after another
+                    ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}"
+                    try:
+                        row = run_point(children, work, ns, n, label, rounds, args.profile, scheme)
+                    finally:
+                        children.stop_all()
+                        delete_namespace(ns)
+                    point.append(row)
+                    print(f"  N={n} {label} --compress {scheme}: {row['median_s']:.3f} s/round", file=sys.stderr)
+                rows += point
+                if engines:  # the peers once per point, compared with each scheme's row
+                    peers = run_peers(engines, n, label, rounds, args.deployment_rounds, work / "peers",
+                                      point[0]["median_s"])
+                    for row in point:
+                        row["peers"] = peers
     except BaseException:
         print(f"logs kept in {work / 'logs'}", file=sys.stderr)
         raise
@@ -243,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(work, ignore_errors=True)
 
-    headers = ["N", "model", "s/round", "collect", "close", "MB/s", "loadavg"]
-    body = [[r["workers"], r["model"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
+    headers = ["N", "model", "compress", "s/round", "collect", "close", "MB/s", "loadavg"]
+    body = [[r["workers"], r["model"], r["compress"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
              r["loadavg"]] for r in rows]
     print(table(headers, body))
     met = True
@@ -254,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
               f"median s/round over rounds 2..R; load = 1-minute load average when the point started")
         print(table(peer_headers, peer_body))
     print("\nCPU seconds per round (rounds 2..R), by process group; machine = 2 cores x s/round available")
-    cpu_headers = ["N", "model", "s/round", "aggregator", "workers", "rabbitmq", "other", "machine busy", "busy %"]
+    cpu_headers = ["N", "model", "compress", "s/round", "aggregator", "workers", "rabbitmq", "other", "machine busy", "busy %"]
     cpu_body = []
     for r in rows:
         c = r["cpu_s_per_round"]
         if c:
-            cpu_body.append([r["workers"], r["model"], r["median_s"], c.get("aggregator", 0.0), c.get("workers", 0.0),
+            cpu_body.append([r["workers"], r["model"], r["compress"], r["median_s"], c.get("aggregator", 0.0), c.get("workers", 0.0),
                              c.get("rabbitmq", float("nan")), c["other"], c["machine_busy"],
                              100 * c["machine_busy"] / (r["mean_s"] * (os.cpu_count() or 1))])
     print(table(cpu_headers, cpu_body))

@@ -18,7 +18,11 @@ form (TypeError/ValueError). All validation lives in :func:`decode`, which raise
   :data:`CONTROL_KINDS`; ``task_id`` and ``Update.worker_id`` non-empty;
 * ``params`` a map of name -> array (dtype, shape, byte count, finiteness checked by
   :mod:`fedmq.shared.codec`); ``spec`` and ``info`` JSON-like maps (no bytes, arrays or
-  non-finite floats).
+  non-finite floats);
+* ``compression`` (tasks and updates; absent means ``none``) a scheme of
+  :mod:`fedmq.shared.compression`; an update compressed with one has params in that scheme's
+  wire form, checked strictly and decompressed to float32 by :func:`decode` (so a decoded
+  update's params are float32 arrays whatever its compression, and writable when compressed).
 
 Decoded params are read-only numpy views into the received buffer (see
 :mod:`fedmq.shared.codec`); copy an array before changing it.
@@ -33,7 +37,7 @@ from typing import Any, TypeAlias, get_args
 
 import numpy as np
 
-from fedmq.shared import codec
+from fedmq.shared import codec, compression
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
@@ -91,6 +95,7 @@ class Task:
     round: int | None = None
     update_kind: str = "weights"  # what the update must carry: "weights" or "delta"
     run_id: str = ""  # the run that issued the task
+    compression: str = "none"  # how the update's delta must be compressed (fedmq.shared.compression)
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ class Update:
     duration_s: float
     round: int | None = None
     run_id: str = ""  # echoed from the task
+    compression: str = "none"  # the task's; decoded params are float32 whatever it is
 
 
 @dataclass(frozen=True)
@@ -154,9 +160,12 @@ def encode_pieces(msg: Message) -> list[Any]:
     the wire bytes: a large update is sent chunk by chunk without one model-sized buffer."""
     name = message_type(msg)
     doc: dict[str, Any] = {"schema": SCHEMA_VERSION, "type": name}
+    later = _LATER_FIELDS.get(type(msg), {})
     for f in fields(msg):
         value = getattr(msg, f.name)
-        if f.name == "params":
+        if f.name in later and value == later[f.name]:
+            continue
+        if f.name == "params" and not (isinstance(msg, Update) and msg.compression != "none"):
             _check_params_to_send(value, f"{name}.params")
         doc[f.name] = value
     return codec.pack_pieces(doc)
@@ -287,6 +296,31 @@ def _json_map(value: Any, msg: str, key: str) -> dict[str, Any]:
     return value
 
 
+def _scheme(value: Any, msg: str, key: str) -> str:
+    """A compression scheme, in its canonical form."""
+    if type(value) is not str:
+        raise DecodeError(f"{msg}.{key} must be a str, got {_kind(value)} {_brief(value)}")
+    try:
+        return compression.parse(value).text
+    except ValueError as exc:
+        raise DecodeError(f"{msg}.{key}: {exc}") from None
+
+
+def _raw_params(value: Any, msg: str, key: str) -> dict[str, Any]:
+    """An update's params before :func:`_update_params` looks at them with its compression."""
+    if type(value) is not dict:
+        raise DecodeError(f"{msg}.{key} must be a map of name -> array, got {_kind(value)}")
+    return value
+
+
+def _update_params(params: dict[str, Any], scheme: str, max_bytes: int) -> Params:
+    """An update's float32 params: as sent, or decompressed (and strictly checked) from ``scheme``."""
+    parsed = compression.parse(scheme)
+    if not parsed.lossy:
+        return _params(params, "update", "params")
+    return compression.decode_params(params, parsed, max_bytes=max_bytes)
+
+
 _VERSION = _integer(0)
 _ROUND = _optional(_integer(0))
 _TIME = _number(0.0)
@@ -312,19 +346,21 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "round": _ROUND,
         "update_kind": _text(UPDATE_KINDS),
         "run_id": _text(),
+        "compression": _scheme,
     },
     Update: {
         "task_id": _text(nonempty=True),
         "worker_id": _text(nonempty=True),
         "base_version": _VERSION,
         "num_samples": _integer(0),
-        "params": _params,
+        "params": _raw_params,
         "kind": _text(UPDATE_KINDS),
         "train_loss": _number(),
         "train_accuracy": _number(),
         "duration_s": _TIME,
         "round": _ROUND,
         "run_id": _text(),
+        "compression": _scheme,
     },
     Control: {
         "kind": _text(CONTROL_KINDS),
@@ -340,6 +376,9 @@ assert all(list(checks) == [f.name for f in fields(cls)] for cls, checks in _SCH
 
 
 _WIRE_KEYS = {cls: frozenset(_ENVELOPE) | checks.keys() for cls, checks in _SCHEMAS.items()}
+#: fields added after a schema's first release: left out of the wire form while they hold their
+#: default (so that peers without them read the message), and read as that default when absent
+_LATER_FIELDS: dict[type, dict[str, Any]] = {Task: {"compression": "none"}, Update: {"compression": "none"}}
 
 # --------------------------------------------------------------------------- decoding
 
@@ -379,11 +418,13 @@ def decode(
     *,
     expect: type | tuple[type, ...] | Any | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_decompressed_bytes: int | None = None,
 ) -> Message:
     """Decode and fully validate one message; raise DecodeError naming what is wrong.
 
     ``expect`` restricts the accepted message classes. ``len(data)`` is checked against
-    ``max_bytes`` before anything is parsed. (A non-message class in ``expect`` is a
+    ``max_bytes`` before anything is parsed; a compressed update's float32 params against
+    ``max_decompressed_bytes`` (default ``max_bytes``) before they are allocated. (A non-message class in ``expect`` is a
     programming error and raises TypeError.)
     """
     wanted = _expected(expect) if expect is not None else None
@@ -396,8 +437,15 @@ def decode(
         )
     checks = _SCHEMAS[cls]
     if doc.keys() != _WIRE_KEYS[cls]:
+        later = _LATER_FIELDS.get(cls, {})
         present = doc.keys() - set(_ENVELOPE)
         if unknown := present - checks.keys():
             raise DecodeError(f"unknown field(s) in {name}: {_names(unknown)}")
-        raise DecodeError(f"missing field(s) in {name}: {_names(checks.keys() - present)}")
-    return cls(**{key: check(doc[key], name, key) for key, check in checks.items()})
+        if missing := checks.keys() - present - later.keys():
+            raise DecodeError(f"missing field(s) in {name}: {_names(missing)}")
+        doc = {**{key: value for key, value in later.items() if key not in doc}, **doc}
+    values = {key: check(doc[key], name, key) for key, check in checks.items()}
+    if cls is Update:
+        limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
+        values["params"] = _update_params(values["params"], values["compression"], limit)
+    return cls(**values)

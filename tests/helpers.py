@@ -83,6 +83,15 @@ class Procs:
         return "\n".join(f"===== {n}\n{self.log(n)[-3000:]}" for n in self.procs)
 
 
+def fedmq_run_ok(amqp_url: str, namespace: str, out: Path, *args: str, timeout: float = 300) -> str:
+    """``fedmq run ARGS`` on ``namespace`` into ``out`` (one BLAS thread); its output, asserting exit 0."""
+    env = {**os.environ, "FEDMQ_AMQP_URL": amqp_url, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run(fedmq_argv("run", *args, "--namespace", namespace, "--out", str(out)),
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
     """Wait for ``predicate()`` to be truthy, failing with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -628,6 +628,7 @@ class Worker:
             self._give_back(delivery, task.task_id, f"update not confirmed: {exc}", fatal=self._permanent(exc))
             return
         self._failures = 0
+        runner.confirmed(outcome)
         events.emit(
             log, "update_confirmed", "worker %s: task %s on version %d done in %.2fs (loss %.4f); update confirmed",
             cfg.worker_id, task.task_id, model.version, time.monotonic() - started, update.train_loss,

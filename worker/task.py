@@ -11,6 +11,10 @@ A trainer that raises, or returns parameters that do not fit the model (other na
 or dtypes, non-finite values) or non-finite metrics, is a :class:`Failed` with a reason that
 says which: the worker reports it to the aggregator rather than send an update it would reject.
 
+A task with a ``compression`` (``--compress`` on the aggregator) gets its delta in that scheme's
+wire form (:mod:`fedmq.shared.compression`); top-k's error-feedback residual is kept by
+:meth:`TaskRunner.confirmed`, called once the broker confirmed the update.
+
 Before a worker trains on a run at all, :func:`misfit` says whether its shard and trainer can
 take part (the model's feature count and classes, the trainer the model's spec names): if
 not, the worker refuses the run (docs/protocol.md). The spec's ``"trainer"`` entry names the
@@ -24,11 +28,12 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 import numpy as np
 
-from fedmq.shared import messages
+from fedmq.shared import compression, messages
+from fedmq.shared.compression import Compressed, ErrorFeedback
 from fedmq.shared.trainer import FitResult, Trainer
 from fedmq.worker.attack import Attack
 
@@ -58,6 +63,7 @@ class Done:
 
     update: messages.Update
     compute_s: float  # seconds inside the trainer
+    compressed: Compressed | None = None  # its compressed form, whose residual is kept once confirmed
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,7 @@ class TaskRunner:
         self._labels: tuple[int, np.ndarray] | None = None  # (classes, the labels it trains on)
         self._trainer: tuple[str, Trainer] | None = None
         self._unbuildable: dict[str, str] = {}  # spec key -> why the factory failed on it
+        self.feedback = ErrorFeedback()  # top-k's residual for the current run (in memory only)
 
     @staticmethod
     def skip_reason(task: messages.Task, latest: int | None) -> str | None:
@@ -259,10 +266,22 @@ class TaskRunner:
         if self.attack is not None:
             params = self.attack.tamper(params, model.params, delta=task.update_kind == "delta",
                                         seed=derive_seed(task.seed, self.worker_id))
+        compressed = None
+        if task.compression != "none":
+            try:
+                compressed = self.feedback.compress(task.run_id, params, compression.parse(task.compression))
+            except ValueError as exc:
+                return Failed(f"the update cannot be compressed with {task.compression}: {exc}")
+            params = cast(messages.Params, compressed.layers)  # the wire form; decoded back to float32
         update = messages.Update(
             task_id=work_id(task, self.worker_id), worker_id=self.worker_id, base_version=model.version,
             num_samples=int(result.num_samples), params=params, kind=task.update_kind,
             train_loss=float(result.loss), train_accuracy=float(result.accuracy),
-            duration_s=compute_s, round=task.round, run_id=task.run_id,
+            duration_s=compute_s, round=task.round, run_id=task.run_id, compression=task.compression,
         )
-        return Done(update, compute_s)
+        return Done(update, compute_s, compressed)
+
+    def confirmed(self, done: Done) -> None:
+        """``done``'s update was confirmed by the broker: its residual (top-k) is the one to carry."""
+        if done.compressed is not None:
+            self.feedback.keep(done.compressed)

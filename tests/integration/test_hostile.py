@@ -7,14 +7,12 @@ the same figures for these settings (see BENCHMARKS.md, "Robust aggregation").
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import dp_accounting
 import pytest
 
-from tests.helpers import fedmq_argv, read_history
+from tests.helpers import fedmq_run_ok, read_history
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -24,11 +22,7 @@ SYNC = ["--mode", "sync", "--rounds", "30"]
 
 
 def fedmq_run(amqp_url: str, namespace: str, out: Path, *args: str) -> str:
-    env = {**os.environ, "FEDMQ_AMQP_URL": amqp_url, "OPENBLAS_NUM_THREADS": "1"}
-    proc = subprocess.run(fedmq_argv("run", *COMMON, "--namespace", namespace, "--out", str(out), *args),
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return fedmq_run_ok(amqp_url, namespace, out, *COMMON, *args)
 
 
 # (name, attack flags, [(rule flags, lowest accuracy or None, highest accuracy or None)], mode flags)

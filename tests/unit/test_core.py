@@ -998,3 +998,62 @@ def test_per_worker_figures_and_ledger_lines() -> None:
     cfg = run.core.config
     resumed = restore(cfg, checkpoint(run.core, 5.0), 0.0)
     assert resumed.workers_report() == report
+
+
+# ====================================================================== update compression
+def _compressed(task_id: str, worker: str, delta: dict[str, np.ndarray], scheme: str, **kw: Any) -> messages.Update:
+    """An update as the aggregator decodes it: compressed on the wire, decompressed to float32."""
+    from fedmq.shared import compression
+
+    wire = messages.Update(task_id=task_id, worker_id=worker, base_version=kw.get("base", 0), num_samples=kw.get("n", 10),
+                           params=compression.encode_params(delta, compression.parse(scheme)),  # type: ignore[arg-type]
+                           kind="delta", train_loss=0.1, train_accuracy=0.9, duration_s=0.01,
+                           round=kw.get("round_"), run_id=RUN, compression=scheme)
+    decoded = messages.decode(messages.encode(wire))
+    assert isinstance(decoded, messages.Update)
+    return decoded
+
+
+def test_a_compressed_fedavg_run_asks_for_deltas_and_averages_them_into_weights() -> None:
+    run = Driver(coordinator(config(mode="sync", rounds=5, workers_per_round=2, min_workers=2, compress="int8"),
+                             model(1.0)))
+    run.start(0.0)
+    run.hello("w0", 0.001)
+    got = run.hello("w1", 0.002)
+    assert {(t.update_kind, t.compression) for t in tasks(got)} == {("delta", "int8")}
+    assert run.send(_compressed("r00001-000", "w0", model(0.5), "int8", round_=1, n=10), 0.01) == []
+    got = run.send(_compressed("r00001-001", "w1", model(-0.25), "int8", round_=1, n=30), 0.02)
+    assert fates(got) == ["applied", "applied"]
+    assert {s.entry["compression"] for s in of(Settle, got)} == {"int8"}
+    # FedAvg of the weights 1.5 and 0.75 by 10:30 samples, as without compression
+    np.testing.assert_allclose(run.core.params["dense_0/W"], 1.0 + (0.5 * 10 - 0.25 * 30) / 40, rtol=1e-2)
+
+
+def test_an_update_compressed_otherwise_than_the_run_asked_is_rejected_with_a_reason() -> None:
+    run = Driver(coordinator(config(mode="async", max_updates=10, concurrency=1, compress="topk:0.1")))
+    run.start(0.0)
+    [task] = tasks(run.hello("w0", 0.001))
+    assert (task.update_kind, task.compression) == ("delta", "topk:0.1")
+    got = run.send(_compressed(task.task_id, "w0", model(0.5), "int8"), 0.01)
+    assert fates(got) == ["rejected"] and "compressed with int8, this run asked for topk:0.1" in str(got[0].reason)
+    got = run.send(update(task.task_id, kind="delta"), 0.02)  # not compressed at all
+    assert fates(got) == ["rejected"] and "compressed with none" in str(got[0].reason)
+    got = run.send(_compressed(task.task_id, "w0", model(0.5), "topk:0.1"), 0.03)
+    assert fates(got) == ["applied"] and got[0].entry["compression"] == "topk:0.1"
+
+    plain = async_run(strategy="fedbuff", concurrency=1)
+    plain.start(0.0)
+    [task] = tasks(plain.hello("w0", 0.001))
+    assert task.compression == "none"
+    got = plain.send(_compressed(task.task_id, "w0", model(0.5), "fp16"), 0.01)
+    assert fates(got) == ["rejected"] and "this run asked for none" in str(got[0].reason)
+
+
+def test_compression_is_refused_for_fedasync_and_must_parse() -> None:
+    from fedmq.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fedasync"):
+        config(mode="async", strategy="fedasync", compress="int8")
+    with pytest.raises(ConfigError, match="--compress"):
+        config(compress="int4")
+    assert config(compress="topk:0.10").to_json()["compress"] == "topk:0.10"

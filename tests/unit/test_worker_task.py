@@ -218,3 +218,26 @@ def test_a_spec_the_trainer_cannot_build_is_a_spec_problem_found_once() -> None:
         assert reason is not None and "ValueError: unknown layer kind" in reason
     assert len(calls) == 1
     assert runner().spec_problem(SPEC) is None
+
+
+def test_a_compressed_task_gets_a_compressed_delta_and_the_residual_is_kept_once_confirmed() -> None:
+    m = model()
+    r = runner(MLPTrainer)
+    out = r.run(task(update_kind="delta", compression="topk:0.1"), m)
+    assert isinstance(out, Done) and out.compressed is not None
+    u = out.update
+    assert (u.kind, u.compression) == ("delta", "topk:0.1")
+    decoded = messages.decode(messages.encode(u))
+    assert isinstance(decoded, messages.Update)
+    for name, arr in decoded.params.items():
+        assert arr.dtype == np.float32 and arr.shape == m.params[name].shape
+        assert np.count_nonzero(arr) <= max(1, int(np.ceil(0.1 * arr.size)))
+    assert r.feedback.residual is None  # not before the update is confirmed
+    r.confirmed(out)
+    assert r.feedback.residual is not None and set(r.feedback.residual) == set(m.params)
+
+
+def test_a_delta_that_fp16_cannot_hold_is_a_failure_not_an_infinite_update() -> None:
+    huge = Returns(lambda params: FitResult({k: v + np.float32(1e6) for k, v in params.items()}, 40, 0.5, 0.75))
+    out = runner(huge).run(task(update_kind="delta", compression="fp16"), model())
+    assert isinstance(out, Failed) and "float16" in out.reason
