@@ -468,7 +468,7 @@ class Aggregator:
                                        redelivered=delivery.redelivered):
             if isinstance(o, chunking.Complete):
                 users = {t.user_id for t in o.tokens}
-                msg = self._decode(o.body, o.headers, users.pop() if len(users) == 1 else None)
+                msg = self._decode(o.body, o.headers, users.pop() if len(users) == 1 else None, digest=o.sha256)
                 drop_resident_pages(o.body)  # checked and decoded: its pages wait in the spill file
                 out += self._hand(o.tokens, msg, o.payload_id, o.redelivered, payload=o.payload_id)
             elif isinstance(o, chunking.Refused) and not o.whole:  # this chunk alone: dead-lettered with the reason
@@ -517,12 +517,13 @@ class Aggregator:
         else:
             self._pending.append(handle)
 
-    def _decode(self, body: bytes | memoryview, headers: Mapping[str, Any], user_id: str | None,
-                ) -> messages.Update | messages.Control | Undecodable:
+    def _decode(self, body: bytes | memoryview, headers: Mapping[str, Any], user_id: str | None, *,
+                digest: bytes | None = None) -> messages.Update | messages.Control | Undecodable:
         """An update, or a control message (a worker's failure report), or why it is neither.
 
         ``headers`` and ``user_id`` are the message's (a chunked one's: its first chunk's headers,
-        and the user every chunk was published by, None if they differ)."""
+        and the user every chunk was published by, None if they differ); ``digest``: a chunked
+        one's SHA-256, computed from its bytes as they were put together (not hashed again)."""
         unsigned = IdentityBook.unsigned(user_id) if self.cfg.require_user_id else None
         if unsigned is not None:
             return Undecodable(unsigned)
@@ -539,16 +540,16 @@ class Aggregator:
             refused = self.identities.refuse(msg.worker_id, user_id)
             if refused is not None:
                 return Undecodable(refused)
-        unverified = self._unverified(headers, body, msg)
+        unverified = self._unverified(headers, body, msg, digest)
         return msg if unverified is None else Undecodable(unverified)
 
     def _unverified(self, headers: Mapping[str, Any], body: bytes | memoryview,
-                    msg: messages.Update | messages.Control) -> str | None:
+                    msg: messages.Update | messages.Control, digest: bytes | None = None) -> str | None:
         """With --worker-keys: why ``msg`` is not signed by the worker it names for this run, or None."""
         if self._worker_keys is None:
             return None
         claims = signing.claims_of(msg)
-        reason = signing.verify(headers, body, claims, self._worker_keys)
+        reason = signing.verify(headers, body, claims, self._worker_keys, digest=digest or None)
         run = self._core.run_id
         if reason is None and msg.run_id != run:
             reason = f"signed for run {msg.run_id or '(none)'}, not this run {run} (a replay, or left from another run)"

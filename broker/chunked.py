@@ -102,6 +102,7 @@ def send_payload(
     grace_s: float | None = None,
     on_confirm: Callable[[int, int], None] | None = None,
     sign: bool = False,
+    sha256: bytes | None = None,
 ) -> None:
     """Publish ``body`` (one message or chunks) and return once the broker confirmed all of it.
 
@@ -113,9 +114,10 @@ def send_payload(
     unless ``grace_s`` is given: then a publish already sent gets that much longer to be confirmed.
     On any failure every unconfirmed chunk is withdrawn and the error raised. With ``sign`` every
     message carries ``user_id`` = our broker user (see :meth:`Client.publish_nowait`).
+    ``sha256``: the body's SHA-256 when the caller computed it already (for its signature).
     """
     if isinstance(body, list):
-        count, chunks = chunking.split_pieces(body, chunk_bytes, message_id, headers)
+        count, chunks = chunking.split_pieces(body, chunk_bytes, message_id, headers, sha256=sha256)
     else:
         listed = chunking.split(body, chunk_bytes, message_id, headers)
         count, chunks = len(listed), iter(listed)

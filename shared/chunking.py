@@ -192,10 +192,12 @@ def split(body: bytes | bytearray | memoryview, chunk_bytes: int, payload_id: st
 
 
 def split_pieces(pieces: Sequence[bytes | bytearray | memoryview], chunk_bytes: int, payload_id: str,
-                 headers: Mapping[str, Any] | None = None) -> tuple[int, Iterator[Chunk]]:
+                 headers: Mapping[str, Any] | None = None, *,
+                 sha256: bytes | None = None) -> tuple[int, Iterator[Chunk]]:
     """:func:`split` of the concatenation of ``pieces``, without ever making it: (how many chunks,
     the chunks one by one). A chunk inside one piece is a view of it; one across pieces is the one
-    copy made. Small payloads (one chunk) are joined."""
+    copy made. Small payloads (one chunk) are joined. ``sha256``: the concatenation's SHA-256 if
+    the caller has it already (a signed payload: the signature covers the same digest)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     views = [p if isinstance(p, memoryview) and p.format == "B" and p.ndim == 1 else memoryview(p).cast("B")
@@ -207,11 +209,13 @@ def split_pieces(pieces: Sequence[bytes | bytearray | memoryview], chunk_bytes: 
     clash = sorted(CHUNK_HEADERS & set(base))
     if clash:
         raise ValueError(f"a payload's own headers may not use the chunk headers ({', '.join(clash)})")
-    sha = hashlib.sha256()
-    for v in views:
-        sha.update(v)
+    if sha256 is None:
+        sha = hashlib.sha256()
+        for v in views:
+            sha.update(v)
+        sha256 = sha.digest()
     count = -(-total // chunk_bytes)
-    first = ChunkMeta(payload_id, 0, count, total, chunk_bytes, sha.hexdigest())
+    first = ChunkMeta(payload_id, 0, count, total, chunk_bytes, sha256.hex())
 
     def chunks() -> Iterator[Chunk]:
         piece, at = 0, 0  # the piece the next byte comes from, and where in it
@@ -249,6 +253,7 @@ class Complete(Generic[T]):
     headers: dict[str, Any]
     tokens: list[T]
     redelivered: bool
+    sha256: bytes = b""  # the body's SHA-256, computed here from its bytes (a signature covers the same)
 
 
 @dataclass(frozen=True)
@@ -393,12 +398,13 @@ class Reassembler(Generic[T]):
             return out
         del self._open[meta.payload_id]
         self._remember(meta.payload_id)
-        got = a.hasher.hexdigest()
+        raw = a.hasher.digest()
+        got = raw.hex()
         if got != meta.sha256:
             out.append(Refused(meta.payload_id, f"payload {meta.payload_id} is corrupt: its SHA-256 is {got}, "
                                                 f"its chunks say {meta.sha256}", a.tokens, a.headers, whole=True))
             return out
-        out.append(Complete(meta.payload_id, a.view, a.headers, a.tokens, a.redelivered))
+        out.append(Complete(meta.payload_id, a.view, a.headers, a.tokens, a.redelivered, raw))
         return out
 
     def _hash_in_order(self, a: _Assembly[T]) -> None:

@@ -120,22 +120,23 @@ def body_digest(body: Body) -> bytes:
     return h.digest()
 
 
-def statement(claims: Claims, body: Body) -> bytes:
+def statement(claims: Claims, body: Body, digest: bytes | None = None) -> bytes:
     """The bytes signed: :data:`DOMAIN`, a zero byte, then the type, run, signer, task, version
     (decimal, empty for none) and SHA-256 of ``body``, each as a 4-byte big-endian length and
-    the bytes (text in UTF-8)."""
+    the bytes (text in UTF-8). ``digest``: that SHA-256, where the caller has it already (a
+    chunked payload's, checked when it was put together), so a large body is hashed once."""
     version = "" if claims.version is None else str(claims.version)
     parts = [p.encode("utf-8") for p in (claims.kind, claims.run_id, claims.signer, claims.task_id, version)]
-    parts.append(body_digest(body))
+    parts.append(body_digest(body) if digest is None else digest)
     out = bytearray(DOMAIN + b"\0")
     for part in parts:
         out += len(part).to_bytes(4, "big") + part
     return bytes(out)
 
 
-def sign_headers(key: Ed25519PrivateKey, claims: Claims, body: Body) -> dict[str, str]:
-    """The signature headers for ``body`` making ``claims``."""
-    signature = key.sign(statement(claims, body))
+def sign_headers(key: Ed25519PrivateKey, claims: Claims, body: Body, *, digest: bytes | None = None) -> dict[str, str]:
+    """The signature headers for ``body`` (whose SHA-256 is ``digest``, if given) making ``claims``."""
+    signature = key.sign(statement(claims, body, digest))
     return {SIGNER_HEADER: claims.signer, SIGNATURE_HEADER: base64.b64encode(signature).decode("ascii")}
 
 
@@ -153,6 +154,8 @@ def verify(
     body: bytes | bytearray | memoryview,
     claims: Claims,
     key_for: Callable[[str], Ed25519PublicKey | None],
+    *,
+    digest: bytes | None = None,
 ) -> str | None:
     """Why a message with these headers and body must not be trusted as making ``claims``, or
     None if its signature verifies with ``key_for(claims.signer)``.
@@ -160,7 +163,9 @@ def verify(
     The reasons, in the order they are checked: unsigned (no signature header), a malformed
     header, signed by another id than the one the message claims, no public key for that id,
     and a signature that does not verify (the body, the run, the task or the version differ
-    from what was signed, or another key signed it).
+    from what was signed, or another key signed it). ``digest``: the body's SHA-256 where the
+    caller computed it from these very bytes already (a chunked payload's, checked when it was
+    put together); never a digest a message merely claims.
     """
     raw_signature, raw_signer = headers.get(SIGNATURE_HEADER), headers.get(SIGNER_HEADER)
     if raw_signature is None:
@@ -181,7 +186,7 @@ def verify(
     if key is None:
         return f"unknown signer: no public key for {signer[:80]!r}"
     try:
-        key.verify(signature, statement(claims, body))
+        key.verify(signature, statement(claims, body, digest))
     except InvalidSignature:
         what = (f"{claims.kind} of run {claims.run_id or '(none)'}"
                 + (f", task {claims.task_id}" if claims.task_id else "")

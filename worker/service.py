@@ -431,10 +431,10 @@ class Worker:
         claims = signing.claims_of(msg, signer=signing.AGGREGATOR_ID)
         return signing.verify(delivery.headers, delivery.body, claims, lambda _signer: key)
 
-    def _signed(self, msg: messages.Message, body: signing.Body) -> dict[str, str]:
+    def _signed(self, msg: messages.Message, body: signing.Body, digest: bytes | None = None) -> dict[str, str]:
         """The signature headers of what this worker publishes (--signing-key), or none."""
         key = self._signing_key
-        return {} if key is None else signing.sign_headers(key, signing.claims_of(msg), body)
+        return {} if key is None else signing.sign_headers(key, signing.claims_of(msg), body, digest=digest)
 
     def _on_client_failure(self, error: BrokerError) -> None:
         """The broker client gave up (a permanent error while reconnecting): stop with it."""
@@ -682,12 +682,14 @@ class Worker:
             if count > 1 and index == max(0, count // 2 - 1):
                 self.at("half_published", task.task_id)
 
+        # one SHA-256 of the body where both need it: the signature and the chunks' digest header
+        digest = signing.body_digest(body) if self._signing_key is not None else None
         # over --chunk-bytes: chunks, views of ``body``, at most two unconfirmed at a time; user_id:
         # RabbitMQ vouches for our broker user (aggregator --require-user-id)
         send_payload(client, self.topology.updates, body, chunk_bytes=self.config.chunk_bytes, message_id=message_id,
                      headers={"x-fedmq-task": task.task_id, "x-fedmq-worker": self.config.worker_id,
-                              **self._signed(msg, body)},
-                     stop=self.stop, grace_s=STOP_CONFIRM_GRACE_S, on_confirm=confirmed, sign=True)
+                              **self._signed(msg, body, digest)},
+                     stop=self.stop, grace_s=STOP_CONFIRM_GRACE_S, on_confirm=confirmed, sign=True, sha256=digest)
 
     def _report_failure(self, delivery: Delivery, task: messages.Task, reason: str) -> None:
         """Tell the aggregator this worker cannot do ``task`` (a ``failed`` control on the updates

@@ -313,6 +313,20 @@ def test_run_sign_makes_keys_and_a_signed_run_completes(amqp_url: str, namespace
     assert hist["final"]["updates_applied"] == 4 and hist["final"]["updates_rejected"] == 0
 
 
+def test_a_signed_run_with_chunked_models_and_updates_completes(amqp_url: str, namespace: str, tmp_path: Path,
+                                                                 procs: Procs) -> None:
+    """Signatures over chunks: each side hashes a payload once (the worker signs the digest it also
+    puts in the chunk headers; the aggregator verifies with the digest it checked the chunks
+    against). digits 64 -> 256 -> 10 is 19,210 parameters, 76,840 bytes: two 64 KiB chunks."""
+    out = tmp_path / "run"
+    procs.start("run", "run", "--workers", "2", "--sign", "--rounds", "2", "--partition", "iid", "--out", str(out),
+                "--hidden", "256", "--chunk-bytes", "65536", "--display", "plain", "--amqp-url", amqp_url,
+                "--namespace", namespace)
+    assert procs.wait("run", 120) == 0, procs.log("run") + (out / "logs" / "aggregator.log").read_text()
+    hist = read_history(out)
+    assert hist["final"]["updates_applied"] == 4 and hist["final"]["updates_rejected"] == 0
+
+
 def test_a_worker_signs_its_updates_failure_reports_and_presence(amqp_url: str, namespace: str, shards: Path,
                                                                    tmp_path: Path, forger: Forger) -> None:
     keys = Keys(tmp_path / "keys", ["w0", "wf"])

@@ -294,3 +294,16 @@ def test_released_spill_pages_leave_the_process_and_keep_their_bytes(tmp_path) -
     assert bytes(view[:4]) == b"\x07" * 4 and int(np.frombuffer(view, dtype=np.uint8)[-1]) == 7
     release_pages(memoryview(bytearray(10)))  # not a spill buffer: nothing happens
     release_pages(np.zeros(3))
+
+
+def test_a_put_together_payload_carries_the_digest_it_was_checked_against() -> None:
+    import hashlib
+
+    b = body(5000, 5)
+    given = hashlib.sha256(b).digest()
+    count, pieces = ch.split_pieces([b[:1234], b[1234:]], 1000, "p", sha256=given)
+    chunks = list(pieces)
+    assert count == 5 and chunks[0].headers[ch.DIGEST_HEADER] == given.hex()
+    r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    done = [o for o in feed(r, chunks) if isinstance(o, ch.Complete)]
+    assert len(done) == 1 and done[0].sha256 == given and bytes(done[0].body) == b

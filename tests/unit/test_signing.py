@@ -259,3 +259,19 @@ def test_keys_generate_command(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "key id '../x'" in bad.stderr
     assert not (tmp_path / "k2" / "ok.key").exists()  # nothing written when one id is bad
+
+
+def test_a_digest_known_already_stands_for_the_body_and_is_not_hashed_again(key: Ed25519PrivateKey) -> None:
+    """A chunked payload's SHA-256 is computed once per side: the worker signs the digest it also
+    puts in the chunk headers, the aggregator verifies with the digest it checked the chunks
+    against. The digest given is what is verified: the wrong one fails, whatever the body."""
+    msg = update()
+    body = messages.encode(msg)
+    digest = hashlib.sha256(body).digest()
+    headers = sign_headers(key, claims_of(msg), messages.encode_pieces(msg), digest=digest)
+    assert headers == sign_headers(key, claims_of(msg), body)  # Ed25519 is deterministic
+    keys = lambda _signer: key.public_key()  # noqa: E731
+    assert verify(headers, body, claims_of(msg), keys, digest=digest) is None
+    other = hashlib.sha256(body + b"x").digest()
+    reason = verify(headers, body, claims_of(msg), keys, digest=other)
+    assert reason is not None and reason.startswith("bad signature")
