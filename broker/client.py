@@ -571,11 +571,19 @@ class Client:
         sub.paused = True
         self._submit(lambda: self._cancel(sub))
 
-    def resume(self, queue: str) -> None:
+    def resume(self, queue: str, *, fresh: bool = False) -> None:
+        """Receive from ``queue`` again. A stream resumes after the last message handled, unless
+        ``fresh``: then from the offset its subscription's ``arguments`` name (e.g. ``last``)."""
         sub = self._subs[queue]
         if sub.paused:
             sub.paused = False
-            self._submit(lambda: self._consume(sub))
+
+            def op() -> None:
+                if fresh:
+                    sub.next_offset = None
+                self._consume(sub)
+
+            self._submit(op)
 
     def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
         """Run ``fn(channel)`` on the I/O thread and return its result (admin operations).
