@@ -22,7 +22,17 @@ Goals: CPU per update flat in N (reported as the ratio to N=4); peak <= (K + 4) 
 model bytes is reported against K + 4 = 7. A diagnostic row repeats the 10M point with
 ``--checkpoint-every 1`` (acks after every update) to show how much of the peak is held
 update bodies awaiting their checkpoint.
-Run: ``python bench/scale.py [--quick] [--profile DIR]``.
+
+``--fetch`` runs the model-fetch sweep instead (issue 15, "bytes per async update flat in N"):
+N = 4, 16, 64, 256, 1000 in-process workers, ~100k model, and with ``--base DIR`` (a checkout of
+an older commit, e.g. ``git worktree add /tmp/base aba9db9``) the same points for that code
+interleaved in the same run (N = 4 and 64 by default, ``--base-n``). Per applied update, over the
+same window: aggregator CPU (ratio to N=4), the bytes the worker pool process read (``rchar``
+of /proc/PID/io: its sockets, i.e. model versions plus small tasks) as multiples of the model
+size, and the CPU of the shared RabbitMQ node (the oldest ``beam.smp``; other users of the
+broker add to it).
+Run: ``python bench/scale.py [--quick] [--profile DIR]`` or ``python bench/scale.py --fetch
+[--base DIR] [--updates N]``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,11 +79,53 @@ QUICK_UPDATES = {"100k": 90, "1M": 45, "10M": 15}
 FLAT_TOLERANCE = 1.25  # "flat": within 25% of the N=4 cost
 
 
+def shared_broker_pid() -> int | None:
+    """The oldest beam.smp: the shared node started with the machine, not a test's private node."""
+    found: list[tuple[int, int]] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    stat = (entry / "stat").read_text()
+                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
+            except (OSError, ValueError, IndexError):
+                continue
+    return min(found)[1] if found else None
+
+
+def bytes_read(pid: int) -> int | None:
+    """Bytes received so far by the TCP sockets of process ``pid`` (``ss -tin``: the kernel's
+    ``bytes_received`` per socket; /proc/PID/io does not count recv(2)). None if ss fails."""
+    try:
+        out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    total, mine = 0, False
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            mine = f"pid={pid}," in line
+        elif mine:
+            m = re.search(r"bytes_received:(\d+)", line)
+            total += int(m.group(1)) if m else 0
+    return total
+
+
+def cli_argv(root: Path | None, *args: str) -> list[str]:
+    """The fedmq CLI of this checkout, or of the checkout at ``root`` (its fedmq/ must hold links
+    shared, broker, worker, aggregator -> ../NAME, so that it imports as installed)."""
+    if root is None:
+        return fedmq_argv(*args)
+    code = (f"import os, runpy, sys; os.chdir({str(root)!r}); sys.path.insert(0, {str(root)!r}); "
+            "sys.argv[0] = 'fedmq'; runpy.run_module('fedmq.cli', run_name='__main__')")
+    return [sys.executable, "-c", code, *args]
+
+
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, updates: int,
-              extra: list[str], tag: str, profile: Path | None) -> dict[str, Any]:
+              extra: list[str], tag: str, profile: Path | None, root: Path | None = None) -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-{tag}"
-    argv = fedmq_argv(
+    argv = cli_argv(
+        root,
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
         "--max-updates", str(updates), "--min-workers", str(n), "--hidden", str(hidden),
         "--trainer", "bench.standin:NoiseTrainer", "--test-data", str(work / "data" / "test.npz"),
@@ -83,25 +137,33 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     load = loadavg()
     agg = children.spawn(f"aggregator-{tag}", argv, pipe_stderr=True)
     cpu = CpuSnapshots()
+    broker = shared_broker_pid()
+    if broker is not None:
+        cpu.groups["rabbitmq"] = [broker]
     cpu.watch("aggregator", agg.pid)
     marks: list[tuple[int, float, float | None, dict[str, float]]] = []
+    pool_pid: list[int] = []
+    pool_read: dict[int, int | None] = {}  # mark index -> the pool's bytes read then
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
         if doc["event"] == "version_evaluated":
+            if pool_pid and (not pool_read or int(doc["updates_applied"]) >= updates):  # the first and the last
+                pool_read[len(marks)] = bytes_read(pool_pid[0])
             marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid), cpu.snapshot()))
 
     reader = EventReader(agg.stderr, children.log_dir / f"aggregator-{tag}.jsonl", on_event)
     pool = children.spawn(
         f"workers-{tag}",
-        fedmq_argv("workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
+        cli_argv(root, "workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
                    "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", AMQP_URL,
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )
     cpu.watch("workers", pool.pid)
+    pool_pid.append(pool.pid)
     hwm_kb = 0
     maxrss_kb = 0
-    deadline = time.monotonic() + 120 + updates * mlp_param_count(hidden) * 4 / 2e6
+    deadline = time.monotonic() + 120 + n * 0.5 + updates * mlp_param_count(hidden) * 4 / 2e6
     while True:
         pid, status, usage = os.wait4(agg.pid, os.WNOHANG)
         if pid == agg.pid:
@@ -120,9 +182,12 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     ledger = [json.loads(x) for x in (run_dir / "updates.jsonl").read_text().splitlines() if x.strip()]
     applied = sum(1 for e in ledger if e.get("fate") == "applied")
     shutil.rmtree(run_dir, ignore_errors=True)
-    valid = [m for m in marks if m[2] is not None]
-    first, last = valid[0], valid[-1]
+    valid = [i for i, m in enumerate(marks) if m[2] is not None and i in pool_read]
+    i0, i1 = valid[0], valid[-1]
+    first, last = marks[i0], marks[i1]
     span = last[0] - first[0]
+    r0, r1 = pool_read.get(i0), pool_read.get(i1)
+    read_per_update = (r1 - r0) / span if r0 is not None and r1 is not None and span else float("nan")
     peak_kb = max(hwm_kb, maxrss_kb)
     system = CpuSnapshots.delta(first[3], last[3])
     return {
@@ -134,6 +199,8 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "system_cpu_ms_per_update": {k: 1e3 * system[k] / span for k in ("workers", "rabbitmq", "other", "machine_busy")
                                      if k in system},
         "machine_busy_pct": 100 * system["machine_busy"] / system["machine_total"],
+        "worker_bytes_per_update": read_per_update,
+        "worker_models_per_update": read_per_update / (mlp_param_count(hidden) * 4),
     }
 
 
@@ -144,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/scale.json)")
     parser.add_argument("--only", default=None,
                         help="comma-separated point tags to run, e.g. workers-n4-100k,workers-n64-100k (experiments)")
+    parser.add_argument("--fetch", action="store_true", help="the model-fetch sweep: N = 4 ... 1000, 100k model")
+    parser.add_argument("--base", type=Path, default=None, help="with --fetch: also run this checkout (same points)")
+    parser.add_argument("--base-n", default="4,64", help="with --base: the N to run the base at")
+    parser.add_argument("--n", default="4,16,64,256,1000", help="with --fetch: the N to run")
+    parser.add_argument("--updates", type=int, default=240, help="with --fetch: applied updates per point")
     args = parser.parse_args(argv)
+    if args.fetch:
+        return fetch_sweep(args)
     counts = QUICK_UPDATES if args.quick else UPDATES
     # (sweep, N, model, extra aggregator args)
     points: list[tuple[str, int, str, list[str]]] = [
@@ -224,6 +298,62 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     return 0 if all(r["flat_pass"] is not False and r["mem_pass"] is not False for r in rows
                     if r["sweep"] != "diagnostic") else 1
+
+
+def fetch_sweep(args: argparse.Namespace) -> int:
+    """Issue 15: model bytes read by workers, aggregator and broker CPU per update, as N grows."""
+    ns_list = [int(x) for x in args.n.split(",")]
+    base_ns = {int(x) for x in args.base_n.split(",")} if args.base is not None else set()
+    points: list[tuple[str, int]] = []
+    for n in ns_list:
+        if n in base_ns:
+            points.append(("base", n))
+        points.append(("this", n))
+    namespace = new_namespace("fetch")
+    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-fetch-"))
+    write_synthetic(work / "data", shards=max(ns_list), per_shard=8, test=64)
+    children = Children(work / "logs")
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        for i, (code, n) in enumerate(points):
+            ns = f"{namespace}-{i}"
+            tag = f"fetch-{code}-n{n}"
+            try:
+                row = run_point(children, work, ns, n, "100k", args.updates, [], tag, None,
+                                args.base if code == "base" else None)
+            finally:
+                children.stop_all()
+                delete_namespace(ns)
+            row["code"] = code
+            rows.append(row)
+            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
+                  f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}",
+                  file=sys.stderr)
+    except BaseException:
+        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        delete_namespace(namespace)
+    shutil.rmtree(work, ignore_errors=True)
+    for r in rows:
+        ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == min(ns_list)), r)
+        r["cpu_vs_n4"] = r["cpu_ms_per_update"] / ref["cpu_ms_per_update"]
+        r["flat_pass"] = bool(r["cpu_vs_n4"] <= FLAT_TOLERANCE)
+        r["bytes_pass"] = bool(r["worker_models_per_update"] <= 2.0)
+    headers = ["code", "N", "upd", "agg CPU ms/upd", "vs N=4", "flat", "models read/upd", "<= 2", "broker CPU ms/upd",
+               "pool CPU ms/upd", "upd/s", "load"]
+    print(table(headers, [[r["code"], r["workers"], r["window_updates"], r["cpu_ms_per_update"], r["cpu_vs_n4"],
+                           "PASS" if r["flat_pass"] else "MISS", r["worker_models_per_update"],
+                           "PASS" if r["bytes_pass"] else "MISS",
+                           r["system_cpu_ms_per_update"].get("rabbitmq", float("nan")),
+                           r["system_cpu_ms_per_update"].get("workers", float("nan")), r["updates_per_s"],
+                           r["loadavg"]] for r in rows]))
+    out = write_result("scale_fetch", {"k": K, "base": str(args.base) if args.base else None, "updates": args.updates,
+                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
+    print(f"wrote {out}")
+    return 0 if all(r["flat_pass"] and r["bytes_pass"] for r in rows if r["code"] == "this") else 1
 
 
 if __name__ == "__main__":

@@ -211,15 +211,15 @@ def test_junk_and_far_ahead_models_on_the_stream_mid_run_stop_no_worker(
     assert hist["final"]["reached_target"], hist["final"]
     ledger = read_ledger(run)
     assert [e for e in ledger if e.get("worker_id") == "w3" and e["fate"] == "applied"], "w3 never took part"
-    # Known weakness (README, Limits): an async task names no version, so a late joiner whose first
-    # read of the stream was the forged far-ahead version may answer one task from it before the
-    # run's next version replaces it. That answer is rejected as based on version 10^6, never applied.
+    # every task names its version (async: the one current when issued), and a version more than
+    # 1000 ahead of it is never believed: not even a late joiner that read the forged one first
+    # answers a task from it (this was README's "Limits" weakness)
     rejected = [e for e in ledger if e["fate"] == "rejected"]
-    assert not rejected if mode_args is SYNC else len(rejected) <= 2, rejected
-    assert all(str(10**6) in str(e.get("reason")) for e in rejected), rejected
+    assert not rejected, rejected
     for name in ("w0", "w1", "w2", "w3"):  # told to stop, none died of what it read
         assert procs.wait(name, 30) == 0, procs.log(name)
-    assert any("skipping a model message" in procs.log(n) for n in ("w0", "w1", "w2", "w3"))
+    if mode_args is SYNC:  # async workers fetch at a task's start: they may never read the junk at all
+        assert any("skipping a model message" in procs.log(n) for n in ("w0", "w1", "w2", "w3"))
 
 
 def test_a_late_answer_to_a_task_reissued_after_the_task_timeout_is_applied(
