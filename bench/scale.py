@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,40 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     }
 
 
+PointFn = Callable[[Children, Path, str, str], dict[str, Any]]
+
+
+def run_all(name: str, shards: int, per_shard: int, points: list[tuple[str, dict[str, Any], PointFn]],
+            note: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Run each point (tag, fields added to its row, fn(children, work, namespace, tag)) on its
+    own namespace over one synthetic dataset; every process stopped and namespace deleted after each."""
+    namespace = new_namespace(name)
+    work = Path(tempfile.mkdtemp(prefix=f"fedmq-bench-{name}-"))
+    write_synthetic(work / "data", shards=shards, per_shard=per_shard, test=64)
+    children = Children(work / "logs")
+    rows: list[dict[str, Any]] = []
+    try:
+        for i, (tag, fields, fn) in enumerate(points):
+            ns = f"{namespace}-{i}"
+            try:
+                row = fn(children, work, ns, tag)
+            finally:
+                children.stop_all()
+                delete_namespace(ns)
+            row.update(fields)
+            rows.append(row)
+            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
+                  f"{note(row)}", file=sys.stderr)
+    except BaseException:
+        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        delete_namespace(namespace)
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer updates, no 1M worker sweep, no diagnostic row")
@@ -238,32 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         if not any(p[1] == 4 and p[2] == "100k" and not p[3] for p in points):
             parser.error("--only must include workers-n4-100k (the memory base)")
 
-    namespace = new_namespace("scale")
-    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-scale-"))
-    write_synthetic(work / "data", shards=max(n for _, n, _, _ in points), per_shard=32, test=64)
-    children = Children(work / "logs")
-    rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
-        for i, (sweep, n, label, extra) in enumerate(points):
-            ns = f"{namespace}-{i}"
-            tag = f"{sweep}-n{n}-{label}"
-            try:
-                row = run_point(children, work, ns, n, label, counts[label], extra, tag, args.profile)
-            finally:
-                children.stop_all()
-                delete_namespace(ns)
-            row["sweep"] = sweep
-            rows.append(row)
-            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
-                  f"peak {row['peak_mb']:.0f} MB", file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
-    shutil.rmtree(work, ignore_errors=True)
+    rows = run_all("scale", max(n for _, n, _, _ in points), 32, [
+        (f"{sweep}-n{n}-{label}", {"sweep": sweep},
+         lambda ch, work, ns, tag, n=n, label=label, extra=extra: run_point(
+             ch, work, ns, n, label, counts[label], extra, tag, args.profile))
+        for sweep, n, label, extra in points
+    ], lambda row: f"peak {row['peak_mb']:.0f} MB")
 
     base_row = next(r for r in rows if r["workers"] == 4 and r["model"] == "100k" and not r["extra_args"])
     base_mb = base_row["peak_mb"]
@@ -309,34 +325,13 @@ def fetch_sweep(args: argparse.Namespace) -> int:
         if n in base_ns:
             points.append(("base", n))
         points.append(("this", n))
-    namespace = new_namespace("fetch")
-    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-fetch-"))
-    write_synthetic(work / "data", shards=max(ns_list), per_shard=8, test=64)
-    children = Children(work / "logs")
-    rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
-        for i, (code, n) in enumerate(points):
-            ns = f"{namespace}-{i}"
-            tag = f"fetch-{code}-n{n}"
-            try:
-                row = run_point(children, work, ns, n, "100k", args.updates, [], tag, None,
-                                args.base if code == "base" else None)
-            finally:
-                children.stop_all()
-                delete_namespace(ns)
-            row["code"] = code
-            rows.append(row)
-            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
-                  f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}",
-                  file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
-    shutil.rmtree(work, ignore_errors=True)
+    rows = run_all("fetch", max(ns_list), 8, [
+        (f"fetch-{code}-n{n}", {"code": code},
+         lambda ch, work, ns, tag, n=n, code=code: run_point(
+             ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None))
+        for code, n in points
+    ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}")
     for r in rows:
         ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == min(ns_list)), r)
         r["cpu_vs_n4"] = r["cpu_ms_per_update"] / ref["cpu_ms_per_update"]
