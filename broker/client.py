@@ -365,6 +365,7 @@ class Client:
         self._thread: threading.Thread | None = None
         self._failure: BrokerError | None = None
         self._broker_max_bytes: int | None = None
+        self._qos: int | None = None  # the prefetch the channel gives new consumers (one RPC less per consume)
         self._broker_version = ""
         self._backoff = settings.reconnect_initial_s
         self.reconnects = 0
@@ -706,6 +707,7 @@ class Client:
                     }) from None
             self._generation += 1
             self._chan = chan
+            self._qos = None
             for sub in self._subs.values():
                 sub.consumer_tag = None
                 if not sub.paused:
@@ -760,7 +762,9 @@ class Client:
                     chan.queue_declare(sub.queue, durable=True, arguments={
                         "x-queue-type": "quorum", "x-expires": max(1000, int(sub.expires_s * 1000))})
                 chan.queue_bind(sub.queue, sub.bind_exchange)
-            chan.basic_qos(prefetch_count=sub.prefetch)
+            if self._qos != sub.prefetch:  # a consumer attached on demand (the model stream) repeats it
+                chan.basic_qos(prefetch_count=sub.prefetch)
+                self._qos = sub.prefetch
             arguments = dict(sub.arguments()) if sub.arguments else None
             start = arguments.get(STREAM_OFFSET) if arguments is not None else None
             explicit = isinstance(start, int) and not isinstance(start, bool)
