@@ -94,21 +94,31 @@ def shared_broker_pid() -> int | None:
     return min(found)[1] if found else None
 
 
-def bytes_read(pid: int) -> int | None:
-    """Bytes received so far by the TCP sockets of process ``pid`` (``ss -tin``: the kernel's
-    ``bytes_received`` per socket; /proc/PID/io does not count recv(2)). None if ss fails."""
+def bytes_read(pid: int) -> dict[str, int] | None:
+    """Bytes received so far by each TCP socket of process ``pid``, by local address (``ss -tin``:
+    the kernel's ``bytes_received``; /proc/PID/io does not count recv(2)). None if ss fails."""
     try:
         out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    total, mine = 0, False
+    got: dict[str, int] = {}
+    local = None
     for line in out.splitlines():
         if not line.startswith(("\t", " ")):
-            mine = f"pid={pid}," in line
-        elif mine:
+            fields = line.split()
+            local = fields[3] if f"pid={pid}," in line and len(fields) > 3 else None
+        elif local is not None:
             m = re.search(r"bytes_received:(\d+)", line)
-            total += int(m.group(1)) if m else 0
-    return total
+            got[local] = int(m.group(1)) if m else 0
+    return got
+
+
+def read_between(a: dict[str, int] | None, b: dict[str, int] | None) -> float:
+    """Bytes read between two :func:`bytes_read` snapshots (a socket opened since counts from 0;
+    one closed since is not counted: a reconnecting worker reads a little more than this)."""
+    if a is None or b is None:
+        return float("nan")
+    return float(sum(v - a.get(k, 0) for k, v in b.items()))
 
 
 def cli_argv(root: Path | None, *args: str) -> list[str]:
@@ -122,7 +132,8 @@ def cli_argv(root: Path | None, *args: str) -> list[str]:
 
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, updates: int,
-              extra: list[str], tag: str, profile: Path | None, root: Path | None = None) -> dict[str, Any]:
+              extra: list[str], tag: str, profile: Path | None, root: Path | None = None,
+              broker_pid: int | None = None) -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-{tag}"
     argv = cli_argv(
@@ -138,13 +149,13 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     load = loadavg()
     agg = children.spawn(f"aggregator-{tag}", argv, pipe_stderr=True)
     cpu = CpuSnapshots()
-    broker = shared_broker_pid()
+    broker = broker_pid or shared_broker_pid()
     if broker is not None:
         cpu.groups["rabbitmq"] = [broker]
     cpu.watch("aggregator", agg.pid)
     marks: list[tuple[int, float, float | None, dict[str, float]]] = []
     pool_pid: list[int] = []
-    pool_read: dict[int, int | None] = {}  # mark index -> the pool's bytes read then
+    pool_read: dict[int, dict[str, int] | None] = {}  # mark index -> the pool's bytes read then, per socket
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
         if doc["event"] == "version_evaluated":
@@ -182,13 +193,14 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         raise RuntimeError(f"{tag}: aggregator exited with {agg.returncode}; see {children.log_dir}")
     ledger = [json.loads(x) for x in (run_dir / "updates.jsonl").read_text().splitlines() if x.strip()]
     applied = sum(1 for e in ledger if e.get("fate") == "applied")
+    taus = [float(e.get("staleness") or 0) for e in ledger if e.get("fate") == "applied"]
+    fates = {f: sum(1 for e in ledger if e.get("fate") == f) for f in {str(e.get("fate")) for e in ledger}}
     shutil.rmtree(run_dir, ignore_errors=True)
     valid = [i for i, m in enumerate(marks) if m[2] is not None and i in pool_read]
     i0, i1 = valid[0], valid[-1]
     first, last = marks[i0], marks[i1]
     span = last[0] - first[0]
-    r0, r1 = pool_read.get(i0), pool_read.get(i1)
-    read_per_update = (r1 - r0) / span if r0 is not None and r1 is not None and span else float("nan")
+    read_per_update = read_between(pool_read.get(i0), pool_read.get(i1)) / span if span else float("nan")
     peak_kb = max(hwm_kb, maxrss_kb)
     system = CpuSnapshots.delta(first[3], last[3])
     return {
@@ -200,7 +212,8 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "system_cpu_ms_per_update": {k: 1e3 * system[k] / span for k in ("workers", "rabbitmq", "other", "machine_busy")
                                      if k in system},
         "machine_busy_pct": 100 * system["machine_busy"] / system["machine_total"],
-        "worker_bytes_per_update": read_per_update,
+        "worker_bytes_per_update": read_per_update, "fates": fates,
+        "staleness_mean": sum(taus) / len(taus) if taus else float("nan"),
         "worker_models_per_update": read_per_update / (mlp_param_count(hidden) * 4),
     }
 
@@ -235,7 +248,10 @@ def run_all(name: str, shards: int, per_shard: int, points: list[tuple[str, dict
     finally:
         children.stop_all()
         delete_namespace(namespace)
-    shutil.rmtree(work, ignore_errors=True)
+    if os.environ.get("FEDMQ_BENCH_KEEP_LOGS"):
+        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -251,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-n", default="4,64", help="with --base: the N to run the base at")
     parser.add_argument("--n", default="4,16,64,256,1000", help="with --fetch: the N to run")
     parser.add_argument("--updates", type=int, default=240, help="with --fetch: applied updates per point")
+    parser.add_argument("--broker-pid", type=int, default=None,
+                        help="the beam.smp of the node at FEDMQ_BENCH_AMQP_URL (default: the oldest one)")
     args = parser.parse_args(argv)
     if args.fetch:
         return fetch_sweep(args)
@@ -329,7 +347,8 @@ def fetch_sweep(args: argparse.Namespace) -> int:
     rows = run_all("fetch", max(ns_list), 8, [
         (f"fetch-{code}-n{n}", {"code": code},
          lambda ch, work, ns, tag, n=n, code=code: run_point(
-             ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None))
+             ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None,
+             args.broker_pid))
         for code, n in points
     ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}")
     for r in rows:
@@ -338,12 +357,13 @@ def fetch_sweep(args: argparse.Namespace) -> int:
         r["flat_pass"] = bool(r["cpu_vs_n4"] <= FLAT_TOLERANCE)
         r["bytes_pass"] = bool(r["worker_models_per_update"] <= 2.0)
     headers = ["code", "N", "upd", "agg CPU ms/upd", "vs N=4", "flat", "models read/upd", "<= 2", "broker CPU ms/upd",
-               "pool CPU ms/upd", "upd/s", "load"]
+               "pool CPU ms/upd", "upd/s", "staleness", "not applied", "load"]
     print(table(headers, [[r["code"], r["workers"], r["window_updates"], r["cpu_ms_per_update"], r["cpu_vs_n4"],
                            "PASS" if r["flat_pass"] else "MISS", r["worker_models_per_update"],
                            "PASS" if r["bytes_pass"] else "MISS",
                            r["system_cpu_ms_per_update"].get("rabbitmq", float("nan")),
                            r["system_cpu_ms_per_update"].get("workers", float("nan")), r["updates_per_s"],
+                           r["staleness_mean"], sum(v for f, v in r["fates"].items() if f != "applied"),
                            r["loadavg"]] for r in rows]))
     out = write_result("scale_fetch", {"k": K, "base": str(args.base) if args.base else None, "updates": args.updates,
                                        "wall_s": time.monotonic() - started, "rows": rows}, args.json)

@@ -511,6 +511,7 @@ class Worker:
             arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
             paused=True,  # attached by a task that needs a model this worker does not hold
+            own_channel=True,  # detached by closing it: a cancel would reject what is in flight
         )
         # a task stays unacked while it trains: longer than the broker's default consumer timeout (30 min)
         client.subscribe(self.topology.tasks, self._on_task, prefetch=1,
