@@ -432,3 +432,44 @@ def test_a_forged_version_far_ahead_of_the_tasks_is_never_trained_on_by_a_late_j
     bench.model(6, RUN_A)  # the run's next version
     assert expect_update(bench).base_version == 6
     assert w.finish() == {"code": 0}
+
+
+def test_fetching_while_versions_stream_in_keeps_the_connection(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """A worker detaches from the model stream with versions still in flight to it: a stream
+    refuses the reject a plain consumer cancel sends for them by closing the connection, which
+    would return the task unacked (a reconnect, and the task answered twice)."""
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    running.append(w)
+    bench.next_presence("hello")
+    publisher = Client(bench.settings, bench.topology, name="publisher").start()
+    stop = threading.Event()
+    published = [0]
+
+    def publish() -> None:
+        architecture = {k: v for k, v in SPEC.items() if k != "trainer"}
+        body_of = {}
+        while not stop.is_set():
+            v = published[0]
+            params = MLPTrainer({**architecture, "seed": 0}).init_params() if not body_of else body_of["p"]
+            body_of["p"] = params
+            msg = messages.ModelVersion(version=v, params=params, spec=SPEC, run_id=RUN_A)
+            publisher.publish(bench.topology.models, messages.encode(msg), headers={VERSION_HEADER: v, RUN_HEADER: RUN_A},
+                              timeout=10)
+            published[0] = v + 1
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        for i in range(12):
+            wait_for(lambda i=i: published[0] > 3 * i + 1, 30, "versions published")
+            v = published[0] - 1
+            bench.task(f"t{i}", RUN_A, version=v)
+            assert expect_update(bench).base_version >= v
+    finally:
+        stop.set()
+        thread.join(30)
+        publisher.close()
+    assert w.worker.client is not None and w.worker.client.reconnects == 0
+    assert w.worker.follower is not None and w.worker.follower.attaches >= 1
+    assert w.finish() == {"code": 0}
