@@ -1,4 +1,4 @@
-"""A fedmq worker: follows the model stream, pulls tasks, trains on its shard, publishes updates.
+"""A fedmq worker: pulls tasks, fetches the model each needs, trains on its shard, publishes updates.
 
 This module is the plumbing around :mod:`fedmq.worker.task` (which turns a model, a task and
 the shard into an update, a skip or a failure): the trust check and decoding of tasks,
@@ -7,9 +7,12 @@ failure report and settling the task with the broker. The protocol is docs/proto
 
 Runs: streams outlive runs, so the worker keeps the newest model versions per run id (of the
 last few runs, :class:`ModelBox`) and trains a task on the model of the task's run: the exact
-version of a synchronous task, the newest of its run for an asynchronous one. A model that
-has not arrived is waited for, up to ``model_wait_s`` (logged once), then the task goes back
-to the queue. A stop names its run: the worker leaves after the stop of the run it serves
+version of a synchronous task, the newest it holds from the version an asynchronous task names
+(the one current when it was issued). It does not follow the model stream: a task whose model
+it does not hold attaches it at ``last``, reads until that model is complete and valid, and
+detaches, so the versions it has no use for are never delivered to it (issue 15: bytes per
+update flat in the number of workers). A model that has not arrived is waited for, up to
+``model_wait_s`` (logged once), then the task goes back to the queue. A stop names its run: the worker leaves after the stop of the run it serves
 (the run of its last task), or with ``serve`` forgets that run and waits for the next one; a
 stop for another run is ignored. Nothing read from the model stream stops a worker: a message
 that does not decode, whose spec the trainer cannot build, or whose version is absurdly far
@@ -38,8 +41,8 @@ run) makes the worker refuse: ``Control(kind="refused")`` on the presence stream
 back to the queue, and :class:`~fedmq.shared.errors.WorkerRefused` (exit code 2).
 
 In synchronous mode a worker trains at most once per model version: it cancels its task
-consumer before acking and resumes when a newer version of that run, or a model of another
-run, appears on the stream.
+consumer before acking, reads the model stream on from where it stopped, and resumes (and
+detaches the stream) when a newer version of that run, or a model of another run, appears.
 
 Events (:mod:`fedmq.shared.events`): ``task_started``, ``update_confirmed``, ``task_failed``.
 :meth:`Worker.at` is called at the points of the same names; it does nothing and is there to
