@@ -187,15 +187,17 @@ class StreamFollower:
         self.skipped = 0
         self.rewinds = 0  # times it attached again at a payload's first chunk
         self.attaches = 0  # times :meth:`attach` subscribed
+        self.first_offset: int | None = None  # the stream offset of the first message read since attach
         self.deliveries = 0  # messages (whole payloads or chunks) read from the stream
         self.bytes_read = 0  # their bodies' bytes
 
-    def attach(self, *, fresh: bool = True) -> None:
-        """Subscribe (the subscription was made ``paused``): ``fresh`` at ``last`` (rewound to the
-        first chunk of a payload it lands in), else after the last message read before."""
+    def attach(self, *, fresh: bool = True, offset: int | None = None) -> None:
+        """Subscribe (the subscription was made ``paused``): at ``offset``, else ``fresh`` at ``last``
+        (rewound to the first chunk of a payload it lands in), else after the last message read."""
         with self._lock:
             self._detached = False
-            self._rewind = None
+            self._rewind = offset
+            self.first_offset = None
             self.attaches += 1
             self.client.resume(self.queue, fresh=fresh)
 
@@ -215,6 +217,8 @@ class StreamFollower:
         self.deliveries += 1
         self.bytes_read += len(delivery.body)
         headers = delivery.headers
+        if self.first_offset is None and _is_int(headers.get(STREAM_OFFSET_HEADER)):
+            self.first_offset = int(headers[STREAM_OFFSET_HEADER])
         if not chunking.is_chunk(headers):
             self.handler(delivery)
             return

@@ -91,6 +91,11 @@ LARGE_MODEL_BYTES = 64 * 1024 * 1024
 BAD_MODEL_LOG_LIMIT = 20
 #: model stream messages in flight to a worker: a chunked version streams, a detach wastes at most this many
 MODEL_PREFETCH = 2
+#: a fetch that read messages from ``last`` but found no model for its task after this long reads
+#: from further back (messages after the run's version that are not its: forged, junk, another run's)
+FETCH_STEP_S = 2.0
+#: how many stream messages the first step back goes (then 4x more each time)
+FETCH_BACK = 8
 
 __all__ = ["MAX_TASK_BYTES", "MAX_VERSION_JUMP", "ModelBox", "Unusable", "Worker", "WorkerConfig",
            "default_worker_id", "derive_seed"]
@@ -724,9 +729,26 @@ class Worker:
             log.info("worker %s: task %s waits for %s of run %s (up to %.0f s)", cfg.worker_id, task.task_id, what,
                      run_name(run), cfg.model_wait_s)
 
+        deadline = time.monotonic() + cfg.model_wait_s
+        back = FETCH_BACK
+        on_wait: Callable[[], None] | None = waiting
         follower.attach(fresh=True)
         try:
-            return get(cfg.model_wait_s, waiting)
+            while True:
+                out = get(max(0.0, min(FETCH_STEP_S, deadline - time.monotonic())), on_wait)
+                on_wait = None
+                done = isinstance(out, messages.ModelVersion) or (sync and out is not None)
+                if done or self.stop.is_set() or time.monotonic() >= deadline:
+                    return out
+                start = follower.first_offset
+                if start is None or start == 0:
+                    continue  # nothing read yet, or read from the stream's start: wait on
+                # what follows the run's version is not a model for this task: read from further back
+                log.info("worker %s: task %s: no model for it from the stream's last messages; reading from "
+                         "offset %d", cfg.worker_id, task.task_id, max(0, start - back))
+                follower.detach()
+                follower.attach(offset=max(0, start - back))
+                back *= 4
         finally:
             follower.detach()
 
