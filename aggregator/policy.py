@@ -311,7 +311,9 @@ class AsyncUpdates:
         while len(st.outstanding) < want:
             st.task_seq += 1
             task_id = f"a{st.task_seq:06d}-{run.incarnation}"
-            out.append(run.task(task_id, version=None, round_=None, seed=cfg.seed * 1_000_003 + st.task_seq))
+            # the version current now: the worker trains from it or a newer one of this run (it
+            # fetches one if it holds none), and believes no version far ahead of it
+            out.append(run.task(task_id, version=st.version, round_=None, seed=cfg.seed * 1_000_003 + st.task_seq))
             st.outstanding[task_id] = now
             run.remember_issued(task_id)
         return out

@@ -22,7 +22,17 @@ Goals: CPU per update flat in N (reported as the ratio to N=4); peak <= (K + 4) 
 model bytes is reported against K + 4 = 7. A diagnostic row repeats the 10M point with
 ``--checkpoint-every 1`` (acks after every update) to show how much of the peak is held
 update bodies awaiting their checkpoint.
-Run: ``python bench/scale.py [--quick] [--profile DIR]``.
+
+``--fetch`` runs the model-fetch sweep instead (issue 15, "bytes per async update flat in N"):
+N = 4, 16, 64, 256, 1000 in-process workers, ~100k model, and with ``--base DIR`` (a checkout of
+an older commit, e.g. ``git worktree add /tmp/base aba9db9``) the same points for that code
+interleaved in the same run (N = 4 and 64 by default, ``--base-n``). Per applied update, over the
+same window: aggregator CPU (ratio to N=4), the bytes the worker pool process read (``rchar``
+of /proc/PID/io: its sockets, i.e. model versions plus small tasks) as multiples of the model
+size, and the CPU of the shared RabbitMQ node (the oldest ``beam.smp``; other users of the
+broker add to it).
+Run: ``python bench/scale.py [--quick] [--profile DIR]`` or ``python bench/scale.py --fetch
+[--base DIR] [--updates N]``.
 """
 
 from __future__ import annotations
@@ -30,10 +40,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +80,64 @@ QUICK_UPDATES = {"100k": 90, "1M": 45, "10M": 15}
 FLAT_TOLERANCE = 1.25  # "flat": within 25% of the N=4 cost
 
 
+def shared_broker_pid() -> int | None:
+    """The oldest beam.smp: the shared node started with the machine, not a test's private node."""
+    found: list[tuple[int, int]] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "beam.smp":
+                    stat = (entry / "stat").read_text()
+                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
+            except (OSError, ValueError, IndexError):
+                continue
+    return min(found)[1] if found else None
+
+
+def bytes_read(pid: int) -> dict[str, int] | None:
+    """Bytes received so far by each TCP socket of process ``pid``, by local address (``ss -tin``:
+    the kernel's ``bytes_received``; /proc/PID/io does not count recv(2)). None if ss fails."""
+    try:
+        out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    got: dict[str, int] = {}
+    local = None
+    for line in out.splitlines():
+        if not line.startswith(("\t", " ")):
+            fields = line.split()
+            local = fields[3] if f"pid={pid}," in line and len(fields) > 3 else None
+        elif local is not None:
+            m = re.search(r"bytes_received:(\d+)", line)
+            got[local] = int(m.group(1)) if m else 0
+    return got
+
+
+def read_between(a: dict[str, int] | None, b: dict[str, int] | None) -> float:
+    """Bytes read between two :func:`bytes_read` snapshots (a socket opened since counts from 0;
+    one closed since is not counted: a reconnecting worker reads a little more than this)."""
+    if a is None or b is None:
+        return float("nan")
+    return float(sum(v - a.get(k, 0) for k, v in b.items()))
+
+
+def cli_argv(root: Path | None, *args: str) -> list[str]:
+    """The fedmq CLI of this checkout, or of the checkout at ``root`` (its fedmq/ must hold links
+    shared, broker, worker, aggregator -> ../NAME, so that it imports as installed)."""
+    if root is None:
+        return fedmq_argv(*args)
+    code = (f"import os, runpy, sys; os.chdir({str(root)!r}); sys.path.insert(0, {str(root)!r}); "
+            "sys.argv[0] = 'fedmq'; runpy.run_module('fedmq.cli', run_name='__main__')")
+    return [sys.executable, "-c", code, *args]
+
+
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, updates: int,
-              extra: list[str], tag: str, profile: Path | None) -> dict[str, Any]:
+              extra: list[str], tag: str, profile: Path | None, root: Path | None = None,
+              broker_pid: int | None = None) -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-{tag}"
-    argv = fedmq_argv(
+    argv = cli_argv(
+        root,
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
         "--max-updates", str(updates), "--min-workers", str(n), "--hidden", str(hidden),
         "--trainer", "bench.standin:NoiseTrainer", "--test-data", str(work / "data" / "test.npz"),
@@ -83,25 +149,33 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     load = loadavg()
     agg = children.spawn(f"aggregator-{tag}", argv, pipe_stderr=True)
     cpu = CpuSnapshots()
+    broker = broker_pid or shared_broker_pid()
+    if broker is not None:
+        cpu.groups["rabbitmq"] = [broker]
     cpu.watch("aggregator", agg.pid)
     marks: list[tuple[int, float, float | None, dict[str, float]]] = []
+    pool_pid: list[int] = []
+    pool_read: dict[int, dict[str, int] | None] = {}  # mark index -> the pool's bytes read then, per socket
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
         if doc["event"] == "version_evaluated":
+            if pool_pid and (not pool_read or int(doc["updates_applied"]) >= updates):  # the first and the last
+                pool_read[len(marks)] = bytes_read(pool_pid[0])
             marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid), cpu.snapshot()))
 
     reader = EventReader(agg.stderr, children.log_dir / f"aggregator-{tag}.jsonl", on_event)
     pool = children.spawn(
         f"workers-{tag}",
-        fedmq_argv("workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
+        cli_argv(root, "workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
                    "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", AMQP_URL,
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )
     cpu.watch("workers", pool.pid)
+    pool_pid.append(pool.pid)
     hwm_kb = 0
     maxrss_kb = 0
-    deadline = time.monotonic() + 120 + updates * mlp_param_count(hidden) * 4 / 2e6
+    deadline = time.monotonic() + 120 + n * 0.5 + updates * mlp_param_count(hidden) * 4 / 2e6
     while True:
         pid, status, usage = os.wait4(agg.pid, os.WNOHANG)
         if pid == agg.pid:
@@ -119,10 +193,14 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         raise RuntimeError(f"{tag}: aggregator exited with {agg.returncode}; see {children.log_dir}")
     ledger = [json.loads(x) for x in (run_dir / "updates.jsonl").read_text().splitlines() if x.strip()]
     applied = sum(1 for e in ledger if e.get("fate") == "applied")
+    taus = [float(e.get("staleness") or 0) for e in ledger if e.get("fate") == "applied"]
+    fates = {f: sum(1 for e in ledger if e.get("fate") == f) for f in {str(e.get("fate")) for e in ledger}}
     shutil.rmtree(run_dir, ignore_errors=True)
-    valid = [m for m in marks if m[2] is not None]
-    first, last = valid[0], valid[-1]
+    valid = [i for i, m in enumerate(marks) if m[2] is not None and i in pool_read]
+    i0, i1 = valid[0], valid[-1]
+    first, last = marks[i0], marks[i1]
     span = last[0] - first[0]
+    read_per_update = read_between(pool_read.get(i0), pool_read.get(i1)) / span if span else float("nan")
     peak_kb = max(hwm_kb, maxrss_kb)
     system = CpuSnapshots.delta(first[3], last[3])
     return {
@@ -134,7 +212,47 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "system_cpu_ms_per_update": {k: 1e3 * system[k] / span for k in ("workers", "rabbitmq", "other", "machine_busy")
                                      if k in system},
         "machine_busy_pct": 100 * system["machine_busy"] / system["machine_total"],
+        "worker_bytes_per_update": read_per_update, "fates": fates,
+        "staleness_mean": sum(taus) / len(taus) if taus else float("nan"),
+        "worker_models_per_update": read_per_update / (mlp_param_count(hidden) * 4),
     }
+
+
+PointFn = Callable[[Children, Path, str, str], dict[str, Any]]
+
+
+def run_all(name: str, shards: int, per_shard: int, points: list[tuple[str, dict[str, Any], PointFn]],
+            note: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """Run each point (tag, fields added to its row, fn(children, work, namespace, tag)) on its
+    own namespace over one synthetic dataset; every process stopped and namespace deleted after each."""
+    namespace = new_namespace(name)
+    work = Path(tempfile.mkdtemp(prefix=f"fedmq-bench-{name}-"))
+    write_synthetic(work / "data", shards=shards, per_shard=per_shard, test=64)
+    children = Children(work / "logs")
+    rows: list[dict[str, Any]] = []
+    try:
+        for i, (tag, fields, fn) in enumerate(points):
+            ns = f"{namespace}-{i}"
+            try:
+                row = fn(children, work, ns, tag)
+            finally:
+                children.stop_all()
+                delete_namespace(ns)
+            row.update(fields)
+            rows.append(row)
+            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
+                  f"{note(row)}", file=sys.stderr)
+    except BaseException:
+        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        delete_namespace(namespace)
+    if os.environ.get("FEDMQ_BENCH_KEEP_LOGS"):
+        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/scale.json)")
     parser.add_argument("--only", default=None,
                         help="comma-separated point tags to run, e.g. workers-n4-100k,workers-n64-100k (experiments)")
+    parser.add_argument("--fetch", action="store_true", help="the model-fetch sweep: N = 4 ... 1000, 100k model")
+    parser.add_argument("--base", type=Path, default=None, help="with --fetch: also run this checkout (same points)")
+    parser.add_argument("--base-n", default="4,64", help="with --base: the N to run the base at")
+    parser.add_argument("--n", default="4,16,64,256,1000", help="with --fetch: the N to run")
+    parser.add_argument("--updates", type=int, default=240, help="with --fetch: applied updates per point")
+    parser.add_argument("--broker-pid", type=int, default=None,
+                        help="the beam.smp of the node at FEDMQ_BENCH_AMQP_URL (default: the oldest one)")
     args = parser.parse_args(argv)
+    if args.fetch:
+        return fetch_sweep(args)
     counts = QUICK_UPDATES if args.quick else UPDATES
     # (sweep, N, model, extra aggregator args)
     points: list[tuple[str, int, str, list[str]]] = [
@@ -164,32 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         if not any(p[1] == 4 and p[2] == "100k" and not p[3] for p in points):
             parser.error("--only must include workers-n4-100k (the memory base)")
 
-    namespace = new_namespace("scale")
-    work = Path(tempfile.mkdtemp(prefix="fedmq-bench-scale-"))
-    write_synthetic(work / "data", shards=max(n for _, n, _, _ in points), per_shard=32, test=64)
-    children = Children(work / "logs")
-    rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
-        for i, (sweep, n, label, extra) in enumerate(points):
-            ns = f"{namespace}-{i}"
-            tag = f"{sweep}-n{n}-{label}"
-            try:
-                row = run_point(children, work, ns, n, label, counts[label], extra, tag, args.profile)
-            finally:
-                children.stop_all()
-                delete_namespace(ns)
-            row["sweep"] = sweep
-            rows.append(row)
-            print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
-                  f"peak {row['peak_mb']:.0f} MB", file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
-    shutil.rmtree(work, ignore_errors=True)
+    rows = run_all("scale", max(n for _, n, _, _ in points), 32, [
+        (f"{sweep}-n{n}-{label}", {"sweep": sweep},
+         lambda ch, work, ns, tag, n=n, label=label, extra=extra: run_point(
+             ch, work, ns, n, label, counts[label], extra, tag, args.profile))
+        for sweep, n, label, extra in points
+    ], lambda row: f"peak {row['peak_mb']:.0f} MB")
 
     base_row = next(r for r in rows if r["workers"] == 4 and r["model"] == "100k" and not r["extra_args"])
     base_mb = base_row["peak_mb"]
@@ -224,6 +332,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     return 0 if all(r["flat_pass"] is not False and r["mem_pass"] is not False for r in rows
                     if r["sweep"] != "diagnostic") else 1
+
+
+def fetch_sweep(args: argparse.Namespace) -> int:
+    """Issue 15: model bytes read by workers, aggregator and broker CPU per update, as N grows."""
+    ns_list = [int(x) for x in args.n.split(",")]
+    base_ns = {int(x) for x in args.base_n.split(",")} if args.base is not None else set()
+    points: list[tuple[str, int]] = []
+    for n in ns_list:
+        if n in base_ns:
+            points.append(("base", n))
+        points.append(("this", n))
+    started = time.monotonic()
+    rows = run_all("fetch", max(ns_list), 8, [
+        (f"fetch-{code}-n{n}", {"code": code},
+         lambda ch, work, ns, tag, n=n, code=code: run_point(
+             ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None,
+             args.broker_pid))
+        for code, n in points
+    ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}")
+    for r in rows:
+        ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == min(ns_list)), r)
+        r["cpu_vs_n4"] = r["cpu_ms_per_update"] / ref["cpu_ms_per_update"]
+        r["flat_pass"] = bool(r["cpu_vs_n4"] <= FLAT_TOLERANCE)
+        r["bytes_pass"] = bool(r["worker_models_per_update"] <= 2.0)
+    headers = ["code", "N", "upd", "agg CPU ms/upd", "vs N=4", "flat", "models read/upd", "<= 2", "broker CPU ms/upd",
+               "pool CPU ms/upd", "upd/s", "staleness", "not applied", "load"]
+    print(table(headers, [[r["code"], r["workers"], r["window_updates"], r["cpu_ms_per_update"], r["cpu_vs_n4"],
+                           "PASS" if r["flat_pass"] else "MISS", r["worker_models_per_update"],
+                           "PASS" if r["bytes_pass"] else "MISS",
+                           r["system_cpu_ms_per_update"].get("rabbitmq", float("nan")),
+                           r["system_cpu_ms_per_update"].get("workers", float("nan")), r["updates_per_s"],
+                           r["staleness_mean"], sum(v for f, v in r["fates"].items() if f != "applied"),
+                           r["loadavg"]] for r in rows]))
+    out = write_result("scale_fetch", {"k": K, "base": str(args.base) if args.base else None, "updates": args.updates,
+                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
+    print(f"wrote {out}")
+    return 0 if all(r["flat_pass"] and r["bytes_pass"] for r in rows if r["code"] == "this") else 1
 
 
 if __name__ == "__main__":

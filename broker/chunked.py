@@ -14,7 +14,10 @@ The mechanism is :mod:`fedmq.shared.chunking` (pure); this module is its broker 
   attaches again at ``offset - index`` (the chunks of one payload are published consecutively
   by one publisher), so a late joiner gets the newest complete payload without reading the
   stream from the start. A payload whose chunks stop, or whose digest does not match, is
-  logged and skipped, never handed over.
+  logged and skipped, never handed over. A follower may stay attached (every payload as it is
+  published), or read on demand: :meth:`StreamFollower.attach` (at ``last``) until the reader
+  has what it needs, then :meth:`StreamFollower.detach`, so that the payloads published while it
+  is detached are never delivered to it (a worker fetching the model its task needs).
 """
 
 from __future__ import annotations
@@ -181,8 +184,31 @@ class StreamFollower:
             max_payload_bytes=max_payload_bytes, timeout_s=timeout_s, max_open=max_open)
         self._rewind: int | None = None
         self._rewound: set[str] = set()
+        self._lock = threading.Lock()  # orders attach / detach (caller) against a rewind (I/O thread)
+        self._detached = False
         self.skipped = 0
         self.rewinds = 0  # times it attached again at a payload's first chunk
+        self.attaches = 0  # times :meth:`attach` subscribed
+        self.first_offset: int | None = None  # the stream offset of the first message read since attach
+        self.deliveries = 0  # messages (whole payloads or chunks) read from the stream
+        self.bytes_read = 0  # their bodies' bytes
+
+    def attach(self, *, fresh: bool = True, offset: int | None = None) -> None:
+        """Subscribe (the subscription was made ``paused``): at ``offset``, else ``fresh`` at ``last``
+        (rewound to the first chunk of a payload it lands in), else after the last message read."""
+        with self._lock:
+            self._detached = False
+            self._rewind = offset
+            self.first_offset = None
+            self.attaches += 1
+            self.client.resume(self.queue, fresh=fresh)
+
+    def detach(self) -> None:
+        """Cancel the consumer (idempotent): nothing published from now on is delivered. Messages
+        already in flight still arrive and are handled."""
+        with self._lock:
+            self._detached = True
+            self.client.pause(self.queue)
 
     def arguments(self) -> dict[str, Any]:
         """The consumer arguments of the next (re)subscription: a pending rewind once, else ``last``."""
@@ -190,7 +216,11 @@ class StreamFollower:
         return {"x-stream-offset": offset if offset is not None else "last"}
 
     def on_delivery(self, delivery: Delivery) -> None:
+        self.deliveries += 1
+        self.bytes_read += len(delivery.body)
         headers = delivery.headers
+        if self.first_offset is None and _is_int(headers.get(STREAM_OFFSET_HEADER)):
+            self.first_offset = int(headers[STREAM_OFFSET_HEADER])
         if not chunking.is_chunk(headers):
             self.handler(delivery)
             return
@@ -202,15 +232,18 @@ class StreamFollower:
         if (isinstance(pid, str) and _is_int(index) and index > 0 and _is_int(offset)
                 and offset - index >= 0 and not self.reassembler.seen(pid) and pid not in self._rewound):
             # attached in the middle of a payload: read it again from its first chunk
-            if len(self._rewound) > 64:
-                self._rewound.clear()
-            self._rewound.add(pid)
-            self._rewind = int(offset - index)
-            self.rewinds += 1
-            log.info("stream %s: attached at chunk %d of payload %s; reading it again from offset %d",
-                     self.queue, index, pid, offset - index)
-            self.client.pause(self.queue)
-            self.client.resume(self.queue)
+            with self._lock:
+                if self._detached:
+                    return  # a chunk in flight after detach: nothing more is wanted
+                if len(self._rewound) > 64:
+                    self._rewound.clear()
+                self._rewound.add(pid)
+                self._rewind = int(offset - index)
+                self.rewinds += 1
+                log.info("stream %s: attached at chunk %d of payload %s; reading it again from offset %d",
+                         self.queue, index, pid, offset - index)
+                self.client.pause(self.queue)
+                self.client.resume(self.queue)
             return
         for out in self.reassembler.offer(headers, delivery.body, None, now, redelivered=delivery.redelivered):
             if isinstance(out, chunking.Complete):

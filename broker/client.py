@@ -188,6 +188,11 @@ class _Subscription:
     consumer_tag: str | None = None
     # a stream: the offset after the last message handled, where a resubscription resumes
     next_offset: int | None = None
+    # consumed on a channel of its own, closed to stop (a stream consumer attached on demand: a
+    # basic.cancel makes pika reject the deliveries it still holds, which a stream refuses by
+    # closing the connection)
+    own_channel: bool = False
+    channel: Any = None
 
 
 @dataclass(eq=False)
@@ -365,6 +370,7 @@ class Client:
         self._thread: threading.Thread | None = None
         self._failure: BrokerError | None = None
         self._broker_max_bytes: int | None = None
+        self._qos: int | None = None  # the prefetch the channel gives new consumers (one RPC less per consume)
         self._broker_version = ""
         self._backoff = settings.reconnect_initial_s
         self.reconnects = 0
@@ -389,6 +395,7 @@ class Client:
         settle_on_return: bool = False,
         bind_exchange: str | None = None,
         expires_s: float | None = None,
+        own_channel: bool = False,
     ) -> None:
         """Consume ``queue`` (now if connected, and after every reconnect).
 
@@ -399,13 +406,16 @@ class Client:
         at every (re)connection and consumed exclusively: exclusive and auto-delete, or, with
         ``expires_s``, durable and kept by the broker while unused for up to ``expires_s``
         seconds (``x-expires``, a quorum queue, so that a cluster node's loss does not take it), so that what is sent to it while the connection is down (a
-        broker restart included) waits for the reconnect; :meth:`close` deletes it.
+        broker restart included) waits for the reconnect; :meth:`close` deletes it. With
+        ``own_channel`` (a stream paused and resumed often) the consumer has a channel of its own,
+        opened by :meth:`resume` and closed by :meth:`pause`: closing drops the deliveries in
+        flight, where cancelling would reject them and a stream closes the connection on a reject.
         """
         args = arguments if callable(arguments) or arguments is None else (lambda a=arguments: a)
         sub = _Subscription(
             # a quorum queue (expires_s) takes no exclusive consumer; its name is ours alone anyway
             queue, handler, prefetch, args, exclusive or (bool(bind_exchange) and expires_s is None), paused,
-            settle_on_return, bind_exchange, expires_s,
+            settle_on_return, bind_exchange, expires_s, own_channel=own_channel,
         )
         self._subs[queue] = sub
         if self._thread is not None:
@@ -571,11 +581,19 @@ class Client:
         sub.paused = True
         self._submit(lambda: self._cancel(sub))
 
-    def resume(self, queue: str) -> None:
+    def resume(self, queue: str, *, fresh: bool = False) -> None:
+        """Receive from ``queue`` again. A stream resumes after the last message handled, unless
+        ``fresh``: then from the offset its subscription's ``arguments`` name (e.g. ``last``)."""
         sub = self._subs[queue]
         if sub.paused:
             sub.paused = False
-            self._submit(lambda: self._consume(sub))
+
+            def op() -> None:
+                if fresh:
+                    sub.next_offset = None
+                self._consume(sub)
+
+            self._submit(op)
 
     def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
         """Run ``fn(channel)`` on the I/O thread and return its result (admin operations).
@@ -698,8 +716,10 @@ class Client:
                     }) from None
             self._generation += 1
             self._chan = chan
+            self._qos = None
             for sub in self._subs.values():
                 sub.consumer_tag = None
+                sub.channel = None
                 if not sub.paused:
                     self._consume(sub)
         except BaseException:
@@ -714,6 +734,14 @@ class Client:
             return
         generation = self._generation
         chan = self._chan
+        if sub.own_channel:
+            if sub.channel is None or not sub.channel.is_open:
+                try:
+                    sub.channel = chan.connection.channel()
+                    sub.channel.add_on_cancel_callback(self._on_broker_cancel)
+                except (pex.AMQPError, OSError) as exc:
+                    raise classify(exc, f"opening a channel for queue {sub.queue!r}", transient=SetupError) from None
+            chan = sub.channel
 
         def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
             delivery = Delivery(
@@ -742,6 +770,8 @@ class Client:
                 if isinstance(offset, int) and not isinstance(offset, bool) and (
                         sub.next_offset is None or offset >= sub.next_offset):
                     sub.next_offset = int(offset) + 1
+                if sub.own_channel and not ch.is_open:
+                    return  # dispatched after we closed its channel (detached): nothing to settle
                 ch.basic_ack(method.delivery_tag)
 
         try:
@@ -752,7 +782,11 @@ class Client:
                     chan.queue_declare(sub.queue, durable=True, arguments={
                         "x-queue-type": "quorum", "x-expires": max(1000, int(sub.expires_s * 1000))})
                 chan.queue_bind(sub.queue, sub.bind_exchange)
-            chan.basic_qos(prefetch_count=sub.prefetch)
+            if sub.own_channel:
+                chan.basic_qos(prefetch_count=sub.prefetch)
+            elif self._qos != sub.prefetch:  # a consumer paused and resumed (sync tasks) repeats it
+                chan.basic_qos(prefetch_count=sub.prefetch)
+                self._qos = sub.prefetch
             arguments = dict(sub.arguments()) if sub.arguments else None
             start = arguments.get(STREAM_OFFSET) if arguments is not None else None
             explicit = isinstance(start, int) and not isinstance(start, bool)
@@ -819,9 +853,25 @@ class Client:
                 self._submit(functools.partial(self._consume, sub))
 
     def _cancel(self, sub: _Subscription) -> None:
-        if self._chan is not None and sub.consumer_tag is not None:
+        if sub.own_channel:
+            self._close_own(sub)
+        elif self._chan is not None and sub.consumer_tag is not None:
             self._chan.basic_cancel(sub.consumer_tag)
         sub.consumer_tag = None
+
+    @staticmethod
+    def _close_own(sub: _Subscription) -> None:
+        """Close a subscription's own channel without cancelling its consumer first.
+
+        BlockingChannel.close() cancels its consumers, rejecting (requeue) the deliveries it holds
+        undispatched, and a stream answers a reject by closing the connection (540 NOT_IMPLEMENTED):
+        closing the underlying channel sends no reject; its deliveries then go nowhere.
+        """
+        chan, sub.channel = sub.channel, None
+        impl = getattr(chan, "_impl", None)
+        if impl is not None and impl.is_open:
+            with contextlib.suppress(Exception):
+                impl.close()
 
     def _check_channel(self) -> None:
         """Raise the broker's reason if it closed our channel (pika only notes it)."""
@@ -981,6 +1031,7 @@ class Client:
         self._generation += 1
         for sub in self._subs.values():
             sub.consumer_tag = None
+            self._close_own(sub)  # the connection may live on: no orphan channel
         with self._lock:
             # settles of the dead channel would be dropped anyway; keep only generic ops
             pending = list(self._ops)

@@ -25,7 +25,8 @@ finished               version, accuracy, updates_applied, updates_rejected, upd
                        loss?, rounds?, dp_epsilon?, dp_delta?
 standby                namespace                               (a --standby aggregator waits for the lock)
 took_over              namespace, incarnation, version, previous?  (a standby took the run over)
-task_started           task_id, worker_id                      (worker)
+task_started           task_id, worker_id, version?, task_version?  (worker; the model it trains from,
+                       and the version its task names)
 update_confirmed       task_id, message_id, worker_id, ticket? (worker; the update is on the broker)
 task_failed            task_id, worker_id, reason              (worker; the task goes back or dies)
 =====================  ===========================================================================
@@ -62,7 +63,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "standby": (frozenset({"namespace"}), frozenset()),
     "took_over": (frozenset({"namespace", "incarnation", "version"}), frozenset({"previous"})),
-    "task_started": (frozenset({"task_id", "worker_id"}), frozenset()),
+    "task_started": (frozenset({"task_id", "worker_id"}), frozenset({"version", "task_version"})),
     "update_confirmed": (frozenset({"task_id", "message_id", "worker_id"}), frozenset({"ticket"})),
     "task_failed": (frozenset({"task_id", "worker_id", "reason"}), frozenset()),
 }

@@ -1,4 +1,4 @@
-"""A fedmq worker: follows the model stream, pulls tasks, trains on its shard, publishes updates.
+"""A fedmq worker: pulls tasks, fetches the model each needs, trains on its shard, publishes updates.
 
 This module is the plumbing around :mod:`fedmq.worker.task` (which turns a model, a task and
 the shard into an update, a skip or a failure): the trust check and decoding of tasks,
@@ -7,9 +7,12 @@ failure report and settling the task with the broker. The protocol is docs/proto
 
 Runs: streams outlive runs, so the worker keeps the newest model versions per run id (of the
 last few runs, :class:`ModelBox`) and trains a task on the model of the task's run: the exact
-version of a synchronous task, the newest of its run for an asynchronous one. A model that
-has not arrived is waited for, up to ``model_wait_s`` (logged once), then the task goes back
-to the queue. A stop names its run: the worker leaves after the stop of the run it serves
+version of a synchronous task, the newest it holds from the version an asynchronous task names
+(the one current when it was issued). It does not follow the model stream: a task whose model
+it does not hold attaches it at ``last``, reads until that model is complete and valid, and
+detaches, so the versions it has no use for are never delivered to it (issue 15: bytes per
+update flat in the number of workers). A model that has not arrived is waited for, up to
+``model_wait_s`` (logged once), then the task goes back to the queue. A stop names its run: the worker leaves after the stop of the run it serves
 (the run of its last task), or with ``serve`` forgets that run and waits for the next one; a
 stop for another run is ignored. Nothing read from the model stream stops a worker: a message
 that does not decode, whose spec the trainer cannot build, or whose version is absurdly far
@@ -38,8 +41,8 @@ run) makes the worker refuse: ``Control(kind="refused")`` on the presence stream
 back to the queue, and :class:`~fedmq.shared.errors.WorkerRefused` (exit code 2).
 
 In synchronous mode a worker trains at most once per model version: it cancels its task
-consumer before acking and resumes when a newer version of that run, or a model of another
-run, appears on the stream.
+consumer before acking, reads the model stream on from where it stopped, and resumes (and
+detaches the stream) when a newer version of that run, or a model of another run, appears.
 
 Events (:mod:`fedmq.shared.events`): ``task_started``, ``update_confirmed``, ``task_failed``.
 :meth:`Worker.at` is called at the points of the same names; it does nothing and is there to
@@ -86,6 +89,13 @@ MAX_VERSION_JUMP = 1000
 LARGE_MODEL_BYTES = 64 * 1024 * 1024
 #: bad model messages logged one by one; later ones are counted
 BAD_MODEL_LOG_LIMIT = 20
+#: model stream messages in flight to a worker: a chunked version streams, a detach wastes at most this many
+MODEL_PREFETCH = 2
+#: a fetch that read messages from ``last`` but found no model for its task after this long reads
+#: from further back (messages after the run's version that are not its: forged, junk, another run's)
+FETCH_STEP_S = 2.0
+#: how many stream messages the first step back goes (then 4x more each time)
+FETCH_BACK = 8
 
 __all__ = ["MAX_TASK_BYTES", "MAX_VERSION_JUMP", "ModelBox", "Unusable", "Worker", "WorkerConfig",
            "default_worker_id", "derive_seed"]
@@ -143,6 +153,9 @@ class ModelBox:
     newest of its run is logged and skipped: nothing read from the stream raises. A version
     that was the first of its run read (a worker joining just after it was forged) is dropped as
     soon as a version more than ``max_jump`` below it follows: the run's own versions only grow.
+    A task names the version current when it was issued; :meth:`expect` records it, and a
+    version more than ``max_jump`` ahead of that is refused even when it is the first of its
+    run read (so a forged far-ahead version is never trained on, whenever the worker joined).
     """
 
     def __init__(self, keep: int = 3, max_bytes: int = messages.DEFAULT_MAX_MESSAGE_BYTES,
@@ -157,6 +170,7 @@ class ModelBox:
         self.skipped = 0  # bad model messages so far
         self.last_run: str | None = None  # the run of the last model stored (the newest run seen)
         self._runs: collections.OrderedDict[str, dict[int, bytes]] = collections.OrderedDict()
+        self._expected: collections.OrderedDict[str, int] = collections.OrderedDict()  # run -> a task's version
         self._decoded: tuple[tuple[str, int], messages.ModelVersion] | None = None
         self._cond = threading.Condition()
         self._watch: tuple[str, int, Callable[[], None]] | None = None
@@ -166,6 +180,19 @@ class ModelBox:
         with self._cond:
             stored = self._runs.get(run)
             return max(stored) if stored else None
+
+    def expect(self, run: str, version: int) -> None:
+        """A task of ``run`` names ``version``: versions more than ``max_jump`` ahead are not believed."""
+        with self._cond:
+            self._expected[run] = max(version, self._expected.get(run, version))
+            self._expected.move_to_end(run)
+            while len(self._expected) > self.max_runs:
+                self._expected.popitem(last=False)
+
+    def has(self, run: str, lo: int, hi: int | None = None) -> bool:
+        """Whether a version of ``run`` in ``[lo, hi]`` is stored (not yet checked)."""
+        with self._cond:
+            return any(lo <= v and (hi is None or v <= hi) for v in self._runs.get(run, ()))
 
     def known(self) -> dict[str, int]:
         """Run id -> newest version known, least recently seen run first."""
@@ -208,6 +235,9 @@ class ModelBox:
         with self._cond:
             stored = self._runs.get(run)
             newest = max(stored) if stored else None
+            expected = self._expected.get(run)
+            if expected is not None:
+                newest = expected if newest is None else max(newest, expected)
             if newest is None or version <= newest + self.max_jump:
                 stored = self._runs.setdefault(run, {})
                 self._runs.move_to_end(run)
@@ -232,7 +262,7 @@ class ModelBox:
                 self._cond.notify_all()
         if newest is not None and version > newest + self.max_jump:
             self._skip(f"version {version} of run {run_name(run)} is more than {self.max_jump} versions ahead "
-                       f"of the newest of that run ({newest})")
+                       f"of the newest of that run ({newest}, known from its versions or its tasks)")
             return
         for v in forged:
             self._skip(f"version {v} of run {run_name(run)} is more than {self.max_jump} versions ahead of "
@@ -244,6 +274,7 @@ class ModelBox:
         """Drop every version of ``run`` (a run that stopped)."""
         with self._cond:
             self._runs.pop(run, None)
+            self._expected.pop(run, None)
             if self._decoded is not None and self._decoded[0][0] == run:
                 self._decoded = None
 
@@ -304,14 +335,16 @@ class ModelBox:
                 return newer
 
     def get(self, run: str, version: int | None, timeout: float, stop: threading.Event, *,
-            check: ModelCheck | None = None,
+            check: ModelCheck | None = None, minimum: int | None = None,
             on_wait: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
-        """Version ``version`` of ``run`` (``None``: the newest usable one), waiting up to ``timeout``
-        seconds; ``on_wait`` is called once if it has to wait.
+        """Version ``version`` of ``run`` (``None``: the newest usable one, and with ``minimum`` one
+        of ``minimum`` to ``minimum + max_jump``), waiting up to ``timeout`` seconds; ``on_wait``
+        is called once if it has to wait.
 
         Returns the model; :class:`Unusable` if the version asked for (or, for the newest, the
         last one tried before the deadline) cannot be used; None if none came (or the version
-        is gone: only newer ones are kept), or ``stop`` was set.
+        is not held and a newer one is: it is gone, or was published before the reader attached),
+        or ``stop`` was set.
         """
         deadline = time.monotonic() + timeout
         waiting = False
@@ -320,12 +353,17 @@ class ModelBox:
             with self._cond:
                 while True:
                     stored = self._runs.get(run, {})
-                    want = version if version is not None else (max(stored) if stored else None)
+                    if version is not None:
+                        want: int | None = version
+                    else:
+                        lo = minimum if minimum is not None else -1
+                        hi = minimum + self.max_jump if minimum is not None else None
+                        want = max((v for v in stored if v >= lo and (hi is None or v <= hi)), default=None)
                     if want is not None and want in stored:
                         body = stored[want]
                         break
-                    if version is not None and stored and min(stored) > version:
-                        return None  # it is gone: only newer versions are kept
+                    if version is not None and stored and max(stored) > version:
+                        return None  # gone, or passed by: the stream holds versions in order
                     left = deadline - time.monotonic()
                     if left <= 0 or stop.is_set():
                         return Unusable(unusable) if unusable is not None else None
@@ -364,6 +402,7 @@ class Worker:
         self.inbox: queue.Queue[Delivery | None] = queue.Queue()
         self.tasks_done = 0
         self.client: Client | None = None
+        self.follower: StreamFollower | None = None  # the model stream's reader; counts what it read
         self.runner: TaskRunner | None = None
         self.serving: str | None = None  # the run of the last task taken; None before one, and after its stop
         self._joined: set[str] = set()  # runs whose model this worker checked it fits (bounded)
@@ -420,6 +459,8 @@ class Worker:
         self.serving = None
         log.info("worker %s: run %s stopped; waiting for the next run on namespace %s", cfg.worker_id,
                  run_name(msg.run_id), self.topology.namespace)
+        if self.follower is not None:
+            self.follower.detach()  # a sync worker watching for a newer version: no more
         if self.client is not None:
             self.client.resume(self.topology.tasks)  # a sync worker waiting for a newer version
 
@@ -467,14 +508,18 @@ class Worker:
         client.on_failure = self._on_client_failure
         self.client = client
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
-        # whole model versions only: chunked ones put together, a late joiner re-reads from the first chunk
+        # whole model versions only: chunked ones put together, a late joiner re-reads from the first chunk;
+        # read on demand (a task's model not at hand), not as versions are published
         follower = StreamFollower(client, self.topology.models, self.models.offer, max_payload_bytes=cfg.max_model_bytes)
+        self.follower = follower
         client.subscribe(
             self.topology.models,
             follower.on_delivery,
-            prefetch=4,  # 4 chunks of a large model in flight: fewer credit round trips
+            prefetch=MODEL_PREFETCH,
             arguments=follower.arguments,  # "last", or the first chunk of the version it landed in
             settle_on_return=True,
+            paused=True,  # attached by a task that needs a model this worker does not hold
+            own_channel=True,  # detached by closing it: a cancel would reject what is in flight
         )
         # a task stays unacked while it trains: longer than the broker's default consumer timeout (30 min)
         client.subscribe(self.topology.tasks, self._on_task, prefetch=1,
@@ -572,33 +617,26 @@ class Worker:
             return
         run, sync = task.run_id, task.mode == "sync"
         self.serving = run
+        if task.version is not None:
+            self.models.expect(run, task.version)  # a version far ahead of the task's is not believed
 
         def check(m: messages.ModelVersion) -> str | None:
             # a model this worker does not fit is refused below (_joins), not skipped as a bad one
             return None if runner.misfit(m.spec) is not None else runner.spec_problem(m.spec)
 
-        latest = self.models.latest(run)
-        if sync and task.version is not None and latest is not None and latest > task.version:
-            latest = self.models.newer_usable(run, task.version, check)  # not fooled by a bad newer message
-        skip = runner.skip_reason(task, latest)
-        if skip is not None:
-            log.info("worker %s: %s: skipped", cfg.worker_id, skip)
-            client.ack(delivery)
+        if self._stale(task, check, delivery):
             return
-
-        def waiting() -> None:
-            what = f"model version {task.version}" if sync else "a model"
-            log.info("worker %s: task %s waits for %s of run %s (up to %.0f s)", cfg.worker_id, task.task_id, what,
-                     run_name(run), cfg.model_wait_s)
-
-        model = self.models.get(run, task.version if sync else None, cfg.model_wait_s, self.stop,
-                                check=check, on_wait=waiting)
+        model = self._model_for(task, check)
+        if model is None and sync and not self.stop.is_set() and self._stale(task, check, delivery):
+            return  # the fetch found the round over
         if model is None:
             if self.stop.is_set():
                 client.reject(delivery, requeue=True)
             else:
                 what = f"model version {task.version} of run {run_name(run)} did not arrive" if sync \
-                    else f"no model of run {run_name(run)} arrived"
+                    else f"no model of run {run_name(run)}" + (
+                        f" from version {task.version} to {task.version + self.models.max_jump}"
+                        if task.version is not None else "") + " arrived"
                 self._give_back(delivery, task.task_id, f"{what} within {cfg.model_wait_s:.0f} s")
             return
         if isinstance(model, Unusable):
@@ -608,7 +646,8 @@ class Worker:
             return
         started = time.monotonic()
         events.emit(log, "task_started", "worker %s: task %s started on version %d of run %s", cfg.worker_id,
-                    task.task_id, model.version, run_name(run), task_id=task.task_id, worker_id=cfg.worker_id)
+                    task.task_id, model.version, run_name(run), task_id=task.task_id, worker_id=cfg.worker_id,
+                    version=model.version, task_version=task.version)
         self.at("task_started", task.task_id)
         outcome = runner.run(task, model)
         if isinstance(outcome, Failed):
@@ -638,7 +677,81 @@ class Worker:
         client.ack(delivery)
         self.tasks_done += 1
         if sync:
-            self.models.when_newer_than(run, model.version, lambda: client.resume(self.topology.tasks))
+            # read on from where the last fetch stopped: the next version of the run is the next thing published
+            follower = self.follower
+            assert follower is not None
+            follower.attach(fresh=False)
+
+            def newer() -> None:
+                follower.detach()
+                client.resume(self.topology.tasks)
+
+            self.models.when_newer_than(run, model.version, newer)
+
+    def _stale(self, task: messages.Task, check: ModelCheck, delivery: Delivery) -> bool:
+        """A synchronous task whose round is over (a newer usable version is held): ack it, True."""
+        assert self.client is not None and self.runner is not None
+        latest = self.models.latest(task.run_id)
+        if task.mode == "sync" and task.version is not None and latest is not None and latest > task.version:
+            latest = self.models.newer_usable(task.run_id, task.version, check)  # not fooled by a bad newer message
+        skip = self.runner.skip_reason(task, latest)
+        if skip is None:
+            return False
+        log.info("worker %s: %s: skipped", self.config.worker_id, skip)
+        self.client.ack(delivery)
+        return True
+
+    def _model_for(self, task: messages.Task, check: ModelCheck) -> messages.ModelVersion | Unusable | None:
+        """The model ``task`` trains from: held already, or fetched from the stream.
+
+        A sync task needs its exact version, an async one a version from the one it names up to
+        ``max_jump`` ahead (the newest of those held; a task of an aggregator that names none: the
+        newest). If none is held, the worker attaches to the model stream at ``last`` (rewound to
+        a chunked version's first chunk), reads until the version is complete and valid, and
+        detaches: the versions published meanwhile are never delivered to it. Waits up to
+        ``model_wait_s``; None if nothing came (or stop).
+        """
+        cfg, follower = self.config, self.follower
+        assert follower is not None
+        run, sync, v = task.run_id, task.mode == "sync", task.version
+        exact = v if sync else None
+        minimum = None if sync else v
+
+        def get(timeout: float, on_wait: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
+            return self.models.get(run, exact, timeout, self.stop, check=check, minimum=minimum, on_wait=on_wait)
+
+        if v is not None and self.models.has(run, v, v if sync else v + self.models.max_jump):
+            held = get(0.0)
+            if isinstance(held, messages.ModelVersion):
+                return held  # no fetch
+
+        def waiting() -> None:
+            what = f"model version {v}" if sync else ("a model" if v is None else f"a model from version {v}")
+            log.info("worker %s: task %s waits for %s of run %s (up to %.0f s)", cfg.worker_id, task.task_id, what,
+                     run_name(run), cfg.model_wait_s)
+
+        deadline = time.monotonic() + cfg.model_wait_s
+        back = FETCH_BACK
+        on_wait: Callable[[], None] | None = waiting
+        follower.attach(fresh=True)
+        try:
+            while True:
+                out = get(max(0.0, min(FETCH_STEP_S, deadline - time.monotonic())), on_wait)
+                on_wait = None
+                done = isinstance(out, messages.ModelVersion) or (sync and out is not None)
+                if done or self.stop.is_set() or time.monotonic() >= deadline:
+                    return out
+                start = follower.first_offset
+                if start is None or start == 0:
+                    continue  # nothing read yet, or read from the stream's start: wait on
+                # what follows the run's version is not a model for this task: read from further back
+                log.info("worker %s: task %s: no model for it from the stream's last messages; reading from "
+                         "offset %d", cfg.worker_id, task.task_id, max(0, start - back))
+                follower.detach()
+                follower.attach(offset=max(0, start - back))
+                back *= 4
+        finally:
+            follower.detach()
 
     def _joins(self, run: str, model: messages.ModelVersion, delivery: Delivery) -> bool:
         """On the first task of a run: whether this shard and trainer fit its model; if not, refuse.

@@ -278,7 +278,7 @@ def test_workers_skip_forged_models_tasks_and_stops_and_the_run_completes(
     task_dead = ["dead-lettering task forged-unsigned: unsigned", "dead-lettering task forged-wrong-key: bad signature",
                  "dead-lettering task forged-altered: bad signature"]
     for name in early:
-        for words in model_skips + stop_skips:
+        for words in stop_skips:  # models are read only when a task needs one (issue 15): see below
             wait_for(lambda n=name, w=words: w in procs.log(n), 60, f"{name} to log {words!r}")
         wait_for(lambda n=name: procs.log(n).count("ignoring a stop message") == 3, 60,
                  f"{name} to ignore the three forged stops")
@@ -292,6 +292,10 @@ def test_workers_skip_forged_models_tasks_and_stops_and_the_run_completes(
     assert procs.wait("agg", 120) == 0, procs.dump()
     for name in ("w0", "w1", "w2"):
         assert procs.wait(name, 30) == 0, procs.log(name)
+    # the forged versions follow the run's version 0 on the stream: a worker fetching its first
+    # task's model reads them (from `last`, then further back), skips each, and trains on version 0
+    for words in model_skips:
+        assert in_logs(procs, ["w0", "w1", "w2"], words), words
     ledger = read_ledger(run)
     assert not [e for e in ledger if e["fate"] == "rejected"], "a worker trained on a forged model or task"
     assert sum(e["fate"] == "applied" for e in ledger) >= 10

@@ -378,3 +378,98 @@ def test_a_worker_with_unscaled_features_says_so(amqp_url: str, namespace: str, 
                 "--namespace", namespace)
     wait_for(lambda: "look unscaled" in procs.log("w0"), 30, "the unscaled-features warning")
     assert "64 of 64 features look unscaled" in procs.log("w0")
+
+
+# ---------------------------------------------------------------------------------- model fetch (issue 15)
+def counting_offers(worker: Worker) -> list[int]:
+    """Count the model stream's messages a worker hands its ModelBox (its version each)."""
+    seen: list[int] = []
+    offer = worker.models.offer
+
+    def counted(delivery: Delivery) -> None:
+        seen.append(int(delivery.headers.get(VERSION_HEADER, -1)))
+        offer(delivery)
+
+    worker.models.offer = counted  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_worker_reads_only_the_version_its_task_needs_not_every_version_published(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """Issue 15: versions published while a worker has no use for them are never delivered to it;
+    a task naming version 30 is trained from version 30 (the worker held only 0)."""
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    seen = counting_offers(w.worker)
+    running.append(w)
+    bench.next_presence("hello")
+    bench.model(0, RUN_A)
+    bench.task("t1", RUN_A, version=0)
+    assert expect_update(bench).base_version == 0
+    for v in range(1, 31):
+        bench.model(v, RUN_A)
+    bench.task("t2", RUN_A, version=30)
+    assert expect_update(bench).base_version == 30
+    # per task: the version it needs, and at most the messages in flight when it detached
+    assert len(seen) <= 2 * 3, seen
+    assert w.worker.follower is not None and w.worker.follower.attaches == 2
+    bench.task("t3", RUN_A, version=29)  # held already (a version from 29 on): no fetch at all
+    assert expect_update(bench).base_version == 30
+    assert w.worker.follower.attaches == 2 and len(seen) <= 6
+    assert w.finish() == {"code": 0}
+
+
+def test_a_forged_version_far_ahead_of_the_tasks_is_never_trained_on_by_a_late_joiner(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """README "Limits" (closed): a worker joining just after a forged far-ahead version reads it
+    first; its task names version 5, so the forged one is refused and the run's next is used."""
+    bench.model(5, RUN_A)
+    bench.model(10**6, RUN_A)  # forged, the last thing on the stream
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    running.append(w)
+    bench.next_presence("hello")
+    bench.task("t1", RUN_A, version=5)
+    wait_for(lambda: w.worker.models.skipped >= 1, 30, "the forged version refused")
+    bench.model(6, RUN_A)  # the run's next version
+    assert expect_update(bench).base_version == 6
+    assert w.finish() == {"code": 0}
+
+
+def test_fetching_while_versions_stream_in_keeps_the_connection(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """A worker detaches from the model stream with versions still in flight to it: a stream
+    refuses the reject a plain consumer cancel sends for them by closing the connection, which
+    would return the task unacked (a reconnect, and the task answered twice)."""
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    running.append(w)
+    bench.next_presence("hello")
+    publisher = Client(bench.settings, bench.topology, name="publisher").start()
+    stop = threading.Event()
+    published = [0]
+
+    def publish() -> None:
+        architecture = {k: v for k, v in SPEC.items() if k != "trainer"}
+        body_of = {}
+        while not stop.is_set():
+            v = published[0]
+            params = MLPTrainer({**architecture, "seed": 0}).init_params() if not body_of else body_of["p"]
+            body_of["p"] = params
+            msg = messages.ModelVersion(version=v, params=params, spec=SPEC, run_id=RUN_A)
+            publisher.publish(bench.topology.models, messages.encode(msg), headers={VERSION_HEADER: v, RUN_HEADER: RUN_A},
+                              timeout=10)
+            published[0] = v + 1
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        for i in range(12):
+            wait_for(lambda i=i: published[0] > 3 * i + 1, 30, "versions published")
+            v = published[0] - 1
+            bench.task(f"t{i}", RUN_A, version=v)
+            assert expect_update(bench).base_version >= v
+    finally:
+        stop.set()
+        thread.join(30)
+        publisher.close()
+    assert w.worker.client is not None and w.worker.client.reconnects == 0
+    assert w.worker.follower is not None and w.worker.follower.attaches >= 1
+    assert w.finish() == {"code": 0}

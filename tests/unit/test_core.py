@@ -167,7 +167,7 @@ def test_async_fates_applied_duplicate_stale_rejected_late() -> None:
     got = run.hello("w0", 0.001)
     assert of(WorkerJoined, got) == [WorkerJoined("w0")]
     [task] = tasks(got)
-    assert task.task_id == "a000001-t" and task.version is None and task.update_kind == "weights"
+    assert task.task_id == "a000001-t" and task.version == 0 and task.update_kind == "weights"
 
     # applied: a new version, published, then evaluated
     got = run.send(update(task.task_id), 0.002, message_id="m-a")

@@ -160,3 +160,33 @@ def test_with_the_aggregators_key_only_versions_it_signed_are_kept(caplog: pytes
     assert np.all(get(box, "A").params["w"] == 0)  # the genuine version 0, not the one presented as it
     signed(1, "A")
     assert box.known() == {"A": 1}
+
+
+def test_a_version_far_ahead_of_the_tasks_is_refused_even_as_the_first_of_its_run() -> None:
+    """The task names its version: a forged far-ahead version read first (a worker joining just
+    after it) is not stored, so not even one task trains on it (README "Limits", closed)."""
+    box = ModelBox()
+    box.expect("A", 5)
+    offer(box, 5 + 1000 + 1, "A")  # forged, first of its run
+    assert box.latest("A") is None and box.skipped == 1
+    offer(box, 5 + 1000, "A")  # as far ahead as the run may be by now: believed
+    assert box.latest("A") == 1005
+
+
+def test_an_async_get_takes_the_newest_from_the_tasks_version_and_waits_for_one() -> None:
+    box = ModelBox()
+    offer(box, 3, "A")
+    assert get(box, "A", minimum=4) is None  # version 3 is too old for a task that names 4
+    offer(box, 4, "A")
+    offer(box, 6, "A")
+    assert get(box, "A", minimum=4).version == 6
+    assert box.has("A", 4, 4) and not box.has("A", 7)
+
+
+def test_a_sync_get_gives_up_at_once_when_a_newer_version_passed_the_one_it_wants() -> None:
+    """Read from the stream's end, version 5 of a sync task is behind the reader: no waiting."""
+    box = ModelBox()
+    offer(box, 3, "A")
+    offer(box, 6, "A")
+    waits: list[int] = []
+    assert box.get("A", 5, 1.0, NEVER, on_wait=lambda: waits.append(1)) is None and not waits
