@@ -55,8 +55,11 @@ log = logging.getLogger("fedmq.broker")
 
 #: pika releases whose internals this module was written against and tested with
 PIKA_VERSIONS = ((1, 3), (1, 4))
-#: a body larger than this is received into one preallocated bytearray
+#: a body larger than this is received into one preallocated buffer
 LARGE_BODY_BYTES = 64 * 1024
+#: a larger body_size (RabbitMQ's hard cap on a message is 512 MiB) is not trusted with an
+#: allocation up front: its fragments are collected as pika does
+MAX_PREALLOCATED_BYTES = 1 << 30
 #: bytes asked of the socket per ``recv`` (pika: 4 KiB), and at most per readable event
 RECV_BYTES = 1024 * 1024
 CONSUME_BYTES = 8 * 1024 * 1024
@@ -126,8 +129,11 @@ def ask_frame_max(params: pika.URLParameters, size: int = CLIENT_FRAME_MAX) -> N
 def tune(conn: Any) -> bool:
     """Install the copy-free frame I/O on an open BlockingConnection; False if not supported."""
     if not supported(conn):
-        log.info("pika %s: keeping pika's own frame I/O (fedmq's is written for %s)", pika.__version__,
-                 ", ".join(f"{a}.{b}.x" for a, b in PIKA_VERSIONS))
+        if os.environ.get(FRAMES_ENV, "").strip().lower() == "pika":
+            log.info("%s=pika: keeping pika's own frame I/O", FRAMES_ENV)
+        else:
+            log.info("pika %s: keeping pika's own frame I/O (fedmq's is written for %s)", pika.__version__,
+                     ", ".join(f"{a}.{b}.x" for a, b in PIKA_VERSIONS))
         return False
     impl = conn._impl
     reader = FrameReader(impl)
@@ -219,7 +225,7 @@ class BodyAssembler:
         if isinstance(value, frame.Header):
             self._header = value
             self._size = value.body_size
-            if self._size > LARGE_BODY_BYTES:
+            if LARGE_BODY_BYTES < self._size <= MAX_PREALLOCATED_BYTES:
                 self._body = np.empty(self._size, np.uint8)  # not zeroed: every byte is written once
                 self._view = self._body.data
             return self._finish() if self._size == 0 else None

@@ -203,3 +203,14 @@ def test_unknown_pika_or_the_escape_hatch_keeps_pikas_frame_io(monkeypatch: pyte
     monkeypatch.setattr(frames.pika, "__version__", "2.0.0")
     assert not frames.enabled()
     assert not frames.supported(object())
+
+
+def test_a_body_size_too_large_to_trust_is_collected_as_pika_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No allocation up front for a header's say-so beyond MAX_PREALLOCATED_BYTES."""
+    monkeypatch.setattr(frames, "MAX_PREALLOCATED_BYTES", 100_000)
+    conn = FakeConnection()
+    reader = frames.FrameReader(conn)
+    body = random.Random(4).randbytes(150_000)
+    reader.feed(message(1, 1, body))
+    [(tag, got)] = conn._channels[1].delivered
+    assert tag == 1 and type(got) is bytes and got == body
