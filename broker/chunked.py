@@ -247,7 +247,7 @@ class StreamFollower:
             return
         for out in self.reassembler.offer(headers, delivery.body, None, now, redelivered=delivery.redelivered):
             if isinstance(out, chunking.Complete):
-                self.handler(dataclasses.replace(delivery, body=out.body, headers=out.headers,  # type: ignore[arg-type]
+                self.handler(dataclasses.replace(delivery, body=out.body, headers=out.headers,
                                                  message_id=out.payload_id))
             elif isinstance(out, chunking.Refused | chunking.Incomplete):
                 self._skip(f"payload {out.payload_id}: {out.reason}")

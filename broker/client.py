@@ -56,6 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 import pika.exceptions as pex
 
+from fedmq.broker import frames
 from fedmq.broker.failover import connect_first
 from fedmq.broker.settings import (
     MAX_MESSAGE_BYTES_ENV,
@@ -161,10 +162,15 @@ def classify(
 
 @dataclass(frozen=True)
 class Delivery:
-    """A message handed to a consumer handler."""
+    """A message handed to a consumer handler.
+
+    ``body`` is ``bytes``, or for a body over :data:`fedmq.broker.frames.LARGE_BODY_BYTES` a
+    read-only ``memoryview`` of the buffer it was received into: this delivery's own, never
+    reused or written by the client once handed over.
+    """
 
     queue: str
-    body: bytes
+    body: bytes | memoryview
     delivery_tag: int
     redelivered: bool
     generation: int
@@ -311,6 +317,7 @@ def connection_parameters(settings: BrokerSettings, name: str, url: str | None =
     params.socket_timeout = settings.connect_timeout_s
     params.stack_timeout = settings.connect_timeout_s * 2
     params.client_properties = {"connection_name": name}
+    frames.ask_frame_max(params)  # the broker's frame_max caps it (see fedmq.broker.frames)
     if parts.scheme == "amqps":
         params.ssl_options = pika.SSLOptions(ssl_context(settings), server_hostname=parts.hostname)
         if settings.tls_external:
@@ -330,9 +337,11 @@ def open_connection_at(settings: BrokerSettings, name: str = "fedmq",
 
     def connect(url: str) -> pika.BlockingConnection:
         try:
-            return pika.BlockingConnection(connection_parameters(settings, name, url))
+            conn = pika.BlockingConnection(connection_parameters(settings, name, url))
         except (pex.AMQPError, OSError) as exc:
             raise translate_connect_error(settings, exc, url) from None
+        frames.tune(conn)  # large bodies straight from the socket into one buffer
+        return conn
 
     return connect_first(settings.urls, start, connect, mask_url)
 
@@ -492,7 +501,7 @@ class Client:
     def publish(
         self,
         routing_key: str,
-        body: bytes,
+        body: bytes | memoryview,
         *,
         exchange: str = "",
         message_id: str | None = None,
@@ -697,6 +706,7 @@ class Client:
         self._chan = None
         try:
             chan = conn.channel()
+            frames.tune_channel(chan)
             chan.confirm_delivery()
             chan.add_on_cancel_callback(self._on_broker_cancel)
         except (pex.AMQPError, OSError) as exc:

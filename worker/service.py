@@ -169,7 +169,7 @@ class ModelBox:
         self.max_jump = max_jump
         self.skipped = 0  # bad model messages so far
         self.last_run: str | None = None  # the run of the last model stored (the newest run seen)
-        self._runs: collections.OrderedDict[str, dict[int, bytes]] = collections.OrderedDict()
+        self._runs: collections.OrderedDict[str, dict[int, bytes | memoryview]] = collections.OrderedDict()
         self._expected: collections.OrderedDict[str, int] = collections.OrderedDict()  # run -> a task's version
         self._decoded: tuple[tuple[str, int], messages.ModelVersion] | None = None
         self._cond = threading.Condition()
@@ -290,7 +290,7 @@ class ModelBox:
         if newer:
             fn()
 
-    def _validate(self, run: str, version: int, body: bytes, check: ModelCheck | None) -> messages.ModelVersion | str:
+    def _validate(self, run: str, version: int, body: bytes | memoryview, check: ModelCheck | None) -> messages.ModelVersion | str:
         """The decoded model, or why it cannot be used."""
         try:
             msg = messages.decode(body, expect=messages.ModelVersion, max_bytes=self.max_bytes)
@@ -303,7 +303,7 @@ class ModelBox:
         problem = check(msg) if check is not None else None
         return msg if problem is None else problem
 
-    def _usable(self, run: str, version: int, body: bytes, check: ModelCheck | None) -> messages.ModelVersion | str:
+    def _usable(self, run: str, version: int, body: bytes | memoryview, check: ModelCheck | None) -> messages.ModelVersion | str:
         """Decode and check (once: the last good one is cached); a bad version is dropped, logged."""
         with self._cond:
             cached = self._decoded
