@@ -460,6 +460,7 @@ class Coordinator:
         self.strategy = strategy
         self.policy = policy
         self.params = params
+        self.model_bytes = sum(int(v.nbytes) for v in params.values())  # tasks say it: workers check they can hold it
         self.state = state if state is not None else RunState()
         if not self.state.run_id:
             self.state.run_id = run_id  # a resumed run keeps its own
@@ -753,7 +754,7 @@ class Coordinator:
         return IssueTask(messages.Task(
             task_id=task_id, version=version, mode=cfg.mode, epochs=cfg.epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, mu=cfg.proximal_mu, seed=seed, round=round_, update_kind=self.update_kind,
-            run_id=self.run_id, compression=self.compression,
+            run_id=self.run_id, compression=self.compression, model_bytes=self.model_bytes,
         ))
 
     def remember_issued(self, task_id: str) -> None:

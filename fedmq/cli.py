@@ -358,12 +358,15 @@ def worker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "reports and presence, for an aggregator started with --worker-keys.")
 @click.option("--attack", type=click.Choice(ATTACK_KINDS), default=None,
               help="Poison this worker's updates (tests, benchmarks, research); see README, 'Hostile participants'.")
+@click.option("--memory-budget", default="auto", show_default=True,
+              help="Refuse a run whose model this worker cannot hold (3x the model besides the trainer): a size "
+                   "(8G, 512M), auto (the memory available to it) or off.")
 @worker_options
 @broker_options
 @logging_options
 @fails_cleanly
 def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str | None, signing_key: str | None,
-           aggregator_key: str | None, attack: str | None, trainer: str, slowdown: float, heartbeat: float,
+           aggregator_key: str | None, attack: str | None, memory_budget: str, trainer: str, slowdown: float, heartbeat: float,
            failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool, amqp_url: str, namespace: str,
            log_level: str, log_format: str, chunk_bytes: int, max_model_bytes: int,
            consumer_timeout: float) -> None:
@@ -376,7 +379,8 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
                        trainer=trainer, heartbeat_s=heartbeat, failure_backoff_s=failure_backoff, declare=declare,
                        trust_user=trust_user, serve=serve, signing_key=signing_key, aggregator_key=aggregator_key,
                        attack=attack, attack_scale=attack_scale, chunk_bytes=chunk_bytes,
-                       max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout)
+                       max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout,
+                       memory_budget=memory_budget)
     w = Worker(cfg, settings, topology)
     on_signals(w.request_stop)
     sys.exit(w.run())

@@ -96,6 +96,7 @@ class Task:
     update_kind: str = "weights"  # what the update must carry: "weights" or "delta"
     run_id: str = ""  # the run that issued the task
     compression: str = "none"  # how the update's delta must be compressed (fedmq.shared.compression)
+    model_bytes: int = 0  # the size of the model's parameters (0: not said): a worker that cannot hold it refuses
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "update_kind": _text(UPDATE_KINDS),
         "run_id": _text(),
         "compression": _scheme,
+        "model_bytes": _integer(0),
     },
     Update: {
         "task_id": _text(nonempty=True),
@@ -378,7 +380,8 @@ assert all(list(checks) == [f.name for f in fields(cls)] for cls, checks in _SCH
 _WIRE_KEYS = {cls: frozenset(_ENVELOPE) | checks.keys() for cls, checks in _SCHEMAS.items()}
 #: fields added after a schema's first release: left out of the wire form while they hold their
 #: default (so that peers without them read the message), and read as that default when absent
-_LATER_FIELDS: dict[type, dict[str, Any]] = {Task: {"compression": "none"}, Update: {"compression": "none"}}
+_LATER_FIELDS: dict[type, dict[str, Any]] = {Task: {"compression": "none", "model_bytes": 0},
+                                              Update: {"compression": "none"}}
 
 # --------------------------------------------------------------------------- decoding
 

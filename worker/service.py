@@ -68,10 +68,10 @@ from fedmq.broker.chunked import StreamFollower, send_payload
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import events, messages, signing
+from fedmq.shared import events, memory, messages, signing
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.data import load_shard, scaling_warning
-from fedmq.shared.errors import BrokerError, DecodeError, FedmqError, WorkerRefused
+from fedmq.shared.errors import BrokerError, ConfigError, DecodeError, FedmqError, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
@@ -87,6 +87,8 @@ CONTROL_QUEUE_EXPIRES_S = 600.0
 MAX_VERSION_JUMP = 1000
 #: a model version larger than this is the only one of its run the worker keeps
 LARGE_MODEL_BYTES = 64 * 1024 * 1024
+#: what a worker holds besides its trainer, in model sizes: the model, its update, chunks in flight
+WORKER_MEMORY_FACTOR = 3.0
 #: bad model messages logged one by one; later ones are counted
 BAD_MODEL_LOG_LIMIT = 20
 #: model stream messages in flight to a worker: a chunked version streams, a detach wastes at most this many
@@ -124,6 +126,7 @@ class WorkerConfig:
     signing_key: str | None = None  # Ed25519 private key (PEM): sign updates, reports and presence
     aggregator_key: str | None = None  # Ed25519 public key (PEM): accept only models, tasks, stops it signed
     max_model_bytes: int = 2 * 1024**3  # the largest model accepted (one message, or put together from chunks)
+    memory_budget: str = "auto"  # --memory-budget: refuse a run whose model this process cannot hold
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # updates larger than this travel as chunks
     consumer_timeout_s: float = 86400.0  # how long the broker lets a task stay unacked (RabbitMQ 3.12+)
     serve: bool = False  # after a run's stop, wait for the next run instead of exiting
@@ -406,6 +409,7 @@ class Worker:
         self.runner: TaskRunner | None = None
         self.serving: str | None = None  # the run of the last task taken; None before one, and after its stop
         self._joined: set[str] = set()  # runs whose model this worker checked it fits (bounded)
+        self._fits: set[str] = set()  # runs whose model's size this worker checked it can hold (bounded)
         self._failures = 0
         self._fatal: FedmqError | None = None  # why the worker stopped on its own
 
@@ -616,6 +620,10 @@ class Worker:
             self._dead_letter(delivery, task.task_id, unverified)
             return
         run, sync = task.run_id, task.mode == "sync"
+        too_big = self._too_big(task)
+        if too_big is not None:
+            self._refuse(run, too_big, delivery)
+            return
         self.serving = run
         if task.version is not None:
             self.models.expect(run, task.version)  # a version far ahead of the task's is not believed
@@ -759,8 +767,8 @@ class Worker:
         Refusing publishes ``Control(kind="refused")`` on the presence stream, returns the task
         to the queue (another worker may fit) and stops the worker with :class:`WorkerRefused`.
         """
-        cfg, client, runner = self.config, self.client, self.runner
-        assert client is not None and runner is not None
+        runner = self.runner
+        assert runner is not None
         key = f"{run}\0{sorted(model.spec.items())!r}"
         if key in self._joined:
             return True
@@ -770,12 +778,38 @@ class Worker:
                 self._joined.clear()
             self._joined.add(key)
             return True
-        text = f"worker {cfg.worker_id} refuses run {run_name(run)}: {reason}"
+        self._refuse(run, reason, delivery)
+        return False
+
+    def _too_big(self, task: messages.Task) -> str | None:
+        """Why this worker cannot hold the model ``task`` names the size of (checked before any of it
+        is read: --max-model-bytes, then --memory-budget), or None."""
+        cfg, size = self.config, task.model_bytes
+        if not size or task.run_id in self._fits:
+            return None
+        if size > cfg.max_model_bytes:
+            return (f"the model ({memory.describe(size)}) is over --max-model-bytes "
+                    f"({memory.describe(cfg.max_model_bytes)})")
+        try:
+            memory.check_fits(size, WORKER_MEMORY_FACTOR, cfg.memory_budget, who="worker",
+                              why="the model, its update and the chunks in flight, beyond the trainer's own needs")
+        except ConfigError as exc:
+            return str(exc)
+        if len(self._fits) >= 16:
+            self._fits.clear()
+        self._fits.add(task.run_id)
+        return None
+
+    def _refuse(self, run: str, reason: str, delivery: Delivery) -> None:
+        """Refuse ``run`` for good: say why (one log line, and ``Control(kind="refused")`` on the
+        presence stream), return the task to the queue (another worker may do it) and stop the
+        worker with :class:`WorkerRefused`."""
+        assert self.client is not None
+        text = f"worker {self.config.worker_id} refuses run {run_name(run)}: {reason}"
         log.error("%s", text)
         self._presence("refused", run_id=run, reason=reason)
-        client.reject(delivery, requeue=True)
+        self.client.reject(delivery, requeue=True)
         self._stop_with(WorkerRefused(text))
-        return False
 
     @staticmethod
     def _permanent(exc: FedmqError) -> FedmqError | None:

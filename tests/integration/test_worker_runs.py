@@ -76,9 +76,9 @@ class Bench:
         self.client.publish(self.topology.models, body, headers=headers, timeout=10)
 
     def task(self, task_id: str, run: str, *, version: int | None = None, mode: str = "async",
-             round: int | None = None) -> None:
+             round: int | None = None, model_bytes: int = 0) -> None:
         msg = messages.Task(task_id=task_id, version=version, mode=mode, epochs=1, batch_size=32, lr=0.05, mu=0.0,
-                            seed=1, round=round, run_id=run)
+                            seed=1, round=round, run_id=run, model_bytes=model_bytes)
         self.client.publish(self.topology.tasks, messages.encode(msg), message_id=task_id, timeout=10)
 
     def stop(self, run: str) -> None:
@@ -278,6 +278,36 @@ def test_a_worker_whose_trainer_is_not_the_models_refuses_the_run(
     assert isinstance(error, WorkerRefused), error
     refused = bench.next_presence("refused")
     assert "somebody.else:Trainer" in refused.info["reason"]
+
+
+@pytest.mark.parametrize(("limits", "option"), [
+    ({"memory_budget": "512K"}, "--memory-budget"),  # 3 x 300 kB is over 512 KiB
+    ({"max_model_bytes": 100_000}, "--max-model-bytes"),
+])
+def test_a_worker_that_cannot_hold_the_model_refuses_the_run_before_reading_it(
+        bench: Bench, tmp_path: Path, running: list[Running], limits: dict[str, Any], option: str) -> None:
+    """The task says the model's size: a worker over its limits says so in one line and stops,
+    before it reads any of the model (it used to skip the model and give the task back forever)."""
+    bench.model(0, RUN_A)
+    bench.task("t1", RUN_A, model_bytes=300_000)
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"), **limits)
+    running.append(w)
+    error = w.join(60).get("error")
+    assert isinstance(error, WorkerRefused) and error.exit_code == 2, error
+    assert option in str(error) and "\n" not in str(error)
+    refused = bench.next_presence("refused")
+    assert (refused.worker_id, refused.run_id) == ("w0", RUN_A) and option in refused.info["reason"]
+    assert w.worker.follower is not None and w.worker.follower.deliveries == 0, "refused before reading the model"
+    assert bench.updates.empty()
+    assert bench.count(bench.topology.tasks) == 1  # back for a worker that can hold it
+
+
+def test_a_worker_that_can_hold_the_model_trains_it(bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    bench.model(0, RUN_A)
+    bench.task("t1", RUN_A, model_bytes=300_000)
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"), memory_budget="64M")
+    running.append(w)
+    assert expect_update(bench).base_version == 0
 
 
 def test_a_model_that_names_the_workers_trainer_is_trained(

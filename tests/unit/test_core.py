@@ -632,6 +632,13 @@ def test_tasks_name_the_run_and_updates_of_another_run_are_stale() -> None:
     assert fates(run.send(update(task.task_id), 2.0)) == ["applied"]
 
 
+def test_tasks_name_the_models_size_so_a_worker_can_refuse_one_it_cannot_hold() -> None:
+    run = async_run(concurrency=1)
+    run.start(0.0)
+    [task] = tasks(run.hello("w0", 0.0))
+    assert task.model_bytes == sum(v.nbytes for v in run.core.params.values()) > 0
+
+
 def test_a_checkpoint_keeps_the_run_id() -> None:
     cfg = config(mode="async", strategy="fedasync", concurrency=1)
     run = Driver(coordinator(cfg))

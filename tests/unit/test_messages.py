@@ -159,6 +159,16 @@ def test_wire_form_is_a_plain_msgpack_map():
     assert list(doc["params"]) == list(_params(1))
 
 
+def test_a_tasks_model_size_is_a_later_field_left_out_when_unsaid():
+    task = Task(task_id="t", version=1, mode="async", epochs=1, batch_size=8, lr=0.1, mu=0.0, seed=0)
+    assert "model_bytes" not in _doc(task)  # peers without the field read the message
+    assert decode(encode(task)).model_bytes == 0  # type: ignore[union-attr]
+    sized = dataclasses.replace(task, model_bytes=400_000_000)
+    assert decode(encode(sized)) == sized
+    with pytest.raises(DecodeError, match="model_bytes"):
+        decode(encode(dataclasses.replace(task, model_bytes=-1)))
+
+
 def test_decoded_params_are_read_only_views():
     wire = encode(_update())
     params = decode(wire).params  # type: ignore[union-attr]
