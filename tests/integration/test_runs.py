@@ -75,8 +75,11 @@ def test_two_runs_in_a_row_on_one_namespace_both_reach_their_target(
         for name in workers:
             assert procs.wait(name, 30) == 0, procs.log(name)
         ledger = assert_ledger_invariant(run, all_confirmed(procs, workers))
-        applied = [e for e in ledger if e["fate"] == "applied"]
-        assert {e["worker_id"] for e in applied} == {f"w{i}" for i in range(4)}
+        # every worker answered this run's tasks (none stuck on the other run's models); whether its
+        # answer was applied or came after the target was reached (late) depends on the machine's speed
+        answered = [e for e in ledger if e["fate"] in ("applied", "late")]
+        assert {e["worker_id"] for e in answered} == {f"w{i}" for i in range(4)}
+        assert len({e["worker_id"] for e in ledger if e["fate"] == "applied"}) >= 2
         assert not [e for e in ledger if e["fate"] == "rejected"], [e for e in ledger if e["fate"] == "rejected"][:3]
         other_run = [e["reason"] for e in ledger if e["fate"] == "stale" and e["reason"].startswith("from run")]
         assert all(r == f"from run {run_ids[0]}; this run is {run_ids[-1]}" for r in other_run), other_run
