@@ -136,6 +136,11 @@ def describe(exc: BaseException) -> str:
     return mask_text(str(exc) or type(exc).__name__)
 
 
+#: RabbitMQ's 404 for a durable queue whose node is not up yet ("home node 'n@h' of durable queue
+#: 'q' in vhost '/' is down or inaccessible"): seen while a restarted node starts its queues
+_NODE_DOWN = "is down or inaccessible"
+
+
 def classify(
     exc: BaseException,
     doing: str,
@@ -153,6 +158,9 @@ def classify(
         return exc
     code = reply_code(exc)
     cls: type[BrokerError] = _PERMANENT_CODES.get(code, transient) if code is not None else transient
+    if code == 404 and _NODE_DOWN in describe(exc):
+        # a durable queue whose home node (or stream member) is restarting: it comes back; retry
+        cls = transient
     message = f"{doing} failed: {describe(exc)}"
     hint = (hints or {}).get(code) if code is not None else None
     if hint:

@@ -107,3 +107,17 @@ def test_tls_options_from_the_command_line_and_a_config_file_reach_the_settings(
     settings = BrokerSettings.from_url("amqps://w1@broker/")
     assert (settings.tls_ca, settings.tls_cert, settings.tls_key) == ("/from/toml.pem", "/c.pem", "/k.pem")
     assert settings.tls_external and not settings.tls_verify_hostname
+
+
+def test_a_queue_whose_node_is_still_coming_back_is_retried_not_refused() -> None:
+    """A restarted node answers 404 for its durable queues until it has started them: that passes
+    (the aggregator retries the declare); a queue that does not exist stays a 404 for good."""
+    import pika.exceptions as pex
+
+    from fedmq.broker.client import classify
+
+    down = pex.ChannelClosedByBroker(404, "NOT_FOUND - home node 'fedmq1@localhost' of durable queue "
+                                          "'ns.models' in vhost '/' is down or inaccessible")
+    assert classify(down, "declaring namespace 'ns'").retryable
+    missing = pex.ChannelClosedByBroker(404, "NOT_FOUND - no queue 'ns.tasks' in vhost '/'")
+    assert not classify(missing, "subscribing to queue 'ns.tasks'").retryable
