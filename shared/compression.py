@@ -120,19 +120,25 @@ def topk_count(size: int, fraction: float) -> int:
 # ------------------------------------------------------------------ encoding (the worker)
 
 
-def _int8(x: np.ndarray) -> dict[str, Any]:
-    """Quantise ``x`` block by block, :data:`_CHUNK_BLOCKS` blocks at a time through one scratch
-    buffer: no model-sized temporaries (at 10M parameters, 2x faster than whole-array numpy)."""
+def _int8(x: np.ndarray, base: np.ndarray | None = None) -> dict[str, Any]:
+    """Quantise ``x`` (or ``x - base``: the delta is formed block by block, never as a whole
+    array) :data:`_CHUNK_BLOCKS` blocks at a time through scratch buffers: no model-sized
+    temporaries (at 10M parameters, 2x faster than whole-array numpy; with ``base``, a further
+    ~1.5x over subtracting first). The bits are those of quantising ``np.subtract(x, base)``."""
     flat = x.reshape(-1)
+    origin = None if base is None else base.reshape(-1)
     n = flat.size
     blocks, full = -(-n // INT8_BLOCK), n // INT8_BLOCK
     q = np.empty(n, np.int8)
     scale = np.empty(blocks, np.float32)
     scratch = np.empty(min(n, _CHUNK_BLOCKS * INT8_BLOCK), np.float32)
+    diff = None if origin is None else np.empty_like(scratch)
 
-    def quantise(src: np.ndarray, dst: np.ndarray, scales: np.ndarray) -> None:
-        rows = src.reshape(scales.size, -1)
-        buf = scratch[: src.size].reshape(rows.shape)
+    def quantise(lo: int, hi: int, scales: np.ndarray) -> None:
+        rows = flat[lo:hi].reshape(scales.size, -1)
+        if origin is not None and diff is not None:
+            rows = np.subtract(rows, origin[lo:hi].reshape(rows.shape), out=diff[: hi - lo].reshape(rows.shape))
+        buf = scratch[: hi - lo].reshape(rows.shape)
         np.abs(rows, out=buf)
         np.max(buf, axis=1, out=scales)
         scales /= np.float32(127.0)
@@ -140,14 +146,13 @@ def _int8(x: np.ndarray) -> dict[str, Any]:
         np.multiply(rows, inverse[:, None], out=buf)
         np.rint(buf, out=buf)
         np.clip(buf, -127, 127, out=buf)
-        dst[:] = buf.reshape(-1)
+        q[lo:hi] = buf.reshape(-1)
 
     for first in range(0, full, _CHUNK_BLOCKS):
         last = min(full, first + _CHUNK_BLOCKS)
-        quantise(flat[first * INT8_BLOCK: last * INT8_BLOCK], q[first * INT8_BLOCK: last * INT8_BLOCK],
-                 scale[first:last])
+        quantise(first * INT8_BLOCK, last * INT8_BLOCK, scale[first:last])
     if full < blocks:  # the last, partial block
-        quantise(flat[full * INT8_BLOCK:], q[full * INT8_BLOCK:], scale[full:])
+        quantise(full * INT8_BLOCK, n, scale[full:])
     return {"q": q.reshape(x.shape), "scale": scale, "block": INT8_BLOCK}
 
 
@@ -163,9 +168,13 @@ def _topk(x: np.ndarray, fraction: float) -> dict[str, Any]:
     return {"shape": list(x.shape), "indices": kept.astype(dtype), "values": flat[kept].astype(np.float32)}
 
 
-def encode_params(params: Mapping[str, np.ndarray], scheme: Scheme) -> dict[str, dict[str, Any]]:
+def encode_params(params: Mapping[str, np.ndarray], scheme: Scheme, *,
+                  base: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Each float32 layer of ``params`` in ``scheme``'s wire form (not ``none``). ValueError for a
-    value fp16 cannot hold."""
+    value fp16 cannot hold. With ``base``, what is encoded is the delta ``params - base`` (the
+    same bits as subtracting first; int8 forms it block by block, without a model-sized array)."""
+    if base is not None and scheme.name != "int8":
+        params = {k: np.subtract(x, base[k], dtype=np.float32) for k, x in params.items()}
     out: dict[str, dict[str, Any]] = {}
     for name, x in params.items():
         if scheme.name == "fp16":
@@ -174,7 +183,7 @@ def encode_params(params: Mapping[str, np.ndarray], scheme: Scheme) -> dict[str,
                 raise ValueError(f"{name} has values beyond float16's range (±65504); use --compress int8")
             out[name] = {"values": x.astype(np.float16)}
         elif scheme.name == "int8":
-            out[name] = _int8(np.asarray(x, np.float32))
+            out[name] = _int8(np.asarray(x, np.float32), None if base is None else np.asarray(base[name], np.float32))
         elif scheme.name == "topk":
             assert scheme.fraction is not None
             out[name] = _topk(np.asarray(x, np.float32), scheme.fraction)
@@ -327,11 +336,14 @@ class ErrorFeedback:
         self._residual: dict[str, np.ndarray] | None = None
 
     def compress(self, run_id: str, delta: Mapping[str, np.ndarray], scheme: Scheme, *,
-                 feedback: bool = True) -> Compressed:
+                 feedback: bool = True, base: Mapping[str, np.ndarray] | None = None) -> Compressed:
         """``delta`` (plus the residual, for top-k) in ``scheme``'s wire form. ValueError when a
-        value cannot be encoded."""
+        value cannot be encoded. With ``base``, ``delta`` holds the trained weights and the delta
+        is ``delta - base`` (see :func:`encode_params`)."""
         if scheme.name != "topk" or not feedback:
-            return Compressed(encode_params(delta, scheme), run_id, None)
+            return Compressed(encode_params(delta, scheme, base=base), run_id, None)
+        if base is not None:
+            delta = {k: np.subtract(x, base[k], dtype=np.float32) for k, x in delta.items()}
         residual = self._residual if self._run == run_id else None
         if residual is not None and any(
                 name not in residual or residual[name].shape != x.shape for name, x in delta.items()):

@@ -261,15 +261,21 @@ class TaskRunner:
         if bad is not None:
             return Failed(f"trainer {bad}")
         params = {name: result.params[name] for name in model.params}  # the model's order
+        # a compressed delta is formed inside the compressor (int8: block by block, no model-sized
+        # delta array); an attack tampers with the delta itself, so it is formed here first
+        base = None
         if task.update_kind == "delta":
-            params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
+            if task.compression != "none" and self.attack is None:
+                base = model.params
+            else:
+                params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
         if self.attack is not None:
             params = self.attack.tamper(params, model.params, delta=task.update_kind == "delta",
                                         seed=derive_seed(task.seed, self.worker_id))
         compressed = None
         if task.compression != "none":
             try:
-                compressed = self.feedback.compress(task.run_id, params, compression.parse(task.compression))
+                compressed = self.feedback.compress(task.run_id, params, compression.parse(task.compression), base=base)
             except ValueError as exc:
                 return Failed(f"the update cannot be compressed with {task.compression}: {exc}")
             params = cast(messages.Params, compressed.layers)  # the wire form; decoded back to float32

@@ -107,6 +107,25 @@ def test_int8_scales_are_each_blocks_largest_magnitude_over_127_across_scratch_c
     assert np.all(np.abs(back - x) <= per_element / 2 * (1 + 1e-6))
 
 
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "topk:0.1"])
+def test_encoding_from_a_base_is_the_encoding_of_the_subtracted_delta(scheme):
+    """The worker hands the compressor its trained weights and the model (int8 forms the delta
+    block by block): the wire form must be bit for bit that of the delta subtracted first,
+    across scratch chunks and a partial last block, with and without error feedback."""
+    rng = np.random.default_rng(11)
+    base = {**_delta(1), "long": rng.standard_normal(300 * INT8_BLOCK + 5).astype(np.float32)}
+    new = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.01).astype(np.float32) for k, v in base.items()}
+    delta = {k: np.subtract(new[k], base[k], dtype=np.float32) for k in new}
+    for feedback in (False, True):
+        plain = ErrorFeedback().compress("run-a", delta, parse(scheme), feedback=feedback).layers
+        fused = ErrorFeedback().compress("run-a", new, parse(scheme), feedback=feedback, base=base).layers
+        assert plain.keys() == fused.keys()
+        for name, layer in plain.items():
+            for key, value in layer.items():
+                assert np.array_equal(np.asarray(value), np.asarray(fused[name][key])), (scheme, name, key)
+                assert np.asarray(value).dtype == np.asarray(fused[name][key]).dtype
+
+
 def test_topk_keeps_exactly_the_largest_entries():
     delta = _delta()
     got = _roundtrip("topk:0.1", delta)
