@@ -10,7 +10,7 @@ from fedmq.aggregator.robust import RobustRule, make_robust
 from fedmq.aggregator.strategies import STRATEGIES, check_defences
 from fedmq.aggregator.tracking import check_tracker
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
-from fedmq.shared.compression import Scheme
+from fedmq.shared.compression import MODEL_DTYPES, Scheme
 from fedmq.shared.compression import parse as parse_compression
 from fedmq.shared.defaults import DEFAULT_TRAINER
 from fedmq.shared.errors import ConfigError
@@ -124,6 +124,10 @@ class AggregatorConfig:
         "Compress the workers' updates: none, fp16, int8 (a scale per 1024 values) or topk:FRACTION "
         "(the largest entries of each layer, the rest kept on the worker as error feedback). "
         "Updates then carry deltas; fedavg and fedbuff only.")})
+    model_dtype: str = field(default="float32", metadata={"help": (
+        "How model versions travel to the workers: float32, or bfloat16 (half the bytes, relative "
+        "rounding <= 2**-8; the aggregator keeps and checkpoints float32, workers train on the "
+        "rounded model and send deltas from it). fedavg and fedbuff only.")})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -186,6 +190,11 @@ class AggregatorConfig:
         if scheme.lossy and self.strategy_name == "fedasync":
             raise ConfigError(f"--compress {scheme.text} works with fedavg and fedbuff, not fedasync (a compressed "
                               "update is a delta from its base version, which fedasync no longer holds)")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ConfigError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}")
+        if self.model_dtype != "float32" and self.strategy_name == "fedasync":
+            raise ConfigError(f"--model-dtype {self.model_dtype} works with fedavg and fedbuff, not fedasync (workers "
+                              "send deltas from the rounded model, and fedasync mixes weights)")
         return self
 
     def compression(self) -> Scheme:

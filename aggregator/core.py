@@ -536,9 +536,12 @@ class Coordinator:
 
     @property
     def update_kind(self) -> str:
-        """What tasks ask for: the strategy's kind, or deltas when updates are compressed (which
-        :func:`as_weights` turns back into weights for a strategy that wants those)."""
-        return "delta" if self.compression != "none" else self.strategy.update_kind
+        """What tasks ask for: the strategy's kind, or deltas when updates are compressed or models
+        travel rounded (--model-dtype bfloat16: a delta from the rounded model, added to the
+        float32 model, loses nothing to the rounding); :func:`as_weights` turns them back into
+        weights for a strategy that wants those."""
+        lossy_wire = self.compression != "none" or self.config.model_dtype != "float32"
+        return "delta" if lossy_wire else self.strategy.update_kind
 
     # ------------------------------------------------------------------ inputs
     def start(self, now: float) -> list[Decision]:

@@ -92,7 +92,7 @@ from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
-from fedmq.shared import chunking, memory, messages, signing
+from fedmq.shared import chunking, compression, memory, messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
@@ -574,8 +574,11 @@ class Aggregator:
                     self._publish(self.topology.tasks, body, message_id=task.task_id, headers=self._signed(task, body))
                 case PublishModel():
                     run_id = self._core.run_id
-                    msg = messages.ModelVersion(version=d.version, params=d.params, spec=self.spec, round=d.round,
-                                                created_s=time.time(), run_id=run_id)
+                    dtype = self.cfg.model_dtype
+                    # --model-dtype bfloat16: rounded for the wire only; the core keeps float32
+                    params = d.params if dtype == "float32" else compression.to_bfloat16(d.params)
+                    msg = messages.ModelVersion(version=d.version, params=params, spec=self.spec, round=d.round,
+                                                created_s=time.time(), run_id=run_id, dtype=dtype)
                     # a model larger than --chunk-bytes goes as chunks, each with these headers
                     body = messages.encode(msg)
                     self._publish(self.topology.models, body, message_id=f"model-{run_id}-{d.version}",

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Wire names of the allowed dtypes (``np.dtype(name).str``), all little-endian.
-DTYPES: frozenset[str] = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|i1", "|u1"})
+DTYPES: frozenset[str] = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|i1", "|u1", "<u2"})  # <u2: bfloat16 bits
 #: The exact key set of an array map.
 ARRAY_KEYS: frozenset[str] = frozenset({"dtype", "shape", "data"})
 #: Deepest nesting of maps and lists that :func:`unpack` accepts.

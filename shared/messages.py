@@ -78,6 +78,9 @@ class ModelVersion:
     round: int | None = None
     created_s: float = 0.0
     run_id: str = ""  # the run this version belongs to; streams outlive runs
+    # how params travel: "float32", or "bfloat16" (--model-dtype; uint16 bit patterns on the wire,
+    # float32 again once decoded: a decoded model always holds float32 arrays)
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,7 @@ _SCHEMAS: dict[type, dict[str, Check]] = {
         "round": _ROUND,
         "created_s": _TIME,
         "run_id": _text(),
+        "dtype": _text(compression.MODEL_DTYPES),
     },
     Task: {
         "task_id": _text(nonempty=True),
@@ -381,7 +385,8 @@ _WIRE_KEYS = {cls: frozenset(_ENVELOPE) | checks.keys() for cls, checks in _SCHE
 #: fields added after a schema's first release: left out of the wire form while they hold their
 #: default (so that peers without them read the message), and read as that default when absent
 _LATER_FIELDS: dict[type, dict[str, Any]] = {Task: {"compression": "none", "model_bytes": 0},
-                                              Update: {"compression": "none"}}
+                                              Update: {"compression": "none"},
+                                              ModelVersion: {"dtype": "float32"}}
 
 # --------------------------------------------------------------------------- decoding
 
@@ -451,4 +456,6 @@ def decode(
     if cls is Update:
         limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
         values["params"] = _update_params(values["params"], values["compression"], limit)
+    elif cls is ModelVersion and values["dtype"] == compression.BFLOAT16:
+        values["params"] = compression.from_bfloat16(values["params"], f"{name}.params")
     return cls(**values)

@@ -12,7 +12,7 @@ from fedmq.shared import codec
 from fedmq.shared.errors import DecodeError
 
 LIMIT = 1 << 30
-ALL_DTYPES = ["<f2", "<f4", "<f8", "<i4", "<i8", "|i1", "|u1"]
+ALL_DTYPES = ["<f2", "<f4", "<f8", "<i4", "<i8", "|i1", "|u1", "<u2"]
 
 
 def _array(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from fedmq.shared import compression
+from fedmq.shared import codec, compression
 from fedmq.shared.compression import INT8_BLOCK, ErrorFeedback, Scheme, parse
 from fedmq.shared.errors import DecodeError
 from fedmq.shared.messages import Task, Update, decode, encode
@@ -344,3 +344,50 @@ def test_the_decompressed_size_has_its_own_limit():
     assert isinstance(got, Update) and got.params["w"].nbytes == 40_000
     with pytest.raises(DecodeError, match="decompresses to 40000 bytes, over the limit of 39999"):
         decode(wire, max_bytes=20_000, max_decompressed_bytes=39_999)
+
+
+# ------------------------------------------------------------------ bfloat16 model versions
+
+
+def test_bfloat16_rounds_to_nearest_even_within_2_to_the_minus_8():
+    # 1 + 2**-8 is a tie between 1 and 1 + 2**-7: even (1.0) wins; a hair above rounds up
+    x = np.array([1.0, 1 + 2**-8, 1 + 2**-8 + 2**-20, 1 + 3 * 2**-8, -2.5, 0.0, -0.0, 1e-40, 3.3e38], np.float32)
+    bits = compression.to_bfloat16({"x": x})["x"]
+    assert bits.dtype == np.dtype("<u2") and bits.shape == x.shape
+    back = compression.from_bfloat16({"x": bits})["x"]
+    assert back.dtype == np.float32
+    assert back[:5].tolist() == [1.0, 1.0, 1 + 2**-7, 1 + 4 * 2**-8, -2.5]
+    assert np.signbit(back[6]) and back[5] == 0.0
+    rng = np.random.default_rng(4)
+    y = (rng.standard_normal((257, 1031)) * 0.05).astype(np.float32)  # more than one rounding block
+    z = compression.from_bfloat16(compression.to_bfloat16({"y": y}))["y"]
+    assert z.shape == y.shape and np.all(np.abs(z - y) <= np.abs(y) * 2.0**-8)
+
+
+def test_bfloat16_refuses_what_it_cannot_carry_with_the_layer_named():
+    with pytest.raises(ValueError, match="big"):
+        compression.to_bfloat16({"big": np.array([3.4e38], np.float32)})  # rounds to infinity
+    with pytest.raises(ValueError, match="nan"):
+        compression.to_bfloat16({"nan": np.array([np.nan], np.float32)})
+    with pytest.raises(DecodeError, match=r"\['w'\] must be bfloat16 bits"):
+        compression.from_bfloat16({"w": np.zeros(3, np.float32)})
+    with pytest.raises(DecodeError, match=r"\['w'\] holds a value that is not finite"):
+        compression.from_bfloat16({"w": np.array([0x3F80, 0x7F80], np.uint16)})
+
+
+def test_a_bfloat16_model_message_decodes_to_float32_and_a_float32_one_keeps_its_old_wire_form():
+    from fedmq.shared.messages import ModelVersion
+
+    params = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)}
+    plain = ModelVersion(version=1, params=params, spec={}, run_id="r")
+    assert "dtype" not in codec.unpack(encode(plain), LIMIT)  # as before: older workers read it
+    assert decode(encode(plain)).dtype == "float32"
+    rounded = ModelVersion(version=1, params=compression.to_bfloat16(params), spec={}, run_id="r", dtype="bfloat16")
+    got = decode(encode(rounded))
+    assert isinstance(got, ModelVersion) and got.dtype == "bfloat16" and got.params["w"].dtype == np.float32
+    np.testing.assert_allclose(got.params["w"], params["w"], rtol=2.0**-8)
+    forged = ModelVersion(version=1, params=params, spec={}, run_id="r", dtype="bfloat16")  # float32 arrays
+    with pytest.raises(DecodeError, match="must be bfloat16 bits"):
+        decode(encode(forged))
+    with pytest.raises(DecodeError, match="dtype"):
+        decode(encode(dataclasses.replace(rounded, dtype="float8")))

@@ -1036,6 +1036,32 @@ def test_a_compressed_fedavg_run_asks_for_deltas_and_averages_them_into_weights(
     np.testing.assert_allclose(run.core.params["dense_0/W"], 1.0 + (0.5 * 10 - 0.25 * 30) / 40, rtol=1e-2)
 
 
+def test_bfloat16_models_make_fedavg_ask_for_deltas_added_to_its_float32_model() -> None:
+    """--model-dtype bfloat16: workers train on a rounded model, so tasks ask for deltas (the
+    rounding then costs nothing); uncompressed deltas of the current version become weights."""
+    run = Driver(coordinator(config(mode="sync", rounds=5, workers_per_round=2, min_workers=2,
+                                    model_dtype="bfloat16"), model(1.0)))
+    run.start(0.0)
+    run.hello("w0", 0.001)
+    got = run.hello("w1", 0.002)
+    assert {(t.update_kind, t.compression) for t in tasks(got)} == {("delta", "none")}
+    assert run.send(update("r00001-000", "w0", round_=1, value=0.5, n=10, kind="delta"), 0.01) == []
+    got = run.send(update("r00001-001", "w1", round_=1, value=-0.25, n=30, kind="delta"), 0.02)
+    assert fates(got) == ["applied", "applied"]
+    assert run.core.params["dense_0/W"].dtype == np.float32
+    np.testing.assert_allclose(run.core.params["dense_0/W"], 1.0 + (0.5 * 10 - 0.25 * 30) / 40, rtol=1e-6)
+
+
+def test_model_dtype_must_be_known_and_is_refused_for_fedasync() -> None:
+    from fedmq.shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fedasync"):
+        config(mode="async", strategy="fedasync", model_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="--model-dtype must be one of float32, bfloat16"):
+        config(model_dtype="float16")
+    assert config(mode="async", strategy="fedbuff", model_dtype="bfloat16").to_json()["model_dtype"] == "bfloat16"
+
+
 def test_an_update_compressed_otherwise_than_the_run_asked_is_rejected_with_a_reason() -> None:
     run = Driver(coordinator(config(mode="async", max_updates=10, concurrency=1, compress="topk:0.1")))
     run.start(0.0)
