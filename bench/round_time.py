@@ -24,8 +24,9 @@ fedmq / Simulation and the speedup over Deployment, with the 1-minute load avera
 point. Goals (issue 15): >= 20x faster than Deployment, <= Simulation's time at every point.
 The exit status is 1 when a peer failed to run or a goal was missed, else 0.
 ``--compress none,int8`` runs every point once per scheme, one after the other (the table has a row
-each; Flower runs once per point and is compared with each).
-Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--profile DIR]
+each; Flower runs once per point and is compared with each); ``--model-dtype float32,bfloat16``
+crosses them with the models' wire dtype.
+Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--model-dtype float32,bfloat16] [--profile DIR]
 [--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
 """
 from __future__ import annotations
@@ -62,14 +63,20 @@ from bench._common import (  # noqa: E402
     write_result,
     write_synthetic,
 )
+from fedmq.shared.compression import MODEL_DTYPES  # noqa: E402
 from fedmq.shared.compression import parse as parse_compression  # noqa: E402
 
 SPEEDUP_GOAL = 20.0
+
+
+def variant(compress: str, model_dtype: str) -> str:
+    """A row's label: the --compress scheme, and the models' dtype where they are not float32."""
+    return compress if model_dtype == "float32" else f"{compress}, {model_dtype} models"
 PEERS = ("flower",)
 
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, rounds: int,
-              profile: Path | None, compress: str = "none") -> dict[str, Any]:
+              profile: Path | None, compress: str = "none", model_dtype: str = "float32") -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-n{n}-{label}"
     argv = fedmq_argv(
@@ -77,6 +84,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "--min-workers", str(n), "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(work / "data" / "test.npz"), "--out", str(run_dir), "--round-timeout", "300",
         "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json", "--compress", compress,
+        "--model-dtype", model_dtype,
     )
     if profile is not None:
         argv = pyspy_argv(argv, profile / f"round_time-n{n}-{label}.txt")
@@ -129,7 +137,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         d = CpuSnapshots.delta(marks[1], marks[rounds])
         cpu_per_round = {k: v / (rounds - 1) for k, v in d.items() if k not in ("machine_total", "wall", "cores")}
     return {
-        "workers": n, "model": label, "compress": compress, "hidden": hidden, "params": mlp_param_count(hidden), "model_bytes": model_bytes,
+        "workers": n, "model": label, "compress": variant(compress, model_dtype), "model_dtype": model_dtype, "hidden": hidden, "params": mlp_param_count(hidden), "model_bytes": model_bytes,
         "rounds": rounds, "per_round_s": per_round, "median_s": s_round, "mean_s": sum(steady) / len(steady),
         "collect_median_s": median(collect[1:]), "close_median_s": median(close[1:]),
         "mb_per_s": 2 * n * model_bytes / s_round / 1e6,
@@ -194,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="output (default bench/results/round_time.json)")
     parser.add_argument("--compress", default="none",
                         help="comma-separated --compress schemes, each run at every point in turn (e.g. none,int8)")
+    parser.add_argument("--model-dtype", default="float32",
+                        help="comma-separated --model-dtype values (float32,bfloat16), crossed with --compress")
     parser.add_argument("--peers", choices=PEERS, default=None,
                         help="after each point, run the same workload on this peer (bench/peers/) and print the ratios")
     parser.add_argument("--peer-engines", default="simulation,deployment",
@@ -212,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             parse_compression(scheme)
         except ValueError as exc:
             parser.error(f"--compress: {exc}")
+    dtypes = [d for d in args.model_dtype.split(",") if d]
+    if not dtypes or any(d not in MODEL_DTYPES for d in dtypes):
+        parser.error(f"--model-dtype: comma-separated among {', '.join(MODEL_DTYPES)}")
+    variants = [(scheme, dtype) for dtype in dtypes for scheme in schemes]
     if any(n < 1 for n in workers) or any(s not in MODEL_SIZES for s in sizes):
         parser.error("workers must be positive and sizes among 100k, 1M, 10M")
     engines = [e for e in args.peer_engines.split(",") if e] if args.peers else []
@@ -233,15 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in workers:
             for label in sizes:
                 point = []
-                for scheme in schemes:  # side by side: the schemes of one point run one after another
-                    ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}"
+                for scheme, dtype in variants:  # side by side: the variants of one point run one after another
+                    ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}-{dtype}"
                     try:
-                        row = run_point(children, work, ns, n, label, rounds, args.profile, scheme)
+                        row = run_point(children, work, ns, n, label, rounds, args.profile, scheme, dtype)
                     finally:
                         children.stop_all()
                         delete_namespace(ns)
                     point.append(row)
-                    print(f"  N={n} {label} --compress {scheme}: {row['median_s']:.3f} s/round", file=sys.stderr)
+                    print(f"  N={n} {label} {row['compress']}: {row['median_s']:.3f} s/round", file=sys.stderr)
                 rows += point
                 if engines:  # the peers once per point, compared with each scheme's row
                     peers = run_peers(engines, n, label, rounds, args.deployment_rounds, work / "peers",
