@@ -1,5 +1,5 @@
 """Update compression: digits accuracy and bytes per update for none / fp16 / int8 / top-k (with and
-without error feedback), and the CPU cost of compressing and decompressing a large update.
+without error feedback), each also with bfloat16 model versions where listed, and the CPU cost of compressing and decompressing a large update.
 
 An in-process simulation of the code a run executes, without the broker: each worker's
 :class:`~fedmq.worker.task.TaskRunner` trains its shard of digits and compresses its delta as the
@@ -41,25 +41,31 @@ from fedmq.worker.task import Done, TaskRunner  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # (label, --compress, error feedback)
-VARIANTS = [("none", "none", True), ("fp16", "fp16", True), ("int8", "int8", True),
-            ("topk 10% + EF", "topk:0.1", True), ("topk 10% no EF", "topk:0.1", False)]
+#: (label, --compress, error feedback, --model-dtype)
+VARIANTS = [("none", "none", True, "float32"), ("fp16", "fp16", True, "float32"), ("int8", "int8", True, "float32"),
+            ("topk 10% + EF", "topk:0.1", True, "float32"), ("topk 10% no EF", "topk:0.1", False, "float32"),
+            ("none, bfloat16 models", "none", True, "bfloat16"), ("int8, bfloat16 models", "int8", True, "bfloat16")]
 
 
 def simulate(scheme: str, feedback: bool, *, rounds: int, workers: int, seed: int,
-             checkpoints: tuple[int, ...]) -> dict[str, Any]:
+             checkpoints: tuple[int, ...], model_dtype: str = "float32") -> dict[str, Any]:
     """Test accuracy at each round of ``checkpoints`` and the mean wire bytes of an update."""
     shards, (X_test, y_test), spec = setup(workers, "iid", seed)  # as bench/robust.py: the same split
     evaluator = MLPTrainer(spec)
     runners = [TaskRunner(MLPTrainer, X, y, f"w{i}") for i, (X, y) in enumerate(shards)]
     strategy = make_strategy("fedavg")
     params = evaluator.init_params()
-    kind = "weights" if scheme == "none" else "delta"
+    kind = "weights" if scheme == "none" and model_dtype == "float32" else "delta"
     acc: dict[int, float] = {}
     sizes: list[int] = []
     for r in range(1, rounds + 1):
         task = messages.Task(task_id=f"r{r}", version=r - 1, mode="sync", epochs=2, batch_size=32, lr=0.1, mu=0.0,
                              seed=seed * 1_000_003 + r, round=r, update_kind=kind, run_id="bench", compression=scheme)
         model = messages.ModelVersion(version=r - 1, params=params, spec=spec, run_id="bench")
+        if model_dtype != "float32":  # what the workers get off the wire: the rounded model, as float32
+            wire_model = messages.ModelVersion(version=r - 1, params=compression.to_bfloat16(params), spec=spec,
+                                               run_id="bench", dtype=model_dtype)
+            model = messages.decode(messages.encode(wire_model), expect=messages.ModelVersion)  # type: ignore[assignment]
         contributions = []
         for runner in runners:
             out = runner.run(task, model)
@@ -122,11 +128,12 @@ def main() -> None:
     load = os.getloadavg()
     started = time.perf_counter()
     rows = []
-    for label, scheme, feedback in VARIANTS:
-        runs = [simulate(scheme, feedback, rounds=rounds, workers=args.workers, seed=s, checkpoints=checkpoints)
-                for s in seeds]
+    for label, scheme, feedback, model_dtype in VARIANTS:
+        runs = [simulate(scheme, feedback, rounds=rounds, workers=args.workers, seed=s, checkpoints=checkpoints,
+                         model_dtype=model_dtype) for s in seeds]
         mean = {r: round(float(np.mean([run["accuracy"][r] for run in runs])), 4) for r in runs[0]["accuracy"]}
-        rows.append({"variant": label, "compress": scheme, "error_feedback": feedback, "mean_accuracy": mean,
+        rows.append({"variant": label, "compress": scheme, "error_feedback": feedback, "model_dtype": model_dtype,
+                     "mean_accuracy": mean,
                      "per_seed": [run["accuracy"] for run in runs],
                      "bytes_per_update": runs[0]["bytes_per_update"], "test_samples": runs[0]["test_samples"]})
     base_bytes = rows[0]["bytes_per_update"]
