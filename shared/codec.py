@@ -48,6 +48,7 @@ import numpy as np
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
+    "all_finite",
     "ARRAY_KEYS",
     "DTYPES",
     "MAX_DEPTH",
@@ -590,6 +591,14 @@ def _to_array(name: Any, shape: Any, data: memoryview) -> np.ndarray:
         return flat.reshape(shape)
     except (ValueError, OverflowError) as exc:  # a zero-size shape with a dimension beyond intp
         raise _Bad(f"the shape {shape} is not a valid numpy shape: {exc}") from None
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """True iff no element of the float array ``arr`` (any shape) is NaN or infinite; the fast
+    check the decoder uses (see :func:`_all_finite`), for code that checks arrays it did not decode."""
+    flat = arr.reshape(-1)  # a view where arr is contiguous (the usual case), else a copy
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _all_finite(flat)
 
 
 def _all_finite(flat: np.ndarray) -> bool:

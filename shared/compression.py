@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmq.shared import codec
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
@@ -413,9 +414,10 @@ def from_bfloat16(params: Mapping[str, Any], where: str = "model.params") -> dic
         if not isinstance(bits, np.ndarray) or bits.dtype != np.dtype("<u2"):
             got = bits.dtype.str if isinstance(bits, np.ndarray) else type(bits).__name__
             raise DecodeError(f"{where}[{name!r}] must be bfloat16 bits (<u2) in a bfloat16 model, got {got}")
-        if bits.size and np.any((bits & _BF16_EXPONENT) == _BF16_EXPONENT):
-            raise DecodeError(f"{where}[{name!r}] holds a value that is not finite")
         wide = bits.astype(np.uint32)
         wide <<= 16
-        out[name] = wide.view(np.float32)
+        values = wide.view(np.float32)  # a bfloat16 inf or NaN widens to a float32 one
+        if not codec.all_finite(values):
+            raise DecodeError(f"{where}[{name!r}] holds a value that is not finite")
+        out[name] = values
     return out

@@ -32,7 +32,7 @@ from typing import TypeAlias, cast
 
 import numpy as np
 
-from fedmq.shared import compression, messages
+from fedmq.shared import codec, compression, messages
 from fedmq.shared.compression import Compressed, ErrorFeedback
 from fedmq.shared.trainer import FitResult, Trainer
 from fedmq.worker.attack import Attack
@@ -160,7 +160,7 @@ def check_result(result: object, base: messages.Params) -> str | None:
             return f"returned {name} with shape {got.shape}, the model's is {want.shape}"
         if got.dtype != UPDATE_DTYPE:
             return f"returned {name} with dtype {got.dtype}, expected {UPDATE_DTYPE}"
-        if not np.all(np.isfinite(got)):
+        if not codec.all_finite(got):
             return f"returned non-finite values (NaN or inf) in {name}"
     if isinstance(result.num_samples, bool) or not isinstance(result.num_samples, int | np.integer) \
             or result.num_samples < 0:
