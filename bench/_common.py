@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,25 @@ class Children:
             with contextlib.suppress(Exception):
                 f.close()
         self._files = []
+
+
+@contextlib.contextmanager
+def torn_down(children: Children, namespace: str, *, say_logs: bool = True) -> Iterator[None]:
+    """Stop every child and delete ``namespace`` when the block ends, however it ends.
+
+    The one teardown of the bench run loops: around a whole sweep (``say_logs``: on an error or
+    Ctrl-C, say where the children's logs were kept, then re-raise) and around each point on its
+    own namespace (``say_logs=False``: the sweep around it says it once).
+    """
+    try:
+        yield
+    except BaseException:
+        if say_logs:
+            print(f"logs kept in {children.log_dir}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        delete_namespace(namespace)
 
 
 class EventReader:

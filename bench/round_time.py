@@ -51,7 +51,6 @@ from bench._common import (  # noqa: E402
     Children,
     CpuSnapshots,
     EventReader,
-    delete_namespace,
     fedmq_argv,
     loadavg,
     median,
@@ -59,6 +58,7 @@ from bench._common import (  # noqa: E402
     new_namespace,
     pyspy_argv,
     table,
+    torn_down,
     write_result,
     write_synthetic,
 )
@@ -229,17 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     children = Children(work / "logs")
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
+    with torn_down(children, namespace):
         for n in workers:
             for label in sizes:
                 point = []
                 for scheme in schemes:  # side by side: the schemes of one point run one after another
                     ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}"
-                    try:
+                    with torn_down(children, ns, say_logs=False):
                         row = run_point(children, work, ns, n, label, rounds, args.profile, scheme)
-                    finally:
-                        children.stop_all()
-                        delete_namespace(ns)
                     point.append(row)
                     print(f"  N={n} {label} --compress {scheme}: {row['median_s']:.3f} s/round", file=sys.stderr)
                 rows += point
@@ -248,12 +245,6 @@ def main(argv: list[str] | None = None) -> int:
                                       point[0]["median_s"])
                     for row in point:
                         row["peers"] = peers
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
     failed = any("error" in p for r in rows for p in r.get("peers", {}).values())
     if failed:
         print(f"peer logs kept in {work / 'peers' / 'logs'}", file=sys.stderr)

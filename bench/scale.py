@@ -62,7 +62,6 @@ from bench._common import (  # noqa: E402
     CpuSnapshots,
     EventReader,
     cpu_seconds,
-    delete_namespace,
     fedmq_argv,
     loadavg,
     mlp_param_count,
@@ -70,6 +69,7 @@ from bench._common import (  # noqa: E402
     pyspy_argv,
     status_kb,
     table,
+    torn_down,
     write_result,
     write_synthetic,
 )
@@ -230,24 +230,15 @@ def run_all(name: str, shards: int, per_shard: int, points: list[tuple[str, dict
     write_synthetic(work / "data", shards=shards, per_shard=per_shard, test=64)
     children = Children(work / "logs")
     rows: list[dict[str, Any]] = []
-    try:
+    with torn_down(children, namespace):
         for i, (tag, fields, fn) in enumerate(points):
             ns = f"{namespace}-{i}"
-            try:
+            with torn_down(children, ns, say_logs=False):
                 row = fn(children, work, ns, tag)
-            finally:
-                children.stop_all()
-                delete_namespace(ns)
             row.update(fields)
             rows.append(row)
             print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
                   f"{note(row)}", file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
     if os.environ.get("FEDMQ_BENCH_KEEP_LOGS"):
         print(f"logs kept in {work / 'logs'}", file=sys.stderr)
     else:
