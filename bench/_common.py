@@ -56,18 +56,18 @@ def new_namespace(name: str) -> str:
     return f"bench-{name}-{secrets.token_hex(3)}"
 
 
-def broker_settings(namespace: str) -> tuple[Any, Any]:
+def broker_settings(namespace: str, url: str = AMQP_URL) -> tuple[Any, Any]:
     from fedmq.broker.settings import BrokerSettings
     from fedmq.broker.topology import Topology
 
-    return BrokerSettings.from_url(AMQP_URL), Topology(namespace)
+    return BrokerSettings.from_url(url), Topology(namespace)
 
 
-def delete_namespace(namespace: str, extra_queues: Sequence[str] = ()) -> None:
-    """Delete every queue and exchange of ``namespace`` (plus ``extra_queues``); best effort."""
+def delete_namespace(namespace: str, extra_queues: Sequence[str] = (), url: str = AMQP_URL) -> None:
+    """Delete every queue and exchange of ``namespace`` (plus ``extra_queues``) on the broker at ``url``; best effort."""
     from fedmq.broker.admin import Admin
 
-    settings, topology = broker_settings(namespace)
+    settings, topology = broker_settings(namespace, url)
     try:
         with Admin(settings, topology) as admin:
             admin.delete()
@@ -170,8 +170,8 @@ class Children:
 
 
 @contextlib.contextmanager
-def torn_down(children: Children, namespace: str, *, say_logs: bool = True) -> Iterator[None]:
-    """Stop every child and delete ``namespace`` when the block ends, however it ends.
+def torn_down(children: Children, namespace: str, *, say_logs: bool = True, url: str = AMQP_URL) -> Iterator[None]:
+    """Stop every child and delete ``namespace`` (on the broker at ``url``) when the block ends, however it ends.
 
     The one teardown of the bench run loops: around a whole sweep (``say_logs``: on an error or
     Ctrl-C, say where the children's logs were kept, then re-raise) and around each point on its
@@ -185,7 +185,7 @@ def torn_down(children: Children, namespace: str, *, say_logs: bool = True) -> I
         raise
     finally:
         children.stop_all()
-        delete_namespace(namespace)
+        delete_namespace(namespace, url=url)
 
 
 class EventReader:

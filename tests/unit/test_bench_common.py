@@ -21,7 +21,7 @@ class FakeChildren:
 @pytest.fixture
 def deleted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    monkeypatch.setattr(common, "delete_namespace", calls.append)
+    monkeypatch.setattr(common, "delete_namespace", lambda namespace, url: calls.append(namespace))
     return calls
 
 
