@@ -25,8 +25,12 @@ point. Goals (issue 15): >= 20x faster than Deployment, <= Simulation's time at 
 The exit status is 1 when a peer failed to run or a goal was missed, else 0.
 ``--compress none,int8`` runs every point once per scheme, one after the other (the table has a row
 each; Flower runs once per point and is compared with each).
+``--floor`` follows each row, on the same broker once the fedmq processes are gone, with the raw-pika floor of
+one round (``bench/floor.py``: the model into a stream, N readers, N writers into a quorum queue while one
+consumer takes them, bodies as fedmq encodes them for that row's ``--compress``, in fedmq's default chunk size;
+median of ``--floor-repeat``) and the ratio s/round / floor (goal <= 1.1 for lossless rows, issue 15).
 Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--profile DIR]
-[--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
+[--floor [--floor-repeat 3]] [--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from bench._common import (  # noqa: E402
     loadavg,
     median,
     mlp_param_count,
+    mlp_shapes,
     new_namespace,
     pyspy_argv,
     table,
@@ -62,9 +67,11 @@ from bench._common import (  # noqa: E402
     write_result,
     write_synthetic,
 )
+from bench.floor import body_bytes, round_floor  # noqa: E402
 from fedmq.shared.compression import parse as parse_compression  # noqa: E402
 
 SPEEDUP_GOAL = 20.0
+FLOOR_GOAL = 1.1  # issue 15: a lossless sync round within 1.1x the raw-pika floor moving the same bytes
 PEERS = ("flower",)
 
 
@@ -138,6 +145,36 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     }
 
 
+def floor_of(n: int, label: str, scheme: str, repeat: int) -> dict[str, Any]:
+    """The raw-pika floor of one round of this point (the model and ``scheme``'s update bodies as
+    fedmq encodes them, fedmq's default chunk size), ``repeat`` times; the run of median total."""
+    model_msg, update_msg = body_bytes(mlp_shapes(MODEL_SIZES[label]), scheme)
+    load = loadavg()
+    runs = [round_floor(AMQP_URL, model_msg, n, update_bytes=update_msg) for _ in range(repeat)]
+    runs.sort(key=lambda f: f["total_s"])
+    chosen = dict(runs[(len(runs) - 1) // 2])
+    chosen.update(totals_s=[f["total_s"] for f in runs], loadavg=load)
+    print(f"  N={n} {label} --compress {scheme}: floor {chosen['total_s']:.3f} s", file=sys.stderr)
+    return chosen
+
+
+def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
+    """s/round against the raw-pika floor per row, and whether every lossless row met the goal."""
+    headers = ["N", "model", "compress", "s/round", "floor s", "model to N", "N updates in", "ratio",
+               f"<={FLOOR_GOAL}", "load"]
+    body: list[list[Any]] = []
+    met = True
+    for r in rows:
+        f = r["floor"]
+        ok = r["ratio_to_floor"] <= FLOOR_GOAL
+        lossless = r.get("compress", "none") == "none"
+        met &= ok or not lossless
+        body.append([r["workers"], r["model"], r.get("compress", "none"), r["median_s"], f["total_s"], f["model_s"],
+                     f["updates_s"], r["ratio_to_floor"],
+                     ("PASS" if ok else "MISS") if lossless else ("yes" if ok else "no"), f["loadavg"]])
+    return headers, body, met
+
+
 def run_peers(engines: list[str], n: int, label: str, rounds: int, deployment_rounds: int, work: Path,
               s_round: float) -> dict[str, Any]:
     """Flower's engines on the point just measured; a failed engine is recorded, not raised."""
@@ -200,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --peers flower: comma-separated subset of simulation,deployment")
     parser.add_argument("--deployment-rounds", type=int, default=4,
                         help="rounds per point on Flower's Deployment Engine (default 4: its rounds take seconds)")
+    parser.add_argument("--floor", action="store_true",
+                        help="after each row, the raw-pika floor of one round's bytes (bench/floor.py) on the same broker, "
+                             "and s/round / floor (goal <= 1.1)")
+    parser.add_argument("--floor-repeat", type=int, default=3, help="with --floor: floor runs per row, the median kept")
     args = parser.parse_args(argv)
     workers = [int(x) for x in (args.workers or ("4" if args.quick else "4,16")).split(",")]
     rounds = args.rounds or (4 if args.quick else 8)
@@ -237,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}"
                     with torn_down(children, ns, say_logs=False):
                         row = run_point(children, work, ns, n, label, rounds, args.profile, scheme)
+                    if args.floor:  # the fedmq processes are gone: the floor has the broker to itself
+                        row["floor"] = floor_of(n, label, scheme, args.floor_repeat)
+                        row["ratio_to_floor"] = row["median_s"] / row["floor"]["total_s"]
                     point.append(row)
                     print(f"  N={n} {label} --compress {scheme}: {row['median_s']:.3f} s/round", file=sys.stderr)
                 rows += point
@@ -256,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
              r["loadavg"]] for r in rows]
     print(table(headers, body))
     met = True
+    if args.floor:
+        floor_headers, floor_body, met = floor_table(rows)
+        print(f"\nSame run, same broker: the raw-pika floor of one round (bench/floor.py; median of {args.floor_repeat}); "
+              f"goal s/round / floor <= {FLOOR_GOAL} (lossless rows)")
+        print(table(floor_headers, floor_body))
     if engines:
-        peer_headers, peer_body, met = peer_table(rows)
+        peer_headers, peer_body, peers_met = peer_table(rows)
+        met &= peers_met
         print(f"\nSame run, same workload on Flower {peer_versions.get('flwr', '?')} (Ray {peer_versions.get('ray', '?')}): "
               f"median s/round over rounds 2..R; load = 1-minute load average when the point started")
         print(table(peer_headers, peer_body))
@@ -273,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(cpu_headers, cpu_body))
     out = write_result("round_time", {"quick": args.quick, "rounds": rounds, "worker_hosting": "processes",
                                       "peers": args.peers, "peer_versions": peer_versions,
+                                      "floor_repeat": args.floor_repeat if args.floor else None,
                                       "deployment_rounds": args.deployment_rounds if "deployment" in engines else None,
                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")
