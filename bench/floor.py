@@ -5,13 +5,18 @@ once, and N updates go through a quorum queue to one consumer (the aggregator), 
 as they come: the workers publish while the aggregator consumes. :func:`round_floor` times that
 with bare pika (no decoding, no training, no averaging, no checkpoint):
 
-1. N reader processes attach to the (empty) model stream, as fedmq's sync workers stay attached
-   between rounds (``worker/service.py``: after its update is confirmed a sync worker reads on for
-   the next version); then one publisher puts the model's body into the stream with publisher
-   confirms; the phase ends when the last reader has the whole model;
-2. N writer processes, connected beforehand, each publish one update body into a quorum queue
-   (persistent, confirms), while one consumer (this process) reads and acks all of them; the
-   phase ends with the last update consumed.
+* N worker processes (one connection each) attach to the model stream before round 1 and stay
+  attached, as fedmq's sync workers do between rounds (``worker/service.py``: after its update is
+  confirmed a sync worker reads on for the next version); one consumer (this process) consumes
+  the updates queue from the start, as the aggregator does;
+* each round this process publishes the model's body into the stream (publisher confirms); each
+  worker, as soon as it has the whole model, publishes its update body into the quorum queue
+  (persistent, confirms) -- nothing computed in between; the round ends when the last update is
+  consumed. The workers publish while the consumer consumes, and a fast worker's update goes
+  while a slow one still reads the model, as in fedmq.
+
+The floor is the median round over rounds 2..R (round 1 warms the new stream and queue up, as
+fedmq's round 1 is left out of its median).
 
 Bodies travel as fedmq sends them: in messages of ``chunk_bytes`` (fedmq's ``--chunk-bytes``,
 default :data:`fedmq.shared.chunking.DEFAULT_CHUNK_BYTES`), a body that fits being one message.
@@ -72,14 +77,21 @@ def _params(url: str) -> Any:
     return params
 
 
-def _stream_reader(url: str, name: str, count: int, timeout_s: float, ready: Any, go: Any) -> None:
-    """Attach to the (empty) stream, say so, then read ``count`` messages as they are published; put
-    the time the last one came."""
+def _worker(url: str, stream: str, work: str, model_count: int, update_spans: list[tuple[int, int]], rounds: int,
+            timeout_s: float, ready: Any) -> None:
+    """One bare-pika worker on one connection: attached to the (empty) model stream from the start,
+    as fedmq's sync workers stay attached between rounds; each round it reads the model's
+    ``model_count`` messages as they are published, puts the time it had them on ``ready``, and
+    publishes its update's messages into the quorum queue (persistent, confirms)."""
     import pika
 
     conn = pika.BlockingConnection(_params(url))
     ch = conn.channel()
     ch.basic_qos(prefetch_count=4)
+    pub = conn.channel()
+    pub.confirm_delivery()
+    bodies = [bytes(b - a) for a, b in update_spans]  # made before any clock starts (pika takes bytes, not views)
+    props = pika.BasicProperties(delivery_mode=2)
     got = 0
 
     def on_chunk(chan: Any, method: Any, _props: Any, _body: bytes) -> None:
@@ -87,45 +99,30 @@ def _stream_reader(url: str, name: str, count: int, timeout_s: float, ready: Any
         chan.basic_ack(method.delivery_tag)
         got += 1
 
-    ch.basic_consume(name, on_chunk, arguments={"x-stream-offset": "first"})  # the stream is empty: what comes next
+    ch.basic_consume(stream, on_chunk, arguments={"x-stream-offset": "first"})  # empty: what comes next
     ready.put(0.0)
     deadline = time.monotonic() + timeout_s
-    while got < count:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"stream reader: {got} of {count} messages in {timeout_s:.0f} s")
-        conn.process_data_events(time_limit=min(left, 1.0))  # blocks until data or the limit
-    ready.put(time.monotonic())
+    for r in range(1, rounds + 1):
+        while got < r * model_count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"floor worker: {got} of {r * model_count} model messages in {timeout_s:.0f} s")
+            conn.process_data_events(time_limit=min(left, 1.0))  # blocks until data or the limit
+        ready.put(time.monotonic())
+        for body in bodies:
+            pub.basic_publish("", work, body, properties=props, mandatory=True)
     conn.close()
 
 
-def _queue_writer(url: str, name: str, spans: list[tuple[int, int]], timeout_s: float, ready: Any, go: Any) -> None:
-    import pika
-
-    conn = pika.BlockingConnection(_params(url))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    bodies = [bytes(b - a) for a, b in spans]  # made before the clock starts (pika takes bytes, not views)
-    props = pika.BasicProperties(delivery_mode=2)
-    ready.put(True)
-    if not go.wait(timeout_s):
-        raise TimeoutError("queue writer: never told to start")
-    for body in bodies:
-        ch.basic_publish("", name, body, properties=props, mandatory=True)
-    ready.put(time.monotonic())
-    conn.close()
-
-
-def _run_together(ctx: Any, target: Any, args: tuple[Any, ...], n: int, timeout_s: float) -> tuple[list[Any], Any, Any]:
-    """Start ``n`` processes of ``target(*args, timeout_s, ready, go)``; return (them, ``ready``,
-    ``go``) once every one is connected (said on ``ready``). They put the time they finished on
-    ``ready`` too (:func:`_collect`); writers begin when ``go`` is set."""
-    ready, go = ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=target, args=(*args, timeout_s, ready, go), daemon=True) for _ in range(n)]
+def _run_together(ctx: Any, target: Any, args: tuple[Any, ...], n: int, timeout_s: float) -> tuple[list[Any], Any]:
+    """Start ``n`` processes of ``target(*args, timeout_s, ready)``; return (them, ``ready``) once
+    every one is connected (said on ``ready``, where they put their times later)."""
+    ready = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, timeout_s, ready), daemon=True) for _ in range(n)]
     for p in procs:
         p.start()
     _collect(ready, procs, timeout_s, "connect")
-    return procs, ready, go
+    return procs, ready
 
 
 def _collect(ready: Any, procs: list[Any], timeout_s: float, what: str) -> list[float]:
@@ -156,9 +153,12 @@ def _join(procs: list[Any], what: str, timeout_s: float) -> None:
         raise RuntimeError(f"floor: {len(late)} {what} did not finish in {timeout_s:.0f} s; exit codes {bad}")
 
 
-def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None = None,
-                chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 600.0) -> dict[str, float]:
-    """Seconds raw pika takes to move one sync round's bytes the way fedmq moves them (module doc).
+def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None = None, rounds: int = 8,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Seconds raw pika takes to move one sync round's bytes the way fedmq moves them (module doc):
+    the median over rounds 2..``rounds`` (round 1 warms the new stream and queue up, as fedmq's
+    round 1 is left out of its median), with its split into model (publish until the last worker
+    has it) and updates (from then until the last update is consumed).
 
     ``update_bytes`` defaults to ``model_bytes`` (an uncompressed update). Every wait is bounded
     by ``timeout_s``; queues are deleted afterwards.
@@ -176,18 +176,8 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     ch.confirm_delivery()
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
+    per_round: list[tuple[float, float]] = []
     try:
-        procs, ready, _go = _run_together(ctx, _stream_reader, (url, stream, len(model_spans)), n, timeout_s)
-        bodies = [bytes(b - a) for a, b in model_spans]
-        t0 = time.monotonic()
-        for body in bodies:  # the readers are attached, as sync workers are between rounds
-            ch.basic_publish("", stream, body, properties=pika.BasicProperties(delivery_mode=2))
-        t_publish = time.monotonic() - t0
-        del bodies
-        t_model = max(_collect(ready, procs, timeout_s, "read the model")) - t0
-        _join(procs, "stream readers", timeout_s)
-
-        want = n * len(update_spans)
         got = 0
 
         def on_update(chan: Any, method: Any, _props: Any, _body: bytes) -> None:
@@ -195,21 +185,26 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
             chan.basic_ack(method.delivery_tag)
             got += 1
 
+        procs, ready = _run_together(ctx, _worker, (url, stream, work, len(model_spans), update_spans, rounds), n,
+                                     timeout_s)
         ch.basic_qos(prefetch_count=16)
-        procs, ready, go = _run_together(ctx, _queue_writer, (url, work, update_spans), n, timeout_s)
-        consumer = ch.basic_consume(work, on_update)  # consuming before they publish, as the aggregator is
-        go.set()
-        t0 = time.monotonic()
-        deadline = t0 + timeout_s
-        while got < want:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"floor: {got} of {want} update messages came in {timeout_s:.0f} s")
-            conn.process_data_events(time_limit=min(left, 1.0))  # blocks until data or the limit
-        t_updates = time.monotonic() - t0
-        ch.basic_cancel(consumer)
-        t_written = max(_collect(ready, procs, timeout_s, "publish")) - t0
-        _join(procs, "queue writers", timeout_s)
+        ch.basic_consume(work, on_update)  # consuming before they publish, as the aggregator is
+        bodies = [bytes(b - a) for a, b in model_spans]
+        props = pika.BasicProperties(delivery_mode=2)
+        for r in range(1, rounds + 1):
+            t0 = time.monotonic()
+            for body in bodies:
+                ch.basic_publish("", stream, body, properties=props)
+            deadline = t0 + timeout_s
+            while got < r * n * len(update_spans):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"floor: round {r}: {got} update messages in {timeout_s:.0f} s")
+                conn.process_data_events(time_limit=min(left, 1.0))  # blocks until data or the limit
+            t_end = time.monotonic()
+            t_model = max(_collect(ready, procs, timeout_s, "read the model")) - t0
+            per_round.append((t_end - t0, t_model))
+        _join(procs, "floor workers", timeout_s)
     finally:
         for p in procs:
             if p.is_alive():
@@ -217,7 +212,10 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
         ch.queue_delete(stream)
         ch.queue_delete(work)
         conn.close()
-    return {"model_s": t_model, "model_publish_s": t_publish, "updates_s": t_updates, "updates_published_s": t_written,
-            "total_s": t_model + t_updates, "model_bytes": model_bytes, "update_bytes": update_bytes,
-            "chunk_bytes": chunk_bytes, "model_messages": len(model_spans), "update_messages": len(update_spans),
-            "workers": n}
+    steady = per_round[1:] or per_round
+    total = float(np.median([t for t, _ in steady]))
+    model = float(np.median([m for _, m in steady]))
+    return {"total_s": total, "model_s": model, "updates_s": total - model, "per_round_s": [t for t, _ in per_round],
+            "model_per_round_s": [m for _, m in per_round], "rounds": rounds, "model_bytes": model_bytes,
+            "update_bytes": update_bytes, "chunk_bytes": chunk_bytes, "model_messages": len(model_spans),
+            "update_messages": len(update_spans), "workers": n}

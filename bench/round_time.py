@@ -28,9 +28,9 @@ each; Flower runs once per point and is compared with each).
 ``--floor`` follows each row, on the same broker once the fedmq processes are gone, with the raw-pika floor of
 one round (``bench/floor.py``: the model into a stream, N readers, N writers into a quorum queue while one
 consumer takes them, bodies as fedmq encodes them for that row's ``--compress``, in fedmq's default chunk size;
-median of ``--floor-repeat``) and the ratio s/round / floor (goal <= 1.1 for lossless rows, issue 15).
+median round over rounds 2..R, like fedmq's) and the ratio s/round / floor (goal <= 1.1 for lossless rows, issue 15).
 Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--profile DIR]
-[--floor [--floor-repeat 3]] [--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
+[--floor] [--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
 """
 from __future__ import annotations
 
@@ -145,17 +145,15 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     }
 
 
-def floor_of(n: int, label: str, scheme: str, repeat: int) -> dict[str, Any]:
-    """The raw-pika floor of one round of this point (the model and ``scheme``'s update bodies as
-    fedmq encodes them, fedmq's default chunk size), ``repeat`` times; the run of median total."""
+def floor_of(n: int, label: str, scheme: str, rounds: int) -> dict[str, Any]:
+    """The raw-pika floor of this point (the model and ``scheme``'s update bodies as fedmq encodes
+    them, fedmq's default chunk size): median round over rounds 2..``rounds``, as fedmq's s/round."""
     model_msg, update_msg = body_bytes(mlp_shapes(MODEL_SIZES[label]), scheme)
     load = loadavg()
-    runs = [round_floor(AMQP_URL, model_msg, n, update_bytes=update_msg) for _ in range(repeat)]
-    runs.sort(key=lambda f: f["total_s"])
-    chosen = dict(runs[(len(runs) - 1) // 2])
-    chosen.update(totals_s=[f["total_s"] for f in runs], loadavg=load)
-    print(f"  N={n} {label} --compress {scheme}: floor {chosen['total_s']:.3f} s", file=sys.stderr)
-    return chosen
+    floor = round_floor(AMQP_URL, model_msg, n, update_bytes=update_msg, rounds=rounds)
+    floor["loadavg"] = load
+    print(f"  N={n} {label} --compress {scheme}: floor {floor['total_s']:.3f} s/round", file=sys.stderr)
+    return floor
 
 
 def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
@@ -240,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", action="store_true",
                         help="after each row, the raw-pika floor of one round's bytes (bench/floor.py) on the same broker, "
                              "and s/round / floor (goal <= 1.1)")
-    parser.add_argument("--floor-repeat", type=int, default=3, help="with --floor: floor runs per row, the median kept")
     args = parser.parse_args(argv)
     workers = [int(x) for x in (args.workers or ("4" if args.quick else "4,16")).split(",")]
     rounds = args.rounds or (4 if args.quick else 8)
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                     with torn_down(children, ns, say_logs=False):
                         row = run_point(children, work, ns, n, label, rounds, args.profile, scheme)
                     if args.floor:  # the fedmq processes are gone: the floor has the broker to itself
-                        row["floor"] = floor_of(n, label, scheme, args.floor_repeat)
+                        row["floor"] = floor_of(n, label, scheme, rounds)
                         row["ratio_to_floor"] = row["median_s"] / row["floor"]["total_s"]
                     point.append(row)
                     print(f"  N={n} {label} --compress {scheme}: {row['median_s']:.3f} s/round", file=sys.stderr)
@@ -302,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     met = True
     if args.floor:
         floor_headers, floor_body, met = floor_table(rows)
-        print(f"\nSame run, same broker: the raw-pika floor of one round (bench/floor.py; median of {args.floor_repeat}); "
+        print(f"\nSame run, same broker: the raw-pika floor of one round (bench/floor.py; median of rounds 2..{rounds}); "
               f"goal s/round / floor <= {FLOOR_GOAL} (lossless rows)")
         print(table(floor_headers, floor_body))
     if engines:
@@ -323,7 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     print(table(cpu_headers, cpu_body))
     out = write_result("round_time", {"quick": args.quick, "rounds": rounds, "worker_hosting": "processes",
                                       "peers": args.peers, "peer_versions": peer_versions,
-                                      "floor_repeat": args.floor_repeat if args.floor else None,
                                       "deployment_rounds": args.deployment_rounds if "deployment" in engines else None,
                                       "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")
