@@ -269,13 +269,16 @@ def system_cpu() -> tuple[float, float]:
 
 
 def broker_pid() -> int | None:
-    """The pid of the local RabbitMQ node (beam.smp), to read its CPU time."""
+    """The pid of the shared RabbitMQ node, to read its CPU time: the oldest beam.smp (started with
+    the machine), not a private node that a test or another bench started since."""
+    found: list[tuple[int, int]] = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 if (entry / "comm").read_text().strip() == "beam.smp":
-                    return int(entry.name)
-    return None
+                    stat = (entry / "stat").read_text()
+                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
+    return min(found)[1] if found else None
 
 
 class CpuSnapshots:

@@ -74,25 +74,12 @@ from bench._common import (  # noqa: E402
     write_result,
     write_synthetic,
 )
+from bench._common import broker_pid as shared_broker_pid  # noqa: E402 (the shared node: the oldest beam.smp)
 
 K = 3
 UPDATES = {"100k": 240, "1M": 90, "10M": 30}
 QUICK_UPDATES = {"100k": 90, "1M": 45, "10M": 15}
 FLAT_TOLERANCE = 1.25  # "flat": within 25% of the N=4 cost
-
-
-def shared_broker_pid() -> int | None:
-    """The oldest beam.smp: the shared node started with the machine, not a test's private node."""
-    found: list[tuple[int, int]] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    stat = (entry / "stat").read_text()
-                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
-            except (OSError, ValueError, IndexError):
-                continue
-    return min(found)[1] if found else None
 
 
 def bytes_read(pid: int) -> dict[str, int] | None:
