@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +56,18 @@ def new_namespace(name: str) -> str:
     return f"bench-{name}-{secrets.token_hex(3)}"
 
 
-def broker_settings(namespace: str) -> tuple[Any, Any]:
+def broker_settings(namespace: str, url: str = AMQP_URL) -> tuple[Any, Any]:
     from fedmq.broker.settings import BrokerSettings
     from fedmq.broker.topology import Topology
 
-    return BrokerSettings.from_url(AMQP_URL), Topology(namespace)
+    return BrokerSettings.from_url(url), Topology(namespace)
 
 
-def delete_namespace(namespace: str, extra_queues: Sequence[str] = ()) -> None:
-    """Delete every queue and exchange of ``namespace`` (plus ``extra_queues``); best effort."""
+def delete_namespace(namespace: str, extra_queues: Sequence[str] = (), url: str = AMQP_URL) -> None:
+    """Delete every queue and exchange of ``namespace`` (plus ``extra_queues``) on the broker at ``url``; best effort."""
     from fedmq.broker.admin import Admin
 
-    settings, topology = broker_settings(namespace)
+    settings, topology = broker_settings(namespace, url)
     try:
         with Admin(settings, topology) as admin:
             admin.delete()
@@ -169,6 +169,25 @@ class Children:
         self._files = []
 
 
+@contextlib.contextmanager
+def torn_down(children: Children, namespace: str, *, say_logs: bool = True, url: str = AMQP_URL) -> Iterator[None]:
+    """Stop every child and delete ``namespace`` (on the broker at ``url``) when the block ends, however it ends.
+
+    The one teardown of the bench run loops: around a whole sweep (``say_logs``: on an error or
+    Ctrl-C, say where the children's logs were kept, then re-raise) and around each point on its
+    own namespace (``say_logs=False``: the sweep around it says it once).
+    """
+    try:
+        yield
+    except BaseException:
+        if say_logs:
+            print(f"logs kept in {children.log_dir}", file=sys.stderr)
+        raise
+    finally:
+        children.stop_all()
+        delete_namespace(namespace, url=url)
+
+
 class EventReader:
     """Read a child's JSON log from a pipe in a thread, copy it to a file, and hand on its events.
 
@@ -250,13 +269,16 @@ def system_cpu() -> tuple[float, float]:
 
 
 def broker_pid() -> int | None:
-    """The pid of the local RabbitMQ node (beam.smp), to read its CPU time."""
+    """The pid of the shared RabbitMQ node, to read its CPU time: the oldest beam.smp (started with
+    the machine), not a private node that a test or another bench started since."""
+    found: list[tuple[int, int]] = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 if (entry / "comm").read_text().strip() == "beam.smp":
-                    return int(entry.name)
-    return None
+                    stat = (entry / "stat").read_text()
+                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
+    return min(found)[1] if found else None
 
 
 class CpuSnapshots:

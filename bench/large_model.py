@@ -9,11 +9,11 @@ on a synthetic 784-feature dataset (32 samples per worker). Reported per point:
   (round 1 includes the workers' start; each round: the model
   to the stream, N workers read it, perturb it, send N updates to the quorum queue, the aggregator
   puts them together in spill files, averages, evaluates and checkpoints);
-* the raw-pika floor, measured against the same node in the same run: the same bytes moved the same
-  way with bare pika and nothing else -- one model in 8 MiB messages into a stream, read by N
-  consumer processes at once, then N processes each publishing one model's bytes in 8 MiB messages
-  into a quorum queue with confirms, then one consumer reading them all -- and the ratio
-  s/round / floor (goal <= 1.25);
+* the raw-pika floor (``bench/floor.py``), measured against the same node in the same run: the same
+  bytes moved the same way with bare pika and nothing else -- one model in messages of the chunk
+  size into a stream read by N attached worker processes, each publishing one model's bytes in
+  such messages into a quorum queue with confirms as soon as it has the model, while one consumer
+  reads them all; the median of rounds 2..R (at least 2) -- and the ratio s/round / floor (goal <= 1.25);
 * peak RSS (VmHWM) of the aggregator and of worker 0, as multiples of the model's size
   (goals: aggregator <= 4x, worker <= 3x, whatever N), and the peak of their anonymous memory
   (RssAnon: RSS without file pages, e.g. the spill files the aggregator averages from).
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import shutil
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from bench._common import (  # noqa: E402
     write_result,
     write_synthetic,
 )
+from bench.floor import round_floor  # noqa: E402
 
 MiB = 1024 * 1024
 CHUNK = 8 * MiB
@@ -72,103 +72,6 @@ def parse_size(text: str) -> int:
     text = text.strip().upper()
     scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1], 1)
     return int(float(text[:-1] if text[-1] in "KMG" else text) * scale)
-
-
-# ------------------------------------------------------------------ the raw-pika floor
-def _params(url: str) -> Any:
-    """Bare pika parameters without heartbeats: at 1 GB a floor connection waits minutes between
-    its own calls (while the others move bytes), and a BlockingConnection only answers heartbeats
-    inside pika calls, so the broker would drop it ("missed heartbeats from client")."""
-    import pika
-
-    params = pika.URLParameters(url)
-    params.heartbeat = 0
-    return params
-
-
-def _stream_reader(url: str, queue: str, count: int, ready: Any) -> None:
-    import pika
-
-    conn = pika.BlockingConnection(_params(url))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=4)
-    ready.wait()
-    for got, (method, _props, _body) in enumerate(ch.consume(queue, arguments={"x-stream-offset": "first"}), 1):
-        ch.basic_ack(method.delivery_tag)
-        if got == count:
-            break
-    conn.close()
-
-
-def _queue_writer(url: str, queue: str, nbytes: int, ready: Any) -> None:
-    import pika
-
-    conn = pika.BlockingConnection(_params(url))
-    ch = conn.channel()
-    ch.confirm_delivery()
-    body = bytes(nbytes)
-    props = pika.BasicProperties(delivery_mode=2)
-    ready.wait()
-    for start in range(0, nbytes, CHUNK):
-        ch.basic_publish("", queue, body[start:start + CHUNK], properties=props, mandatory=True)
-    conn.close()
-
-
-def raw_floor(url: str, model_bytes: int, n: int) -> dict[str, float]:
-    """Seconds raw pika takes to move one round's bytes the way fedmq moves them (see the module doc)."""
-    import pika
-
-    tag = f"floor-{time.time_ns()}"
-    stream, work = f"{tag}.models", f"{tag}.updates"
-    conn = pika.BlockingConnection(_params(url))
-    ch = conn.channel()
-    ch.queue_declare(stream, durable=True, arguments={"x-queue-type": "stream"})
-    ch.queue_declare(work, durable=True, arguments={"x-queue-type": "quorum"})
-    ch.confirm_delivery()
-    ctx = mp.get_context("spawn")
-    count = -(-model_bytes // CHUNK)
-    try:
-        body = bytes(model_bytes)
-        t0 = time.monotonic()
-        for start in range(0, model_bytes, CHUNK):
-            ch.basic_publish("", stream, body[start:start + CHUNK], properties=pika.BasicProperties(delivery_mode=2))
-        del body
-        t_model = time.monotonic() - t0
-        ready = ctx.Event()
-        readers = [ctx.Process(target=_stream_reader, args=(url, stream, count, ready)) for _ in range(n)]
-        for p in readers:
-            p.start()
-        time.sleep(1.0)  # let them connect: only the transfer is timed
-        t0 = time.monotonic()
-        ready.set()
-        for p in readers:
-            p.join()
-        t_read = time.monotonic() - t0
-        ready = ctx.Event()
-        writers = [ctx.Process(target=_queue_writer, args=(url, work, model_bytes, ready)) for _ in range(n)]
-        for p in writers:
-            p.start()
-        time.sleep(1.0)
-        t0 = time.monotonic()
-        ready.set()
-        for p in writers:
-            p.join()
-        t_write = time.monotonic() - t0
-        t0 = time.monotonic()
-        ch.basic_qos(prefetch_count=16)
-        for got, (method, _props, _body) in enumerate(ch.consume(work), 1):
-            ch.basic_ack(method.delivery_tag)
-            if got == n * count:
-                break
-        ch.cancel()
-        t_collect = time.monotonic() - t0
-    finally:
-        ch.queue_delete(stream)
-        ch.queue_delete(work)
-        conn.close()
-    total = t_model + t_read + t_write + t_collect
-    return {"model_publish_s": t_model, "stream_read_s": t_read, "updates_publish_s": t_write,
-            "updates_consume_s": t_collect, "total_s": total}
 
 
 # ------------------------------------------------------------------ one fedmq point
@@ -277,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {params / 1e6:g}M params, N={n}, chunks of {chunk / MiB:.1f} MiB: fedmq ...", file=sys.stderr)
                     row = run_point(node.url, work, params, n, args.rounds, chunk)
                     print(f"    {row['median_s']:.2f} s/round; raw-pika floor ...", file=sys.stderr)
-                    row["floor"] = raw_floor(node.url, row["model_bytes"], n)
+                    row["floor"] = round_floor(node.url, row["model_bytes"], n, chunk_bytes=chunk,
+                                               rounds=max(2, args.rounds))
                     row["ratio_to_floor"] = row["median_s"] / row["floor"]["total_s"]
                     row["broker_limit"] = limit
                     print(f"    floor {row['floor']['total_s']:.2f} s, ratio {row['ratio_to_floor']:.2f}; peak RSS "

@@ -26,8 +26,14 @@ The exit status is 1 when a peer failed to run or a goal was missed, else 0.
 ``--compress none,int8`` runs every point once per scheme, one after the other (the table has a row
 each; Flower runs once per point and is compared with each); ``--model-dtype float32,bfloat16``
 crosses them with the models' wire dtype.
-Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8] [--model-dtype float32,bfloat16] [--profile DIR]
-[--peers flower [--peer-engines simulation,deployment] [--deployment-rounds 4]]``.
+``--floor`` follows each row, on the same broker once the fedmq processes are gone, with the raw-pika floor of
+one round (``bench/floor.py``: the model into a stream, N readers, N writers into a quorum queue while one
+consumer takes them, bodies as fedmq encodes them for that row's ``--compress`` and ``--model-dtype``, in fedmq's
+default chunk size; median round over rounds 2..R, like fedmq's) and the ratio s/round / floor (goal <= 1.1 for
+lossless rows, issue 15).
+Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8]
+[--model-dtype float32,bfloat16] [--profile DIR] [--floor] [--peers flower [--peer-engines simulation,deployment]
+[--deployment-rounds 4]]``.
 """
 from __future__ import annotations
 
@@ -52,21 +58,24 @@ from bench._common import (  # noqa: E402
     Children,
     CpuSnapshots,
     EventReader,
-    delete_namespace,
     fedmq_argv,
     loadavg,
     median,
     mlp_param_count,
+    mlp_shapes,
     new_namespace,
     pyspy_argv,
     table,
+    torn_down,
     write_result,
     write_synthetic,
 )
+from bench.floor import body_bytes, round_floor  # noqa: E402
 from fedmq.shared.compression import MODEL_DTYPES  # noqa: E402
 from fedmq.shared.compression import parse as parse_compression  # noqa: E402
 
 SPEEDUP_GOAL = 20.0
+FLOOR_GOAL = 1.1  # issue 15: a lossless sync round within 1.1x the raw-pika floor moving the same bytes
 
 
 def variant(compress: str, model_dtype: str) -> str:
@@ -146,6 +155,35 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     }
 
 
+def floor_of(n: int, label: str, scheme: str, rounds: int, model_dtype: str = "float32") -> dict[str, Any]:
+    """The raw-pika floor of this point (the model, in ``model_dtype``, and ``scheme``'s update
+    bodies as fedmq encodes them, fedmq's default chunk size): median round over rounds
+    2..``rounds``, as fedmq's s/round."""
+    model_msg, update_msg = body_bytes(mlp_shapes(MODEL_SIZES[label]), scheme, model_dtype)
+    load = loadavg()
+    floor = round_floor(AMQP_URL, model_msg, n, update_bytes=update_msg, rounds=rounds)
+    floor["loadavg"] = load
+    print(f"  N={n} {label} {variant(scheme, model_dtype)}: floor {floor['total_s']:.3f} s/round", file=sys.stderr)
+    return floor
+
+
+def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
+    """s/round against the raw-pika floor per row, and whether every lossless row met the goal."""
+    headers = ["N", "model", "compress", "s/round", "floor s", "model to N", "N updates in", "ratio",
+               f"<={FLOOR_GOAL}", "load"]
+    body: list[list[Any]] = []
+    met = True
+    for r in rows:
+        f = r["floor"]
+        ok = r["ratio_to_floor"] <= FLOOR_GOAL
+        lossless = r.get("compress", "none") == "none"
+        met &= ok or not lossless
+        body.append([r["workers"], r["model"], r.get("compress", "none"), r["median_s"], f["total_s"], f["model_s"],
+                     f["updates_s"], r["ratio_to_floor"],
+                     ("PASS" if ok else "MISS") if lossless else ("yes" if ok else "no"), f["loadavg"]])
+    return headers, body, met
+
+
 def run_peers(engines: list[str], n: int, label: str, rounds: int, deployment_rounds: int, work: Path,
               s_round: float) -> dict[str, Any]:
     """Flower's engines on the point just measured; a failed engine is recorded, not raised."""
@@ -210,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --peers flower: comma-separated subset of simulation,deployment")
     parser.add_argument("--deployment-rounds", type=int, default=4,
                         help="rounds per point on Flower's Deployment Engine (default 4: its rounds take seconds)")
+    parser.add_argument("--floor", action="store_true",
+                        help="after each row, the raw-pika floor of one round's bytes (bench/floor.py) on the same broker, "
+                             "and s/round / floor (goal <= 1.1)")
     args = parser.parse_args(argv)
     workers = [int(x) for x in (args.workers or ("4" if args.quick else "4,16")).split(",")]
     rounds = args.rounds or (4 if args.quick else 8)
@@ -243,17 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     children = Children(work / "logs")
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
+    with torn_down(children, namespace):
         for n in workers:
             for label in sizes:
                 point = []
                 for scheme, dtype in variants:  # side by side: the variants of one point run one after another
                     ns = f"{namespace}-n{n}-{label}-{scheme.replace(':', '')}-{dtype}"
-                    try:
+                    with torn_down(children, ns, say_logs=False):
                         row = run_point(children, work, ns, n, label, rounds, args.profile, scheme, dtype)
-                    finally:
-                        children.stop_all()
-                        delete_namespace(ns)
+                    if args.floor:  # the fedmq processes are gone: the floor has the broker to itself
+                        row["floor"] = floor_of(n, label, scheme, rounds, dtype)
+                        row["ratio_to_floor"] = row["median_s"] / row["floor"]["total_s"]
                     point.append(row)
                     print(f"  N={n} {label} {row['compress']}: {row['median_s']:.3f} s/round", file=sys.stderr)
                 rows += point
@@ -262,12 +303,6 @@ def main(argv: list[str] | None = None) -> int:
                                       point[0]["median_s"])
                     for row in point:
                         row["peers"] = peers
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
     failed = any("error" in p for r in rows for p in r.get("peers", {}).values())
     if failed:
         print(f"peer logs kept in {work / 'peers' / 'logs'}", file=sys.stderr)
@@ -279,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
              r["loadavg"]] for r in rows]
     print(table(headers, body))
     met = True
+    if args.floor:
+        floor_headers, floor_body, met = floor_table(rows)
+        print(f"\nSame run, same broker: the raw-pika floor of one round (bench/floor.py; median of rounds 2..{rounds}); "
+              f"goal s/round / floor <= {FLOOR_GOAL} (lossless rows)")
+        print(table(floor_headers, floor_body))
     if engines:
-        peer_headers, peer_body, met = peer_table(rows)
+        peer_headers, peer_body, peers_met = peer_table(rows)
+        met &= peers_met
         print(f"\nSame run, same workload on Flower {peer_versions.get('flwr', '?')} (Ray {peer_versions.get('ray', '?')}): "
               f"median s/round over rounds 2..R; load = 1-minute load average when the point started")
         print(table(peer_headers, peer_body))

@@ -38,6 +38,7 @@ Run: ``python bench/scale.py [--quick] [--profile DIR]`` or ``python bench/scale
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -62,7 +63,6 @@ from bench._common import (  # noqa: E402
     CpuSnapshots,
     EventReader,
     cpu_seconds,
-    delete_namespace,
     fedmq_argv,
     loadavg,
     mlp_param_count,
@@ -70,28 +70,16 @@ from bench._common import (  # noqa: E402
     pyspy_argv,
     status_kb,
     table,
+    torn_down,
     write_result,
     write_synthetic,
 )
+from bench._common import broker_pid as shared_broker_pid  # noqa: E402 (the shared node: the oldest beam.smp)
 
 K = 3
 UPDATES = {"100k": 240, "1M": 90, "10M": 30}
 QUICK_UPDATES = {"100k": 90, "1M": 45, "10M": 15}
 FLAT_TOLERANCE = 1.25  # "flat": within 25% of the N=4 cost
-
-
-def shared_broker_pid() -> int | None:
-    """The oldest beam.smp: the shared node started with the machine, not a test's private node."""
-    found: list[tuple[int, int]] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() == "beam.smp":
-                    stat = (entry / "stat").read_text()
-                    found.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))
-            except (OSError, ValueError, IndexError):
-                continue
-    return min(found)[1] if found else None
 
 
 def bytes_read(pid: int) -> dict[str, int] | None:
@@ -133,7 +121,7 @@ def cli_argv(root: Path | None, *args: str) -> list[str]:
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, updates: int,
               extra: list[str], tag: str, profile: Path | None, root: Path | None = None,
-              broker_pid: int | None = None) -> dict[str, Any]:
+              broker_pid: int | None = None, url: str = AMQP_URL) -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-{tag}"
     argv = cli_argv(
@@ -141,7 +129,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "aggregator", "--mode", "async", "--strategy", "fedbuff", "--buffer-size", str(K),
         "--max-updates", str(updates), "--min-workers", str(n), "--hidden", str(hidden),
         "--trainer", "bench.standin:NoiseTrainer", "--test-data", str(work / "data" / "test.npz"),
-        "--out", str(run_dir), "--drain-timeout", "5", "--namespace", namespace, "--amqp-url", AMQP_URL,
+        "--out", str(run_dir), "--drain-timeout", "5", "--namespace", namespace, "--amqp-url", url,
         "--log-format", "json", *extra,
     )
     if profile is not None:
@@ -167,7 +155,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     pool = children.spawn(
         f"workers-{tag}",
         cli_argv(root, "workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
-                   "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", AMQP_URL,
+                   "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", url,
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )
@@ -222,32 +210,24 @@ PointFn = Callable[[Children, Path, str, str], dict[str, Any]]
 
 
 def run_all(name: str, shards: int, per_shard: int, points: list[tuple[str, dict[str, Any], PointFn]],
-            note: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+            note: Callable[[dict[str, Any]], str], url: str = AMQP_URL) -> list[dict[str, Any]]:
     """Run each point (tag, fields added to its row, fn(children, work, namespace, tag)) on its
-    own namespace over one synthetic dataset; every process stopped and namespace deleted after each."""
+    own namespace over one synthetic dataset; every process stopped and namespace deleted (on the
+    broker at ``url``) after each."""
     namespace = new_namespace(name)
     work = Path(tempfile.mkdtemp(prefix=f"fedmq-bench-{name}-"))
     write_synthetic(work / "data", shards=shards, per_shard=per_shard, test=64)
     children = Children(work / "logs")
     rows: list[dict[str, Any]] = []
-    try:
+    with torn_down(children, namespace, url=url):
         for i, (tag, fields, fn) in enumerate(points):
             ns = f"{namespace}-{i}"
-            try:
+            with torn_down(children, ns, say_logs=False, url=url):
                 row = fn(children, work, ns, tag)
-            finally:
-                children.stop_all()
-                delete_namespace(ns)
             row.update(fields)
             rows.append(row)
             print(f"  {tag}: {row['cpu_ms_per_update']:.2f} ms CPU/update, {row['updates_per_s']:.1f} upd/s, "
                   f"{note(row)}", file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
     if os.environ.get("FEDMQ_BENCH_KEEP_LOGS"):
         print(f"logs kept in {work / 'logs'}", file=sys.stderr)
     else:
@@ -269,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=240, help="with --fetch: applied updates per point")
     parser.add_argument("--broker-pid", type=int, default=None,
                         help="the beam.smp of the node at FEDMQ_BENCH_AMQP_URL (default: the oldest one)")
+    parser.add_argument("--private-node", action="store_true",
+                        help="with --fetch: run against a private RabbitMQ node of our own with a raised open-files "
+                             "limit (the shared one's 1024 cannot hold ~1,000 workers), its own beam.smp measured")
+    parser.add_argument("--node-open-files", type=int, default=None,
+                        help="with --private-node: the node's open-files limit (default: our hard limit)")
     args = parser.parse_args(argv)
     if args.fetch:
         return fetch_sweep(args)
@@ -334,7 +319,38 @@ def main(argv: list[str] | None = None) -> int:
                     if r["sweep"] != "diagnostic") else 1
 
 
+def open_files_limit(pid: int | None) -> int | None:
+    """The soft open-files limit of process ``pid`` (/proc/PID/limits), None if unreadable."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    return None
+
+
 def fetch_sweep(args: argparse.Namespace) -> int:
+    """The fetch sweep on the shared broker, or on a private node started (and removed) around it."""
+    if not args.private_node:
+        return fetch_on(args, AMQP_URL, args.broker_pid, {"broker": "shared", "broker_open_files": open_files_limit(
+            args.broker_pid or shared_broker_pid())})
+    import resource
+
+    from fedmq.broker.provision import PrivateNode
+
+    wanted = args.node_open_files or resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    node = PrivateNode(open_files=wanted).start(timeout=240)
+    try:
+        pid = node.beam_pid()
+        if pid is None:
+            raise RuntimeError("the private node's beam.smp was not found (its CPU cannot be measured)")
+        limit = open_files_limit(pid)
+        print(f"  private node {node.name} (beam.smp {pid}), open files {limit} (asked {wanted})", file=sys.stderr)
+        return fetch_on(args, node.url, pid, {"broker": "private node", "broker_open_files": limit})
+    finally:
+        node.remove()  # its namespaces go with it
+
+
+def fetch_on(args: argparse.Namespace, url: str, broker_pid: int | None, broker: dict[str, Any]) -> int:
     """Issue 15: model bytes read by workers, aggregator and broker CPU per update, as N grows."""
     ns_list = [int(x) for x in args.n.split(",")]
     base_ns = {int(x) for x in args.base_n.split(",")} if args.base is not None else set()
@@ -348,9 +364,9 @@ def fetch_sweep(args: argparse.Namespace) -> int:
         (f"fetch-{code}-n{n}", {"code": code},
          lambda ch, work, ns, tag, n=n, code=code: run_point(
              ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None,
-             args.broker_pid))
+             broker_pid, url))
         for code, n in points
-    ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}")
+    ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}", url)
     for r in rows:
         ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == min(ns_list)), r)
         r["cpu_vs_n4"] = r["cpu_ms_per_update"] / ref["cpu_ms_per_update"]
@@ -365,7 +381,8 @@ def fetch_sweep(args: argparse.Namespace) -> int:
                            r["system_cpu_ms_per_update"].get("workers", float("nan")), r["updates_per_s"],
                            r["staleness_mean"], sum(v for f, v in r["fates"].items() if f != "applied"),
                            r["loadavg"]] for r in rows]))
-    out = write_result("scale_fetch", {"k": K, "base": str(args.base) if args.base else None, "updates": args.updates,
+    print(f"broker: {broker['broker']}, open-files limit {broker['broker_open_files']}")
+    out = write_result("scale_fetch", {**broker, "k": K, "base": str(args.base) if args.base else None, "updates": args.updates,
                                        "wall_s": time.monotonic() - started, "rows": rows}, args.json)
     print(f"wrote {out}")
     return 0 if all(r["flat_pass"] and r["bytes_pass"] for r in rows if r["code"] == "this") else 1

@@ -41,13 +41,13 @@ from bench._common import (  # noqa: E402
     Children,
     CpuSnapshots,
     EventReader,
-    delete_namespace,
     fedmq_argv,
     loadavg,
     median,
     new_namespace,
     pyspy_argv,
     table,
+    torn_down,
     write_result,
 )
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     children = Children(work / "logs")
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
-    try:
+    with torn_down(children, namespace):
         subprocess.run(
             fedmq_argv("data", "split", "--dataset", "digits", "--workers", str(WORKERS), "--partition", "dirichlet",
                        "--alpha", "0.5", "--seed", "0", "--out", str(work / "shards")),
@@ -153,22 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(repeat):
             for name in STRATEGIES:
                 ns = f"{namespace}-{name}-{rep}"
-                try:
+                with torn_down(children, ns, say_logs=False):
                     res = run_one(children, work, ns, name, rounds, str(rep), args.profile,
                                   SINGLE_THREAD_ENV if args.single_thread_aggregator else None)
-                finally:
-                    children.stop_all()
-                    delete_namespace(ns)
                 res["repeat"] = rep
                 runs.append(res)
                 print(f"  {name} #{rep}: t90 {res['t90_s']:.2f} s, final {res['final_accuracy']:.4f}, "
                       f"wall {res['wall_s']:.1f} s", file=sys.stderr)
-    except BaseException:
-        print(f"logs kept in {work / 'logs'}", file=sys.stderr)
-        raise
-    finally:
-        children.stop_all()
-        delete_namespace(namespace)
     shutil.rmtree(work, ignore_errors=True)
 
     summary: dict[str, dict[str, Any]] = {}

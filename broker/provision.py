@@ -99,6 +99,12 @@ class PrivateNode:
     config: dict[str, str] = field(default_factory=dict)
     #: plugins to enable, e.g. ``["rabbitmq_auth_mechanism_ssl"]`` (EXTERNAL login)
     plugins: list[str] = field(default_factory=list)
+    #: the node's soft open-files limit (None: what it inherits). As root the Debian wrapper runs
+    #: the node through ``su rabbitmq``, whose PAM session resets the soft limit (to 1024 here),
+    #: whatever ours is; every connection and queue file takes a descriptor, so ~1,000 clients
+    #: need more. The limit is raised inside the node's own startup shell (see :meth:`_prepare`),
+    #: up to the hard limit, which ``su`` keeps.
+    open_files: int | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name or f"fedmq{self.port}@localhost"
@@ -121,6 +127,7 @@ class PrivateNode:
             "RABBITMQ_LOG_BASE": str(self.base / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+            **({"RABBITMQ_CONF_ENV_FILE": str(self.base / "rabbitmq-env.conf")} if self.open_files else {}),
         }
 
     def _prepare(self) -> None:
@@ -134,6 +141,8 @@ class PrivateNode:
             **self.config,
         }
         (self.base / "rabbitmq.conf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
+        if self.open_files:
+            (self.base / "rabbitmq-env.conf").write_text(env_conf(self.open_files))
         if os.geteuid() == 0:  # the Debian wrapper runs the node as user rabbitmq
             with contextlib.suppress(KeyError, OSError):
                 shutil.chown(self.base, "rabbitmq", "rabbitmq")
@@ -154,6 +163,33 @@ class PrivateNode:
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.info("starting a private RabbitMQ node %s on port %d", self.name, self.port)
+
+    def beam_pid(self) -> int | None:
+        """The pid of this node's Erlang VM (beam.smp), e.g. to read its CPU time; None if not running.
+
+        Found by ancestry (the wrapper, ``su`` and the startup shell sit between it and
+        :attr:`proc`), so another node on the machine is never taken for this one.
+        """
+        if self.proc is None:
+            return None
+        parents: dict[int, int] = {}
+        beams: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                comm = stat[stat.index("(") + 1:stat.rindex(")")]
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                if comm == "beam.smp":
+                    beams.append(int(entry.name))
+        for pid in beams:
+            seen, up = 0, pid
+            while up > 1 and seen < 64:
+                if up == self.proc.pid:
+                    return pid
+                up, seen = parents.get(up, 0), seen + 1
+        return None
 
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
         """Run ``rabbitmqctl`` against this node (e.g. ``ctl("add_user", "u", "p")``); its stdout.
@@ -195,6 +231,16 @@ class PrivateNode:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def env_conf(open_files: int) -> str:
+    """A ``rabbitmq-env.conf`` that keeps the system one's settings and raises the soft open-files
+    limit of the shell that starts the node (``rabbitmq-env`` sources the file; the VM inherits
+    the limit). The system file (``$SYS_PREFIX/etc/rabbitmq/rabbitmq-env.conf``, e.g. the Erlang
+    distribution bound to 127.0.0.1) is read only when no other file is named, so this one reads it."""
+    system = '"${SYS_PREFIX}/etc/rabbitmq/rabbitmq-env.conf"'
+    return (f'[ -f {system} ] && . {system}\n'
+            f'ulimit -S -n {int(open_files)} || echo "fedmq: could not raise the open-files limit to {int(open_files)}" >&2\n')
 
 
 @dataclass
