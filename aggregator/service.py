@@ -81,7 +81,7 @@ from fedmq.aggregator.core import (
 )
 from fedmq.aggregator.export import check_export, export_model
 from fedmq.aggregator.footprint import memory_factor
-from fedmq.aggregator.history import HISTORY_LOG, History
+from fedmq.aggregator.history import HISTORY_LOG, History, SnapshotSchedule
 from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
 from fedmq.aggregator.strategies import make_strategy
@@ -150,6 +150,7 @@ class Aggregator:
         self._tokens = 0
         self._told = (False, False)  # (stop, interrupted) as passed to the core
         self._last_checkpoint = 0.0
+        self._history_json = SnapshotSchedule()  # history.json: with a checkpoint, at most once a second
         self._signing_key: Ed25519PrivateKey | None = None  # --signing-key, loaded by _setup
         self._worker_keys: signing.PublicKeys | None = None  # --worker-keys
         self._unsigned_presence: set[str] = set()  # workers whose unverified presence was logged
@@ -411,7 +412,7 @@ class Aggregator:
         """How long the inbox may stay quiet before the core or a checkpoint needs a look."""
         now = time.monotonic()
         wait = min(_MAX_WAIT_S, self._last_checkpoint + self.cfg.checkpoint_interval - now)
-        for wake in (self._core.next_wake(now), self._assembler.next_deadline()):
+        for wake in (self._core.next_wake(now), self._assembler.next_deadline(), self._history_json.deadline()):
             if wake is not None:
                 wait = min(wait, wake - now)
         return max(0.05, wait)
@@ -692,11 +693,17 @@ class Aggregator:
 
     # ------------------------------------------------------------------ durability
     def _checkpoint(self, force: bool = False) -> None:
-        """Publish confirms, ledger fsync, checkpoint, ack: the one durability order."""
-        if not self._pending and not force:
+        """Publish confirms, ledger fsync, checkpoint, ack: the one durability order.
+
+        history.json is rewritten with it at most once a second (:class:`SnapshotSchedule`); one
+        put off is written by a checkpoint taken when its time comes (the main loop wakes for it).
+        """
+        owed = self._history_json.owed(time.monotonic())
+        if not self._pending and not force and not owed:
             return
         due = (
             force
+            or owed
             or self._settled >= self.checkpoint_every
             or time.monotonic() - self._last_checkpoint >= self.cfg.checkpoint_interval
         )
@@ -716,7 +723,8 @@ class Aggregator:
                 "config": self.cfg.to_json(), "takeovers": self._takeovers,
                 "identities": self.identities.to_meta()}
         durable.save_checkpoint(self.out, meta, arrays)
-        self._write_history()
+        if self._history_json.offer(now):
+            self._write_history()
         assert self.client is not None
         for delivery in self._pending:
             self.client.ack(delivery)
