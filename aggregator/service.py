@@ -115,8 +115,8 @@ SPEC_TRAINER_KEY = "trainer"
 #: default is 5 ms). Each blocking call of the main loop (an fsync, a rename, a log line) lets
 #: the I/O thread take the GIL, and while that thread is busy reading updates the main loop
 #: waited up to the whole interval to get it back: ~5 ms more per fsync, a checkpoint's four to
-#: six of them included (measured: write + fsync 3.6 ms alone, 8.8 ms beside a busy thread at
-#: 5 ms, 1.8 ms at 1 ms).
+#: six of them included (measured on a loaded 2-core machine: write + fsync 3.6 ms alone, 8.3-8.8
+#: ms beside a busy Python thread at 5 ms, 1.8-5.7 ms at 1 ms; BENCHMARKS.md, update path).
 GIL_SWITCH_S = 0.001
 
 
