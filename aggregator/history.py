@@ -9,7 +9,10 @@ exactly once. The core keeps only the newest entry.
 
 ``history.json`` keeps its format for users and tools. During a run each checkpoint writes it
 with the last :data:`HISTORY_TAIL` entries only (``"history_complete": false``, and
-``"evaluations"``: how many there are), a bounded cost; when the aggregator leaves (finished,
+``"evaluations"``: how many there are), a bounded cost, and at most once per
+:data:`HISTORY_JSON_INTERVAL_S` (:class:`SnapshotSchedule`): a fast run checkpoints many times a
+second, and history.json is a view for people and tools, not part of what makes an ack safe
+(that is the checkpoint, the ledger and history.jsonl). When the aggregator leaves (finished,
 failed or interrupted) it is written with every entry (``"history_complete": true``).
 :func:`fedmq.rundir.read_history` (used by ``fedmq status``, ``fedmq plot`` and the tests)
 fills in the whole list from ``history.jsonl`` while a run is going.
@@ -27,6 +30,40 @@ from fedmq.aggregator.durable import AppendLog, read_ledger
 HISTORY_LOG = "history.jsonl"
 #: evaluated versions history.json holds while the run is going (the rest are in history.jsonl)
 HISTORY_TAIL = 100
+#: the least time between two writes of history.json while the run is going
+HISTORY_JSON_INTERVAL_S = 1.0
+
+
+class SnapshotSchedule:
+    """When a checkpoint also rewrites history.json: at most once per ``interval_s``, and never
+    more than ``interval_s`` behind the newest checkpoint.
+
+    A checkpoint :meth:`offer` s a write: it is taken at once if the last one is ``interval_s``
+    old (or there was none); otherwise it is owed, and :meth:`deadline` says when the main loop
+    must take a checkpoint again to pay it (:meth:`owed`), so history.json never stays behind
+    a quiet run. Pure: the caller passes its monotonic clock.
+    """
+
+    def __init__(self, interval_s: float = HISTORY_JSON_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: float | None = None
+        self._owed = False
+
+    def offer(self, now: float) -> bool:
+        """A checkpoint was written at ``now``: write history.json with it? (If not, it is owed.)"""
+        if self._last is None or now - self._last >= self.interval_s:
+            self._last, self._owed = now, False
+            return True
+        self._owed = True
+        return False
+
+    def owed(self, now: float) -> bool:
+        """A write was put off and its time has come: take a checkpoint (which offers it again)."""
+        return self._owed and self._last is not None and now - self._last >= self.interval_s
+
+    def deadline(self) -> float | None:
+        """When the owed write is due (monotonic), or None if none is owed."""
+        return self._last + self.interval_s if self._owed and self._last is not None else None
 
 
 class History:

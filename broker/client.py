@@ -374,11 +374,14 @@ class Client:
         self.settings = settings
         self.topology = topology
         self.name = name
+        self._identity = settings.identity  # parsed from the URL once, not per publish
         self.declare = declare
         self._subs: dict[str, _Subscription] = {}
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._publishes: collections.deque[_Publish] = collections.deque()
         self._lock = threading.Lock()
+        # a wake is on its way to the I/O thread that will drain everything queued so far (see _queue)
+        self._woken = False
         self._conn: pika.BlockingConnection | None = None
         self._chan: Any = None
         self._generation = 0
@@ -575,12 +578,10 @@ class Client:
             headers=dict(headers) if headers else None,
             timestamp=int(time.time()),
             content_type="application/msgpack",
-            user_id=self.settings.identity if sign else None,
+            user_id=self._identity if sign else None,
         )
         pub = _Publish(exchange, routing_key, body, props, mandatory)
-        with self._lock:
-            self._publishes.append(pub)
-        self._wake()
+        self._queue(self._publishes, pub)
         return PendingPublish(pub, self)
 
     def ack(self, delivery: Delivery) -> None:
@@ -666,9 +667,21 @@ class Client:
         self._submit(op)
 
     def _submit(self, op: Callable[[], None]) -> None:
+        self._queue(self._ops, op)
+
+    def _queue(self, where: collections.deque[Any], item: Any) -> None:
+        """Queue an op or a publish for the I/O thread, waking it only if no wake is on its way.
+
+        A wake costs a pipe write here and a read there, and an aggregator queues several acks
+        and publishes per update: once woken, the I/O thread :meth:`_drain` s both queues to empty,
+        and it clears ``_woken`` under the lock *before* it looks at them, so an item queued
+        before the clear is drained by that pass, and one queued after it wakes the thread again.
+        """
         with self._lock:
-            self._ops.append(op)
-        self._wake()
+            where.append(item)
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
 
     def _wake(self) -> None:
         conn = self._conn
@@ -901,6 +914,8 @@ class Client:
             raise pex.ChannelWrongStateError("the channel is closed")
 
     def _drain(self) -> None:
+        with self._lock:
+            self._woken = False  # from here on, whatever is queued is drained now or wakes us again
         while True:
             with self._lock:
                 op = self._ops.popleft() if self._ops else None

@@ -155,7 +155,9 @@ class _Packer:
         self.offset += len(piece)
 
     def value(self, value: Any, where: str) -> None:
-        if isinstance(value, np.ndarray):
+        if type(value) in _PLAIN:  # the common case, without the ABC checks below
+            self.put(_pack_leaf(value, where))
+        elif isinstance(value, np.ndarray):
             self.array(value, where)
         elif isinstance(value, Mapping):
             self.mapping(value, where)
@@ -167,6 +169,14 @@ class _Packer:
             self.put(_pack_leaf(value, where))
 
     def mapping(self, doc: Mapping[Any, Any], where: str) -> None:
+        if type(doc) is dict and all(type(k) is str and type(v) in _PLAIN for k, v in doc.items()):
+            # a map of plain values (a task, a control message, a spec's layer): msgpack's own
+            # bytes for it are the ones the loop below puts together piece by piece, in one call
+            try:
+                self.put(msgpack.packb(doc))
+                return
+            except (OverflowError, ValueError):
+                pass  # out of msgpack's range: the loop below raises, saying where
         self.put(_map_header(len(doc), where))
         for key, item in doc.items():
             if not isinstance(key, str):
@@ -191,6 +201,10 @@ class _Packer:
         self.put(_KEY_FORMS["data"][extra[2]])
         self.put(bin_header)
         self.put(flat.data)
+
+
+#: value types msgpack encodes as they are (exact types: a subclass takes the general path)
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes})
 
 
 def _pack_leaf(value: Any, where: str) -> bytes:

@@ -366,6 +366,27 @@ def test_reads_what_msgpack_reads(doc, single_floats):
     assert msgpack.packb(ours) == msgpack.packb(msgpack.unpackb(raw))
 
 
+@settings(_FUZZ, max_examples=300)
+@given(_DOCS, st.dictionaries(st.text(max_size=8), _LEAVES, max_size=20))
+def test_documents_without_arrays_encode_to_msgpacks_own_bytes(doc, flat):
+    """Maps of plain values are packed by msgpack in one call (a speed path): the bytes are
+    those of the general path, i.e. msgpack's, nested or flat, up to map16 headers."""
+    for one in (doc, flat, {"outer": flat, "list": [flat, 1]}):
+        assert codec.pack(one) == msgpack.packb(one)
+        assert b"".join(codec.pack_pieces(one)) == msgpack.packb(one)
+
+
+def test_arrays_after_plain_maps_stay_aligned():
+    arr = np.arange(5, dtype="<f4")
+    for prefix in ({}, {"a": 1}, {"a": 1, "b": "xy"}, {str(i): i for i in range(17)}):
+        raw = codec.pack({"p": prefix, "w": arr})
+        buf = np.frombuffer(raw, np.uint8)
+        out = codec.unpack(raw, LIMIT)
+        assert out["p"] == prefix
+        np.testing.assert_array_equal(out["w"], arr)
+        assert np.shares_memory(out["w"], buf) and (out["w"].ctypes.data - buf.ctypes.data) % 8 == 0
+
+
 @_FUZZ
 @given(st.binary(max_size=200))
 def test_random_bytes_raise_only_decode_error(data):
