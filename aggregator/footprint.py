@@ -3,7 +3,9 @@
 The multiples are the peaks of anonymous memory ``bench/large_model.py`` measured (sync FedAvg,
 2.2-2.6 x the model at 100M-250M parameters, flat in the number of workers: updates go to spill
 files and are averaged block by block) rounded up, plus the updates a strategy holds at once.
-:func:`fedmq.shared.memory.check_fits` refuses a model whose need is over the budget.
+:func:`fedmq.shared.memory.check_fits` refuses a model whose need is over the budget. Smaller
+models put up to two chunked updates together in memory instead, and only in the room the budget
+leaves beyond that need (:func:`updates_in_memory_bytes`): the multiples stay what must fit.
 """
 
 from __future__ import annotations

@@ -115,13 +115,12 @@ def check_fits(model_bytes: int, factor: float, budget: int | str | None, *, who
             "use a smaller model, a machine with more memory, or set --memory-budget (off: no check)")
 
 
-#: glibc's mallopt parameter for the mmap threshold (malloc.h)
-_M_MMAP_THRESHOLD = -3
-#: buffers from this size on get their own map, given back to the kernel when freed. numpy asks
-#: for huge pages from 4 MiB on, so a fresh map of that size costs a few page faults; smaller
-#: buffers (the 1 MiB a socket read asks for, a 1M-parameter model's 4 MB message) stay on the
-#: heap, reused without faults (a map per socket read measured +30% CPU per update at 100k)
-MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: buffers from this size on get their own map, given back to the kernel when freed: above the
+#: 1 MiB a socket read asks for (fedmq.broker.frames.RECV_BYTES: a map per read would cost a
+#: syscall and page faults per read), below a 1M-parameter model's 4 MB message
+MMAP_THRESHOLD_BYTES = 2 * 1024 * 1024
 
 
 def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -132,7 +131,8 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     aggregator's message bodies (a few MB each, allocated by the I/O thread in its own malloc
     arena, freed by the main thread once applied) are carved from heap arenas that are rarely
     trimmed, and stay in its resident memory: measured ~1.5 models at 10M parameters
-    (``bench/scale.py``: 8 MiB chunks). See :data:`MMAP_THRESHOLD_BYTES` for the size.
+    (``bench/scale.py``: 8 MiB chunks). The price: a fresh map's page faults on every large
+    buffer (cheap from 4 MiB on, where numpy asks for huge pages; ~1 ms per 4 MB message below).
     """
     import ctypes
     import ctypes.util
@@ -142,6 +142,9 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+        # the heap's free top is kept up to twice the threshold, as glibc's dynamic setting does
+        # (fixing the threshold leaves it at 128 KiB: freed heap memory faulted in again and again)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold)))
     except (OSError, AttributeError):
         return False
