@@ -81,7 +81,7 @@ from fedmq.aggregator.core import (
     WorkerRefused,
 )
 from fedmq.aggregator.export import check_export, export_model
-from fedmq.aggregator.footprint import memory_factor
+from fedmq.aggregator.footprint import memory_factor, updates_in_memory_bytes
 from fedmq.aggregator.history import HISTORY_LOG, History, SnapshotSchedule
 from fedmq.aggregator.identity import IdentityBook
 from fedmq.aggregator.policy import make_policy
@@ -97,7 +97,7 @@ from fedmq.shared import chunking, compression, memory, messages, signing
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
-from fedmq.shared.files import drop_resident_pages, release_pages, spill_allocator
+from fedmq.shared.files import drop_resident_pages, payload_allocator, release_pages
 from fedmq.shared.spec import build_spec, make_trainer, run_trainer_config
 from fedmq.shared.trainer import Trainer, load_trainer_factory
 
@@ -205,6 +205,7 @@ class Aggregator:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.cfg.validate()
+        memory.give_back_large_buffers()  # freed message bodies leave the process (see there)
         X, y = load_shard(cfg.test_data)
         self.X_test, self.y_test = X, y
         classes = load_num_classes(cfg.test_data) or int(y.max()) + 1
@@ -239,6 +240,7 @@ class Aggregator:
         model_bytes = self.model_bytes = sum(int(v.nbytes) for v in self._initial.values())
         factor, why = memory_factor(cfg)
         memory.check_fits(model_bytes, factor, cfg.memory_budget, who="aggregator", why=why)
+        self._memory_factor = factor
         updates = self.policy.prefetch(model_bytes)
         self.checkpoint_every = min(cfg.checkpoint_every, max(1, updates - 1))
         # a chunked update is held as all its chunks: room for them, and for one more update arriving
@@ -290,9 +292,16 @@ class Aggregator:
         self.max_update_bytes = cfg.max_update_bytes or expected_update_bytes(self.core.params)
         # a compressed update may not decompress to more than an uncompressed one of this model may be
         self.max_decompressed_bytes = expected_update_bytes(self.core.params)
-        # chunked updates are put together in files of the run directory, not in RAM
+        # chunked updates are put together in memory while that is cheap and fits, else in files
+        # of the run directory (see fedmq.aggregator.footprint.updates_in_memory_bytes)
+        budget, _ = memory.resolve_budget(cfg.memory_budget)
+        in_memory = updates_in_memory_bytes(self.model_bytes, self.max_decompressed_bytes, self._memory_factor, budget,
+                                            auto=memory.parse_budget(cfg.memory_budget) == "auto")
+        if self.chunks_per_update > 1:
+            log.info("chunked updates: up to %s of them put together in memory, the rest in spill files under %s",
+                     memory.describe(in_memory), self.out / "spill")
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
-                                              allocate=spill_allocator(self.out / "spill"),
+                                              allocate=payload_allocator(self.out / "spill", in_memory),
                                               release=release_pages)
         assert self.client is not None
         if self.chunks_per_update > 1 or self.model_bytes + chunking.HEADROOM_BYTES > self.client.max_message_bytes:
@@ -778,10 +787,13 @@ class Aggregator:
         """A model or task the broker refused for good (e.g. over its message size) ends the run now.
 
         Its confirm is otherwise only waited for at the next checkpoint, which a sync round whose
-        model never reached the workers would not get to.
+        model never reached the workers would not get to. A publish confirmed already is let go
+        here: a model's encoded bytes (a model's size) are not held until the checkpoint.
         """
+        kept: list[PendingPublish] = []
         for pub in self._unconfirmed:
             if not pub.done:
+                kept.append(pub)
                 continue
             try:
                 pub.wait(0)  # raises the publish's own error, if it has one
@@ -790,6 +802,8 @@ class Aggregator:
             except BrokerError as exc:
                 if not exc.retryable:
                     raise
+                kept.append(pub)  # the checkpoint waits for it again
+        self._unconfirmed = kept
 
     def _confirm_publishes(self) -> None:
         """Wait for every outstanding model and task publish (before acking anything)."""

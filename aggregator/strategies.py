@@ -301,10 +301,6 @@ class FedBuff:
     _acc: Params = field(default_factory=dict, init=False, repr=False)
     _held: list[tuple[Mapping[str, np.ndarray], float]] = field(default_factory=list, init=False, repr=False)
     _scratch: Params = field(default_factory=dict, init=False, repr=False)
-    # Models this strategy returned. A step writes into the older one unless it is the model
-    # being stepped from: a returned model stays valid until the flush after the next one,
-    # which saves a fresh model-sized allocation (and its page faults) per step.
-    _owned: list[Params] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:
@@ -330,13 +326,16 @@ class FedBuff:
             return Applied(None, weight)
         self.steps += 1
         step = self._robust_step() if self.robust.needs_all else self._buffered_step()
-        new = self._spare(current)
+        # a fresh model each step, not a spare one kept for the next: the model stepped from is
+        # freed once the caller lets go of it, so between steps only the model and the accumulator
+        # are held (a kept spare was a third model's worth, always; a fresh one costs a few page
+        # faults per step where the kernel gives numpy huge pages)
+        new = {k: np.empty_like(v, dtype=np.float32) for k, v in current.items()}
         for name, value in current.items():
             np.add(value, step[name], out=new[name])
         for acc in self._acc.values():
             acc.fill(0.0)
         self.count = 0
-        self._owned = [*self._owned[-1:], new]
         return Applied(new, weight)
 
     def _clip_factor(self, delta: Mapping[str, np.ndarray]) -> float:
@@ -384,13 +383,6 @@ class FedBuff:
         if scratch is None or scratch.size < n:
             scratch = self._scratch["chunk"] = np.empty(n, dtype=np.float32)
         return scratch
-
-    def _spare(self, current: Mapping[str, np.ndarray]) -> Params:
-        if len(self._owned) == 2 and self._owned[0] is not current and not any(
-            np.may_share_memory(self._owned[0][k], v) for k, v in current.items()
-        ):
-            return self._owned[0]
-        return {k: np.empty_like(v, dtype=np.float32) for k, v in current.items()}
 
     def state(self) -> tuple[dict[str, object], Params]:
         meta: dict[str, object] = {"count": self.count, **_defence_state(self.dp, self.steps, self.robust, self.recent)}

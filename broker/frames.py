@@ -354,7 +354,15 @@ class FrameReader:
 
 
 class Sender:
-    """``Connection._send_message`` with one copy of the body per frame (pika makes three)."""
+    """``Connection._send_message`` with at most one copy of the body per frame (pika makes three).
+
+    A body that cannot change (``bytes``, or a view of ``bytes``: an encoded model and its
+    chunks) is not copied at all: each body frame goes out as its header and a view of its
+    payload (the end octet rides with the next frame's header). The transport writes those views
+    as they are, so a model being published costs no second model's worth of frames in memory;
+    the body is kept alive by the views until the socket took it. Any other body (a worker's
+    update pieces, views of arrays it may reuse once confirmed) is copied into its frames.
+    """
 
     def __init__(self, impl: Any) -> None:
         self._impl = impl
@@ -363,14 +371,27 @@ class Sender:
         impl = self._impl
         props, body = content
         length = len(body)
-        frames = [
+        frames: list[bytes | memoryview] = [
             frame.Method(channel_number, method).marshal(),
             frame.Header(channel_number, length, props).marshal(),
         ]
         step = impl._body_max_length
-        with memoryview(body) as view:
-            for start in range(0, length, step):
-                piece = view[start:start + step]
-                head = _HEADER.pack(spec.FRAME_BODY, channel_number, len(piece))
+        immutable = _immutable(body)
+        view = memoryview(body).cast("B") if not isinstance(body, memoryview) or body.format != "B" else body
+        end = b""
+        for start in range(0, length, step):
+            piece = view[start:start + step]
+            head = _HEADER.pack(spec.FRAME_BODY, channel_number, len(piece))
+            if immutable:
+                frames += [end + head, piece]
+                end = _END_BYTE
+            else:
                 frames.append(b"".join((head, piece, _END_BYTE)))  # the one copy of the payload
+        if end:
+            frames.append(end)
         impl._output_marshaled_frames(frames)
+
+
+def _immutable(body: object) -> bool:
+    """``bytes``, or a view whose buffer is ``bytes``: nothing can change it while it is sent."""
+    return isinstance(body, bytes) or (isinstance(body, memoryview) and isinstance(body.obj, bytes))

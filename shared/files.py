@@ -10,6 +10,8 @@ import contextlib
 import mmap
 import os
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -103,3 +105,32 @@ def release_pages(buffer: memoryview | np.ndarray) -> None:
             return
         first = start - start % mmap.PAGESIZE
         owner.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+
+def payload_allocator(directory: str | os.PathLike[str], memory_bytes: int) -> Callable[[int], np.ndarray | mmap.mmap]:
+    """An allocator that gives buffers in memory while those it gave and still live add up to at
+    most ``memory_bytes``, and :func:`spill_allocator` buffers in ``directory`` beyond that.
+
+    A memory buffer is ``np.empty`` (no zero-fill: its pages are only taken as they are written);
+    it counts until the last view of it goes. ``memory_bytes`` = 0: every buffer spills.
+    """
+    spill = spill_allocator(directory)
+    live = [0]  # bytes of memory buffers not yet freed (a finalizer runs on whichever thread frees one)
+    lock = threading.Lock()
+
+    def freed(size: int) -> None:
+        with lock:
+            live[0] -= size
+
+    def allocate(size: int) -> np.ndarray | mmap.mmap:
+        with lock:
+            fits = live[0] + size <= memory_bytes
+            if fits:
+                live[0] += size
+        if not fits:
+            return spill(size)
+        buffer = np.empty(size, dtype=np.uint8)
+        weakref.finalize(buffer, freed, size)
+        return buffer
+
+    return allocate

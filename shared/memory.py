@@ -89,21 +89,62 @@ def describe(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
+def resolve_budget(budget: int | str | None) -> tuple[int | None, str]:
+    """(the budget in bytes, where it comes from); None where there is no limit (``off``, or
+    ``auto`` on a system that says nothing of its memory)."""
+    budget = parse_budget(budget)
+    if budget == "off":
+        return None, "off"
+    if budget == "auto":
+        return available_bytes(), "the memory available to it now"
+    assert isinstance(budget, int)
+    return budget, "set by --memory-budget"
+
+
 def check_fits(model_bytes: int, factor: float, budget: int | str | None, *, who: str, why: str) -> None:
     """Raise :class:`ConfigError` (one line, naming the sizes and the options) if ``factor`` x
     ``model_bytes`` is over the budget; ``why`` says what the factor counts."""
-    budget = parse_budget(budget)
-    if budget == "off":
+    budget, source = resolve_budget(budget)
+    if budget is None:
         return
-    source = "set by --memory-budget"
-    if budget == "auto":
-        budget, source = available_bytes(), "the memory available to it now"
-        if budget is None:
-            return
-    assert isinstance(budget, int)
     need = int(model_bytes * factor)
     if need > budget:
         raise ConfigError(
             f"the model ({describe(model_bytes)}) is too big for the {who}'s memory: it needs about "
             f"{describe(need)} ({factor:g} x the model: {why}) but its budget is {describe(budget)} ({source}); "
             "use a smaller model, a machine with more memory, or set --memory-budget (off: no check)")
+
+
+#: glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: buffers from this size on get their own map, given back to the kernel when freed: above the
+#: 1 MiB a socket read asks for (fedmq.broker.frames.RECV_BYTES: a map per read would cost a
+#: syscall and page faults per read), below a 1M-parameter model's 4 MB message
+MMAP_THRESHOLD_BYTES = 2 * 1024 * 1024
+
+
+def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold so that every buffer of ``threshold`` bytes or more is its own
+    map, returned to the kernel the moment it is freed. True if set (glibc only).
+
+    By default glibc raises the threshold after each large free, up to 32 MiB: from then on the
+    aggregator's message bodies (a few MB each, allocated by the I/O thread in its own malloc
+    arena, freed by the main thread once applied) are carved from heap arenas that are rarely
+    trimmed, and stay in its resident memory: measured ~1.5 models at 10M parameters
+    (``bench/scale.py``: 8 MiB chunks). The price: a fresh map's page faults on every large
+    buffer (cheap from 4 MiB on, where numpy asks for huge pages; ~1 ms per 4 MB message below).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        # the heap's free top is kept up to twice the threshold, as glibc's dynamic setting does
+        # (fixing the threshold leaves it at 128 KiB: freed heap memory faulted in again and again)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold)))
+    except (OSError, AttributeError):
+        return False

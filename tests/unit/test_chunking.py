@@ -307,3 +307,32 @@ def test_a_put_together_payload_carries_the_digest_it_was_checked_against() -> N
     r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
     done = [o for o in feed(r, chunks) if isinstance(o, ch.Complete)]
     assert len(done) == 1 and done[0].sha256 == given and bytes(done[0].body) == b
+
+
+def test_payloads_go_to_memory_up_to_its_bytes_then_to_spill_files(tmp_path) -> None:
+    """A buffer in memory counts until its last view goes; beyond the bytes allowed, buffers
+    spill; whichever they are, the reassembler puts the same bytes together."""
+    import gc
+    import mmap
+
+    import numpy as np
+
+    from fedmq.shared.files import payload_allocator, release_pages
+
+    allocate = payload_allocator(tmp_path, 100_000)
+    first, second = allocate(60_000), allocate(60_000)
+    assert isinstance(first, np.ndarray) and isinstance(second, mmap.mmap)
+    view = memoryview(first).cast("B")
+    del first
+    assert isinstance(allocate(40_000), np.ndarray)  # 60k + 40k: still within (the 40k is freed at once)
+    assert isinstance(allocate(50_000), mmap.mmap)  # the first is alive through its view
+    del view
+    gc.collect()
+    assert isinstance(allocate(100_000), np.ndarray)
+    second.close()
+    body = bytes(random.Random(5).randbytes(5000))
+    for budget in (0, 10_000):
+        r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=10_000, timeout_s=60,
+                                                 allocate=payload_allocator(tmp_path, budget), release=release_pages)
+        out = [o for i, c in enumerate(ch.split(body, 1024, "p")) for o in r.offer(c.headers, c.data, i, 0.0)]
+        assert isinstance(out[-1], ch.Complete) and bytes(out[-1].body) == body

@@ -101,3 +101,30 @@ def test_an_abandoned_ledger_keeps_only_what_was_committed(tmp_path: Path) -> No
     ledger.record({"task_id": "t2", "fate": "applied"})
     ledger.abandon()
     assert [e["task_id"] for e in read_ledger(tmp_path / "updates.jsonl")] == ["t1"]
+
+
+def test_write_npz_is_what_savez_writes_without_copying_the_arrays(tmp_path: Path) -> None:
+    """Same members, bytes and dtypes as np.savez (np.load reads both alike), and no array-sized
+    temporary: a checkpoint of a model costs no second model in memory."""
+    import io
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    arrays = {"model/W": rng.standard_normal((300, 1000)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+              "scalar": np.float64(2.5) * np.ones(()), "fortran": np.asfortranarray(rng.random((3, 4))),
+              "empty": np.zeros((0, 3), np.float32), "flags": np.array([True, False])}
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    durable.write_npz(ours, arrays)
+    np.savez(theirs, **arrays)  # type: ignore[arg-type]
+    with np.load(io.BytesIO(ours.getvalue()), allow_pickle=False) as a, \
+            np.load(io.BytesIO(theirs.getvalue()), allow_pickle=False) as b:
+        assert a.files == b.files == list(arrays)
+        for k in arrays:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k])
+    big = {"W": arrays["model/W"]}  # 1.2 MB
+    with open(tmp_path / "x.npz", "wb") as f:
+        tracemalloc.start()
+        durable.write_npz(f, big)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < big["W"].nbytes // 4

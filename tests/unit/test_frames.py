@@ -175,15 +175,16 @@ def test_receive_reads_large_bodies_straight_from_the_socket() -> None:
     assert direct > 0  # some reads went straight into a body's buffer
 
 
-def test_sender_frames_decode_to_the_same_message() -> None:
+@pytest.mark.parametrize("kind", [bytes, bytearray, "view of bytes"])
+def test_sender_frames_decode_to_the_same_message(kind: object) -> None:
     conn = FakeConnection()
     sender = frames.Sender(conn)
-    for body in bodies(seed=9):
+    for data in bodies(seed=9):
         conn.sent.clear()
+        body = memoryview(data)[:] if kind == "view of bytes" else kind(data)  # type: ignore[operator]
         publish = spec.Basic.Publish(exchange="", routing_key="q")
         sender.send(3, publish, (spec.BasicProperties(message_id="m"), body))
         wire = b"".join(conn.sent)
-        assert len(conn.sent) == 2 + -(-len(body) // PAYLOAD)  # method, header, ceil(len / payload) bodies
         pos, pieces = 0, []
         while pos < len(wire):
             used, value = frame.decode_frame(wire[pos:])
@@ -191,8 +192,27 @@ def test_sender_frames_decode_to_the_same_message() -> None:
             pos += used
             pieces.append(value)
         assert isinstance(pieces[0].method, spec.Basic.Publish) and pieces[1].body_size == len(body)
-        assert b"".join(p.fragment for p in pieces[2:]) == body
+        assert len(pieces) == 2 + -(-len(body) // PAYLOAD)  # method, header, ceil(len / payload) bodies
+        assert b"".join(p.fragment for p in pieces[2:]) == data
         assert all(p.channel_number == 3 for p in pieces)
+
+
+def test_sender_sends_an_immutable_body_as_views_and_copies_any_other() -> None:
+    """An encoded model (bytes) costs no second copy in frames; a body that may change after the
+    call (a bytearray, a view of an array) is copied, so what was sent is what was given."""
+    conn = FakeConnection()
+    sender = frames.Sender(conn)
+    data = random.Random(3).randbytes(3 * PAYLOAD + 5)
+    sender.send(1, spec.Basic.Publish(exchange="", routing_key="q"), (spec.BasicProperties(), data))
+    views = [x for x in conn.sent if isinstance(x, memoryview)]
+    assert b"".join(views) == data and all(v.obj is data for v in views)
+    conn.sent.clear()
+    mutable = bytearray(data)
+    sender.send(1, spec.Basic.Publish(exchange="", routing_key="q"), (spec.BasicProperties(), mutable))
+    mutable[:] = bytes(len(mutable))
+    assert not any(isinstance(x, memoryview) for x in conn.sent)
+    wire = b"".join(conn.sent)
+    assert all(data[i:i + PAYLOAD] in wire for i in range(0, len(data), PAYLOAD))  # the bytes as given
 
 
 def test_unknown_pika_or_the_escape_hatch_keeps_pikas_frame_io(monkeypatch: pytest.MonkeyPatch) -> None:

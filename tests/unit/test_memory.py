@@ -9,7 +9,13 @@ import pytest
 from click.testing import CliRunner
 
 from fedmq.aggregator.config import AggregatorConfig
-from fedmq.aggregator.footprint import BASE_FACTOR, memory_factor
+from fedmq.aggregator.footprint import (
+    BASE_FACTOR,
+    SPILL_ALWAYS_BYTES,
+    UPDATES_IN_MEMORY,
+    memory_factor,
+    updates_in_memory_bytes,
+)
 from fedmq.cli import main
 from fedmq.shared import memory
 from fedmq.shared.errors import ConfigError
@@ -68,3 +74,50 @@ def test_aggregator_refuses_a_model_over_its_budget_in_one_line(tmp_path: Path) 
     assert result.exit_code == 1, result.output
     assert result.output.count("\n") == 1, result.output
     assert "too big for the aggregator's memory" in result.output and "--memory-budget" in result.output
+
+
+MiB = 1024 * 1024
+
+
+def test_chunked_updates_go_to_memory_only_while_cheap_and_within_the_budget() -> None:
+    """Spill files cost ~10x a copy in memory: used only for very large models, beyond
+    UPDATES_IN_MEMORY updates at once, or where the budget leaves no room for them."""
+    model, update = 40 * MiB, 41 * MiB
+    assert updates_in_memory_bytes(model, update, 5, None, auto=False) == UPDATES_IN_MEMORY * update
+    # issue 11's models: always spilled, whatever the budget
+    assert updates_in_memory_bytes(SPILL_ALWAYS_BYTES, SPILL_ALWAYS_BYTES, 5, None, auto=False) == 0
+    assert updates_in_memory_bytes(SPILL_ALWAYS_BYTES - 1, SPILL_ALWAYS_BYTES, 5, 1 << 50, auto=False) > 0
+    # an explicit budget: the room beyond factor x the model, in whole updates
+    assert updates_in_memory_bytes(model, update, 5, 5 * model + update + 1, auto=False) == update
+    assert updates_in_memory_bytes(model, update, 5, 5 * model + update - 1, auto=False) == 0
+    assert updates_in_memory_bytes(model, update, 5, 4 * model, auto=False) == 0  # (check_fits refuses this)
+    # auto: half of what the machine has free is left to the rest of it
+    assert updates_in_memory_bytes(model, update, 5, 2 * (5 * model + update), auto=True) == update
+    assert updates_in_memory_bytes(model, update, 5, 5 * model + update, auto=False) == update
+
+
+def test_large_buffers_are_given_back_on_glibc() -> None:
+    assert memory.give_back_large_buffers() is True  # Linux with glibc, as in CI and the image
+
+
+class _Pub:
+    def __init__(self, done: bool, error: Exception | None = None) -> None:
+        self.done, self.error = done, error
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def test_a_confirmed_publish_is_let_go_before_the_checkpoint() -> None:
+    """A model's encoded bytes (a model's size) are held until confirmed, not until the next
+    checkpoint; one not confirmed yet, or failed with a retryable error, is kept for it."""
+    from types import SimpleNamespace
+
+    from fedmq.aggregator.service import Aggregator
+    from fedmq.shared.errors import NotConfirmed
+
+    pending, retry = _Pub(False), _Pub(True, NotConfirmed("later"))
+    agg = SimpleNamespace(_unconfirmed=[_Pub(True), pending, retry, _Pub(True)])
+    Aggregator._raise_refused_publishes(agg)  # type: ignore[arg-type]
+    assert agg._unconfirmed == [pending, retry]

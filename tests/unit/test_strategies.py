@@ -98,6 +98,32 @@ def test_fedbuff_steps_every_k_with_staleness_weighted_mean_delta() -> None:
     assert strat.apply(x, deltas[0], 10, 0).params is None
 
 
+def test_fedbuff_keeps_no_model_once_stepped_from_and_steps_the_same_bits() -> None:
+    """Between steps FedBuff holds its accumulator only: the model a step started from is freed
+    when the caller lets it go (no spare model kept for the next step: a model's worth of memory),
+    and every step's result is exactly x + (lr / K) * sum(s_i * delta_i) in float32."""
+    import gc
+    import weakref
+
+    strat = FedBuff(buffer_size=2, server_lr=0.5)
+    x = params(0)
+    for step in range(4):
+        deltas = [params(20 + 2 * step + i) for i in range(2)]
+        assert strat.apply(x, deltas[0], 10, 0).params is None
+        new = strat.apply(x, deltas[1], 10, 1).params
+        assert new is not None
+        w1 = np.float32(strat.staleness(1))
+        for k in x:
+            acc = np.zeros_like(x[k]) + deltas[0][k] * np.float32(1.0)
+            acc += deltas[1][k] * w1
+            acc *= np.float32(0.5 / 2)
+            assert np.array_equal(new[k], x[k] + acc)
+        old = weakref.ref(x["dense_0/W"])
+        x = new
+        gc.collect()
+        assert old() is None  # the model stepped from is not held by the strategy
+
+
 def test_fedbuff_state_round_trips_through_a_checkpoint() -> None:
     x = params(0)
     a, b = FedBuff(buffer_size=3), FedBuff(buffer_size=3)
