@@ -612,8 +612,6 @@ class Coordinator:
                    worker_id: str | None = None) -> list[Decision]:
         """A chunked update whose chunks stopped arriving: settled ``incomplete``, never applied.
 
-        Chunks of a task already applied are the rest of that update, redelivered after a
-        restart acked only some of its chunks: settled ``duplicate`` (nothing is missing).
         After an interrupt nothing is settled (its chunks come again to the resumed aggregator).
         """
         if self.phase is Phase.DONE and self.interrupted:
@@ -624,9 +622,6 @@ class Coordinator:
             entry["task_id"] = task_id
         if worker_id:
             entry["worker_id"] = worker_id
-        if task_id and (task_id in self.state.applied_tasks or self.policy.holds(task_id)):
-            return [self.settle(token, entry, "duplicate", f"task {task_id} was already applied; these are "
-                                                           f"the rest of its chunks, delivered again")]
         return [self.settle(token, entry, "incomplete", reason)]
 
     def evaluated(self, version: int, loss: float, accuracy: float, now: float) -> list[Decision]:

@@ -149,6 +149,24 @@ class AppendLog:
     def record(self, entry: Mapping[str, Any]) -> None:
         self._f.write(json.dumps(entry, default=_json_default).encode() + b"\n")
 
+    def tail(self, max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+        """The entries in the last ``max_bytes`` of what is written (a resumed run: what the
+        checkpoint committed), oldest first; a line cut by the window or unreadable is skipped."""
+        self._f.flush()
+        with open(self.path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            lines = f.read().split(b"\n")
+        if size > max_bytes:
+            lines = lines[1:]  # the first is likely cut
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict):
+                    out.append(doc)
+        return out
+
     def commit(self) -> int:
         """Flush and fsync; return the committed length in bytes."""
         self._f.flush()

@@ -303,6 +303,9 @@ class Aggregator:
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
                                               allocate=payload_allocator(self.out / "spill", in_memory),
                                               release=release_pages)
+        if restored is not None:  # chunks of an update settled before the restart are not a new update
+            self.assembler.remember(e["message_id"] for e in self.ledger.tail(chunking.LEDGER_TAIL_BYTES)
+                                    if isinstance(e.get("message_id"), str))
         assert self.client is not None
         if self.chunks_per_update > 1 or self.model_bytes + chunking.HEADROOM_BYTES > self.client.max_message_bytes:
             check_chunk_size(self.client, cfg.chunk_bytes)  # one line naming --chunk-bytes, before any publish

@@ -45,7 +45,7 @@ import dataclasses
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -66,6 +66,9 @@ MIN_CHUNK_BYTES = 64 * 1024
 HEADROOM_BYTES = 64 * 1024
 #: how many completed payload ids a reassembler remembers (to recognise their late chunks)
 REMEMBER_DONE = 1024
+#: how much of the ledger's end a resumed aggregator reads for settled payloads (1024 entries of
+#: ~300 bytes: as many as :data:`REMEMBER_DONE`, more than any prefetch window leaves unacked)
+LEDGER_TAIL_BYTES = 512 * 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -436,6 +439,13 @@ class Reassembler(Generic[T]):
         self._remember(payload_id)
         return Incomplete(payload_id, f"{a.received} of {a.meta.count} chunks arrived; {reason}", a.tokens,
                           a.headers, a.received, a.meta.count)
+
+    def remember(self, payload_ids: Iterable[str]) -> None:
+        """Payloads settled before this reassembler existed (a resumed aggregator: the message ids
+        its ledger holds): their chunks, delivered again, are :class:`Duplicate`, not a new payload
+        that never completes."""
+        for payload_id in payload_ids:
+            self._remember(payload_id)
 
     def _remember(self, payload_id: str) -> None:
         self._done[payload_id] = None

@@ -336,3 +336,15 @@ def test_payloads_go_to_memory_up_to_its_bytes_then_to_spill_files(tmp_path) -> 
                                                  allocate=payload_allocator(tmp_path, budget), release=release_pages)
         out = [o for i, c in enumerate(ch.split(body, 1024, "p")) for o in r.offer(c.headers, c.data, i, 0.0)]
         assert isinstance(out[-1], ch.Complete) and bytes(out[-1].body) == body
+
+
+def test_a_resumed_reassembler_takes_chunks_of_payloads_settled_before_it_as_duplicates() -> None:
+    """After a restart acked only some chunks of an applied update, the rest come again: a
+    reassembler told the ledger's message ids knows them (never an 'incomplete' update)."""
+    chunks = ch.split(body(10_000, 2), 1024, "settled")
+    fresh: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    assert all(isinstance(o, ch.Stored) for o in feed(fresh, chunks[5:]))  # the old behaviour: a new payload
+    resumed: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    resumed.remember(["other", "settled"])
+    assert all(isinstance(o, ch.Duplicate) and o.payload_id == "settled" for o in feed(resumed, chunks[5:]))
+    assert resumed.expire(100.0) == []

@@ -1090,19 +1090,3 @@ def test_compression_is_refused_for_fedasync_and_must_parse() -> None:
     with pytest.raises(ConfigError, match="--compress"):
         config(compress="int4")
     assert config(compress="topk:0.10").to_json()["compress"] == "topk:0.10"
-
-
-def test_leftover_chunks_of_an_applied_task_are_a_duplicate_not_an_incomplete_update() -> None:
-    """A restart acked only some chunks of an applied update: the rest come again, never complete,
-    and time out. That update is in the model: they are its duplicate, not a lost update (seen
-    as a flaky 'recorded 2 times with fates applied, incomplete' in the chunked kill test)."""
-    run = async_run(concurrency=1)
-    run.start(0.0)
-    [task] = tasks(run.hello("w0", 0.001))
-    assert fates(run.send(update(task.task_id), 0.01)) == ["applied"]
-    got = run.core.incomplete(99, 5.0, message_id="m-rest", reason="no chunk arrived for 120 s",
-                              task_id=task.task_id, worker_id="w0")
-    assert fates(got) == ["duplicate"] and "already applied" in str(got[0].reason)
-    other = run.core.incomplete(100, 5.1, message_id="m-lost", reason="no chunk arrived for 120 s",
-                                task_id="never-issued", worker_id="w0")
-    assert fates(other) == ["incomplete"]

@@ -128,3 +128,17 @@ def test_write_npz_is_what_savez_writes_without_copying_the_arrays(tmp_path: Pat
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < big["W"].nbytes // 4
+
+
+def test_the_ledger_tail_is_its_last_whole_entries(tmp_path: Path) -> None:
+    ledger = durable.Ledger(tmp_path / "updates.jsonl")
+    for i in range(100):
+        ledger.record({"message_id": f"m{i:03d}", "fate": "applied"})
+    ledger.commit()
+    assert [e["message_id"] for e in ledger.tail()] == [f"m{i:03d}" for i in range(100)]
+    short = ledger.tail(max_bytes=200)  # a cut first line is dropped, never half-read
+    assert short and [e["message_id"] for e in short] == [f"m{i:03d}" for i in range(100 - len(short), 100)]
+    ledger.close()
+    resumed = durable.Ledger(tmp_path / "updates.jsonl", truncate_to=(tmp_path / "updates.jsonl").stat().st_size)
+    assert len(resumed.tail()) == 100
+    resumed.close()
