@@ -51,6 +51,7 @@ __all__ = [
     "Scheme",
     "decode_params",
     "decompress",
+    "deltas",
     "encode_params",
     "from_bfloat16",
     "parse",
@@ -176,13 +177,18 @@ def _topk(x: np.ndarray, fraction: float) -> dict[str, Any]:
     return {"shape": list(x.shape), "indices": kept.astype(dtype), "values": flat[kept].astype(np.float32)}
 
 
+def deltas(params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``params - base`` layer by layer, in float32: the delta a worker sends."""
+    return {k: np.subtract(x, base[k], dtype=np.float32) for k, x in params.items()}
+
+
 def encode_params(params: Mapping[str, np.ndarray], scheme: Scheme, *,
                   base: Mapping[str, np.ndarray] | None = None) -> dict[str, dict[str, Any]]:
     """Each float32 layer of ``params`` in ``scheme``'s wire form (not ``none``). ValueError for a
     value fp16 cannot hold. With ``base``, what is encoded is the delta ``params - base`` (the
     same bits as subtracting first; int8 forms it block by block, without a model-sized array)."""
     if base is not None and scheme.name != "int8":
-        params = {k: np.subtract(x, base[k], dtype=np.float32) for k, x in params.items()}
+        params = deltas(params, base)
     out: dict[str, dict[str, Any]] = {}
     for name, x in params.items():
         if scheme.name == "fp16":
@@ -351,7 +357,7 @@ class ErrorFeedback:
         if scheme.name != "topk" or not feedback:
             return Compressed(encode_params(delta, scheme, base=base), run_id, None)
         if base is not None:
-            delta = {k: np.subtract(x, base[k], dtype=np.float32) for k, x in delta.items()}
+            delta = deltas(delta, base)
         residual = self._residual if self._run == run_id else None
         if residual is not None and any(
                 name not in residual or residual[name].shape != x.shape for name, x in delta.items()):

@@ -268,7 +268,7 @@ class TaskRunner:
             if task.compression != "none" and self.attack is None:
                 base = model.params
             else:
-                params = {k: np.subtract(v, model.params[k], dtype=np.float32) for k, v in params.items()}
+                params = compression.deltas(params, model.params)
         if self.attack is not None:
             params = self.attack.tamper(params, model.params, delta=task.update_kind == "delta",
                                         seed=derive_seed(task.seed, self.worker_id))
