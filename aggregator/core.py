@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias
 
@@ -52,6 +52,7 @@ import numpy as np
 from fedmq.aggregator import taskids
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
+from fedmq.aggregator.timers import Stamps
 from fedmq.aggregator.validate import as_weights, check_update
 from fedmq.shared import messages
 from fedmq.shared.errors import FedmqError, ValidationError
@@ -306,7 +307,8 @@ class RunState:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FATES, 0))
     last_evaluated: dict[str, Any] | None = None  # the newest history entry (the rest: history.jsonl)
     evaluations: int = 0  # history entries so far
-    outstanding: dict[str, float] = field(default_factory=dict)  # async task id -> issued at (core clock)
+    # async task id -> issued at (core clock); the coordinator makes it a Stamps (expiry without scans)
+    outstanding: MutableMapping[str, float] = field(default_factory=dict)
     task_seq: int = 0
     ledger_offset: int = 0
     history_offset: int = 0
@@ -468,7 +470,8 @@ class Coordinator:
         self.phase = Phase.RUNNING
         self.interrupted = False
         self.failure: str | None = None  # why no update can succeed: the run stops, and fails
-        self.live: dict[str, float] = {}  # worker id -> when its last hello/heartbeat arrived
+        self.live = Stamps(config.presence_timeout)  # worker id -> when its last hello/heartbeat arrived
+        self.outstanding = self.state.outstanding = Stamps(config.task_timeout, self.state.outstanding)
         self.seen: set[str] = set()  # workers live at some point of this run (in this process)
         self.refused: set[str] = set()  # workers that refused the run (until they say hello again)
         self._started_at: float | None = None  # when start() was called: --time-limit counts from it
@@ -686,7 +689,7 @@ class Coordinator:
     def next_wake(self, now: float) -> float | None:
         """The next moment :meth:`tick` may have something to do; None when nothing is timed."""
         cfg = self.config
-        times = [seen + cfg.presence_timeout for seen in self.live.values()]
+        times = [t for t in (self.live.next_expiry(),) if t is not None]
         times += self.policy.deadlines(self, now)
         if self.phase is Phase.RUNNING:
             if cfg.time_limit is not None and self._started_at is not None:
@@ -766,8 +769,9 @@ class Coordinator:
         st.issued[task_id] = "open"
         excess = len(st.issued) - self.issued_memory - len(st.outstanding)
         if excess > 0:
-            old = [t for t in itertools.islice(st.issued, excess + len(st.outstanding)) if t not in st.outstanding]
-            for t in old[:excess]:
+            # the oldest ids not outstanding (stops after ``excess`` of them: no scan of every outstanding one)
+            old = list(itertools.islice((t for t in st.issued if t not in st.outstanding), excess))
+            for t in old:
                 del st.issued[t]
 
     def task_failed(self, report: FailureReport) -> list[Decision]:
@@ -948,11 +952,7 @@ class Coordinator:
         return out + self.policy.advance(self, now)
 
     def _expire_workers(self, now: float) -> list[Decision]:
-        timeout = self.config.presence_timeout
-        silent = [w for w, seen in self.live.items() if now - seen > timeout]
-        for wid in silent:
-            del self.live[wid]
-        return [WorkerLeft(w, "silent") for w in silent]
+        return [WorkerLeft(w, "silent") for w in self.live.expired(now)]
 
     def _finish(self, now: float, reason: str) -> list[Decision]:
         out: list[Decision] = []

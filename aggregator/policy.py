@@ -302,11 +302,7 @@ class AsyncUpdates:
                 return run.wait_for_workers(now)
             self._started = True
             run.start_clock(now)
-        out: list[Decision] = []
-        for task_id, issued in list(st.outstanding.items()):
-            if now - issued > cfg.task_timeout:
-                del st.outstanding[task_id]
-                out.append(TaskExpired(task_id, cfg.task_timeout))
+        out: list[Decision] = [TaskExpired(t, cfg.task_timeout) for t in run.outstanding.expired(now)]
         want = self._concurrency(run)
         while len(st.outstanding) < want:
             st.task_seq += 1
@@ -419,7 +415,8 @@ class AsyncUpdates:
         return []
 
     def deadlines(self, run: Coordinator, now: float) -> list[float]:
-        return [issued + self.config.task_timeout for issued in run.state.outstanding.values()]
+        first = run.outstanding.next_expiry()
+        return [] if first is None else [first]
 
     def _concurrency(self, run: Coordinator) -> int:
         return self.config.concurrency or max(run.live_workers(), self.config.min_workers)
