@@ -281,20 +281,40 @@ def broker_pid() -> int | None:
     return min(found)[1] if found else None
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now (/proc/PID/task/TID/children), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 class CpuSnapshots:
     """CPU seconds of groups of processes (and of the machine), taken at chosen moments."""
 
     def __init__(self) -> None:
         self.groups: dict[str, list[int]] = {}
+        self.trees: set[int] = set()  # pids whose descendants count with them
         pid = broker_pid()
         if pid is not None:
             self.groups["rabbitmq"] = [pid]
 
-    def watch(self, group: str, pid: int) -> None:
+    def watch(self, group: str, pid: int, *, tree: bool = False) -> None:
+        """Count ``pid`` in ``group`` (with ``tree``, and the descendants it has at each snapshot)."""
         self.groups.setdefault(group, []).append(pid)
+        if tree:
+            self.trees.add(pid)
+
+    def _pids(self, pids: list[int]) -> list[int]:
+        return [q for p in pids for q in (process_tree(p) if p in self.trees else [p])]
 
     def snapshot(self) -> dict[str, float]:
-        snap = {g: sum(cpu_seconds(p) or 0.0 for p in pids) for g, pids in self.groups.items()}
+        snap = {g: sum(cpu_seconds(p) or 0.0 for p in self._pids(pids)) for g, pids in self.groups.items()}
         snap["machine_busy"], snap["machine_total"] = system_cpu()
         snap["wall"] = time.time()
         return snap

@@ -24,7 +24,7 @@ model bytes is reported against K + 4 = 7. A diagnostic row repeats the 10M poin
 update bodies awaiting their checkpoint.
 
 ``--fetch`` runs the model-fetch sweep instead (issue 15, "bytes per async update flat in N"):
-N = 4, 16, 64, 256, 1000 in-process workers, ~100k model, and with ``--base DIR`` (a checkout of
+N = 4, 16, 64, 256, 1000 pooled workers (``fedmq workers``: 64 threads per process), ~100k model, and with ``--base DIR`` (a checkout of
 an older commit, e.g. ``git worktree add /tmp/base aba9db9``) the same points for that code
 interleaved in the same run (N = 4 and 64 by default, ``--base-n``). Per applied update, over the
 same window: aggregator CPU (ratio to N=4), the bytes the worker pool process read (``rchar``
@@ -67,6 +67,7 @@ from bench._common import (  # noqa: E402
     loadavg,
     mlp_param_count,
     new_namespace,
+    process_tree,
     pyspy_argv,
     status_kb,
     table,
@@ -83,18 +84,20 @@ FLAT_TOLERANCE = 1.25  # "flat": within 25% of the N=4 cost
 
 
 def bytes_read(pid: int) -> dict[str, int] | None:
-    """Bytes received so far by each TCP socket of process ``pid``, by local address (``ss -tin``:
-    the kernel's ``bytes_received``; /proc/PID/io does not count recv(2)). None if ss fails."""
+    """Bytes received so far by each TCP socket of process ``pid`` and its descendants (the pool's
+    processes), by local address (``ss -tin``: the kernel's ``bytes_received``; /proc/PID/io does
+    not count recv(2)). None if ss fails."""
     try:
         out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    owners = {f"pid={p}," for p in process_tree(pid)}
     got: dict[str, int] = {}
     local = None
     for line in out.splitlines():
         if not line.startswith(("\t", " ")):
             fields = line.split()
-            local = fields[3] if f"pid={pid}," in line and len(fields) > 3 else None
+            local = fields[3] if len(fields) > 3 and any(o in line for o in owners) else None
         elif local is not None:
             m = re.search(r"bytes_received:(\d+)", line)
             got[local] = int(m.group(1)) if m else 0
@@ -159,7 +162,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
                    "--log-format", "json"),
         env=SINGLE_THREAD_ENV,
     )
-    cpu.watch("workers", pool.pid)
+    cpu.watch("workers", pool.pid, tree=True)  # its processes (fedmq workers --processes)
     pool_pid.append(pool.pid)
     hwm_kb = 0
     maxrss_kb = 0
@@ -363,7 +366,7 @@ def fetch_on(args: argparse.Namespace, url: str, broker_pid: int | None, broker:
     rows = run_all("fetch", max(ns_list), 8, [
         (f"fetch-{code}-n{n}", {"code": code},
          lambda ch, work, ns, tag, n=n, code=code: run_point(
-             ch, work, ns, n, "100k", args.updates, [], tag, None, args.base if code == "base" else None,
+             ch, work, ns, n, "100k", args.updates, [], tag, args.profile, args.base if code == "base" else None,
              broker_pid, url))
         for code, n in points
     ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}", url)

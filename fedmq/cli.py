@@ -392,6 +392,9 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
               help="Directory written by `fedmq data split`: one worker per worker-<i>.npz.")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Run only the first N shards.")
 @click.option("--id-prefix", default="w", show_default=True, help="Worker ids are <prefix><i>.")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="Processes hosting the workers (default: one per 64 workers, at most 16); each runs its "
+                   "share as threads with one heartbeat thread.")
 @click.option("--slow", type=click.IntRange(min=0), default=0, show_default=True,
               help="Make the last N workers stragglers (with --slowdown).")
 @click.option("--signing-keys", type=click.Path(file_okay=False, exists=True), default=None,
@@ -403,20 +406,22 @@ def worker(data_file: str, worker_id: str | None, declare: bool, trust_user: str
 @broker_options
 @logging_options
 @fails_cleanly
-def workers(shards: str, count: int | None, id_prefix: str, slow: int, signing_keys: str | None,
+def workers(shards: str, count: int | None, id_prefix: str, processes: int | None, slow: int, signing_keys: str | None,
             aggregator_key: str | None, attackers: int, attack: str | None, trainer: str, slowdown: float,
             heartbeat: float, failure_backoff: float, amqp_heartbeat: int, attack_scale: float, serve: bool,
             amqp_url: str, namespace: str, log_level: str, log_format: str, chunk_bytes: int,
             max_model_bytes: int, consumer_timeout: float) -> None:
-    """Run many workers in one process, each with its own connection and thread."""
+    """Run many workers on this machine: threads in a few processes, each with its own connection."""
     setup_logging(log_level, log_format)
     from fedmq.worker.pool import run_pool
 
     settings, topology = broker_from(amqp_url, namespace, heartbeat_s=amqp_heartbeat)
     stop = threading.Event()
     on_signals(stop.set)
-    sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, id_prefix=id_prefix,
+    sys.exit(run_pool(shards, settings, topology, stop=stop, count=count, processes=processes,
+                      setup_logging=partial(setup_logging, log_level, log_format), id_prefix=id_prefix,
                       trainer=trainer, slowdown=slowdown, slow=slow, heartbeat_s=heartbeat, serve=serve,
+                      failure_backoff_s=failure_backoff,
                       signing_keys=signing_keys, aggregator_key=aggregator_key,
                       attackers=attackers, attack=attack, attack_scale=attack_scale,
                       chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes, consumer_timeout_s=consumer_timeout))

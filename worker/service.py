@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedmq.broker.chunked import StreamFollower, send_payload
-from fedmq.broker.client import Client, Delivery
+from fedmq.broker.client import Client, Delivery, PendingPublish
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import events, memory, messages, signing
@@ -74,6 +74,8 @@ from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, ConfigError, DecodeError, FedmqError, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
+from fedmq.worker.pulse import CONFIRM_TIMEOUT_S as PRESENCE_CONFIRM_S
+from fedmq.worker.pulse import Pulse
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
 
 log = logging.getLogger("fedmq.worker")
@@ -392,8 +394,10 @@ class Worker:
         settings: BrokerSettings,
         topology: Topology,
         stop: threading.Event | None = None,
+        pulse: Pulse | None = None,
     ) -> None:
         self.config = config
+        self._pulse = pulse  # the heartbeat thread shared by a pool's workers; None: one of its own
         self.settings = settings
         self.topology = topology
         self.stop = stop or threading.Event()
@@ -541,9 +545,9 @@ class Worker:
         log.info("worker %s: %d samples from %s; connected to %s, namespace %s; waiting for a model and a task%s",
                  cfg.worker_id, len(y), cfg.data, self.settings.masked_url, self.topology.namespace,
                  " (serving run after run until stopped)" if cfg.serve else "")
-        beat = threading.Thread(target=self._heartbeat, name=f"{cfg.worker_id}-beat", daemon=True)
+        pulse = self._pulse or Pulse(cfg.heartbeat_s)
         self._presence("hello", samples=int(len(y)))
-        beat.start()
+        pulse.add(self)
         try:
             while not self.stop.is_set():
                 try:
@@ -557,6 +561,9 @@ class Worker:
                     break
                 self._handle(delivery)
         finally:
+            pulse.remove(self)
+            if pulse is not self._pulse:
+                pulse.stop()
             self._return_unstarted()
             self._presence("bye", tasks_done=self.tasks_done)
             client.close()
@@ -584,19 +591,35 @@ class Worker:
             if delivery is not None:
                 self.client.reject(delivery, requeue=True)
 
-    def _heartbeat(self) -> None:
-        while not self.stop.wait(self.config.heartbeat_s):
-            self._presence("heartbeat", tasks_done=self.tasks_done)
+    @property
+    def name(self) -> str:
+        return self.config.worker_id
 
-    def _presence(self, kind: str, run_id: str = "", **info: object) -> bool:
-        """Publish a presence message and wait for its confirm; False (logged) if it failed."""
+    def heartbeat_nowait(self) -> PendingPublish | None:
+        """Publish a heartbeat without waiting for its confirm (for the :class:`Pulse`); None if
+        it could not be sent (logged)."""
+        return self._presence_nowait("heartbeat", tasks_done=self.tasks_done)
+
+    def _presence_nowait(self, kind: str, run_id: str = "", **info: object) -> PendingPublish | None:
         assert self.client is not None
         msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=dict(info),
                                run_id=run_id)
         body = messages.encode(msg)
         try:
-            self.client.publish(self.topology.presence, body, timeout=10, headers=self._signed(msg, body) or None)
+            return self.client.publish_nowait(self.topology.presence, body, headers=self._signed(msg, body) or None)
         except BrokerError as exc:
+            log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
+            return None
+
+    def _presence(self, kind: str, run_id: str = "", **info: object) -> bool:
+        """Publish a presence message and wait for its confirm; False (logged) if it failed."""
+        pending = self._presence_nowait(kind, run_id, **info)
+        if pending is None:
+            return False
+        try:
+            pending.wait(PRESENCE_CONFIRM_S)
+        except BrokerError as exc:
+            pending.cancel()
             log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
             return False
         return True
