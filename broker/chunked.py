@@ -186,6 +186,8 @@ class StreamFollower:
         self._rewound: set[str] = set()
         self._lock = threading.Lock()  # orders attach / detach (caller) against a rewind (I/O thread)
         self._detached = False
+        self._until: Callable[[], bool] | None = None
+        self.satisfied = False  # it detached itself: ``until`` was true
         self.skipped = 0
         self.rewinds = 0  # times it attached again at a payload's first chunk
         self.attaches = 0  # times :meth:`attach` subscribed
@@ -193,11 +195,19 @@ class StreamFollower:
         self.deliveries = 0  # messages (whole payloads or chunks) read from the stream
         self.bytes_read = 0  # their bodies' bytes
 
-    def attach(self, *, fresh: bool = True, offset: int | None = None) -> None:
+    def attach(self, *, fresh: bool = True, offset: int | None = None, until: Callable[[], bool] | None = None) -> None:
         """Subscribe (the subscription was made ``paused``): at ``offset``, else ``fresh`` at ``last``
-        (rewound to the first chunk of a payload it lands in), else after the last message read."""
+        (rewound to the first chunk of a payload it lands in), else after the last message read.
+
+        ``until``: asked on the I/O thread after each whole payload is handed over; once it is
+        true the follower detaches itself there and then (:attr:`satisfied`), so that versions
+        published while its reader moves on are not delivered (at 256 workers a fetch that
+        waited for the worker thread's detach read five models for the one it needed).
+        """
         with self._lock:
             self._detached = False
+            self._until = until
+            self.satisfied = False
             self._rewind = offset
             self.first_offset = None
             self.attaches += 1
@@ -207,8 +217,16 @@ class StreamFollower:
         """Cancel the consumer (idempotent): nothing published from now on is delivered. Messages
         already in flight still arrive and are handled."""
         with self._lock:
+            self._until = None
             self._detached = True
             self.client.pause(self.queue)
+
+    def _handed(self) -> None:
+        """A whole payload was handed over: detach if ``until`` says so."""
+        until = self._until
+        if until is not None and until():
+            self.satisfied = True
+            self.detach()
 
     def arguments(self) -> dict[str, Any]:
         """The consumer arguments of the next (re)subscription: a pending rewind once, else ``last``."""
@@ -223,6 +241,7 @@ class StreamFollower:
             self.first_offset = int(headers[STREAM_OFFSET_HEADER])
         if not chunking.is_chunk(headers):
             self.handler(delivery)
+            self._handed()
             return
         now = self.clock()
         for gone in self.reassembler.expire(now):
@@ -249,6 +268,7 @@ class StreamFollower:
             if isinstance(out, chunking.Complete):
                 self.handler(dataclasses.replace(delivery, body=out.body, headers=out.headers,
                                                  message_id=out.payload_id))
+                self._handed()
             elif isinstance(out, chunking.Refused | chunking.Incomplete):
                 self._skip(f"payload {out.payload_id}: {out.reason}")
 

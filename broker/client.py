@@ -594,10 +594,18 @@ class Client:
         )
 
     def pause(self, queue: str) -> None:
-        """Stop receiving from ``queue`` (deliveries already received stay unacked)."""
+        """Stop receiving from ``queue`` (deliveries already received stay unacked).
+
+        Called by a handler of an ``own_channel`` subscription (on the I/O thread), its channel is
+        closed at once: the delivery being handled is not acked (no credit for another one) and
+        nothing more is dispatched to it.
+        """
         sub = self._subs[queue]
         sub.paused = True
-        self._submit(lambda: self._cancel(sub))
+        if sub.own_channel and threading.current_thread() is self._thread:
+            self._cancel(sub)
+        else:
+            self._submit(lambda: self._cancel(sub))
 
     def resume(self, queue: str, *, fresh: bool = False) -> None:
         """Receive from ``queue`` again. A stream resumes after the last message handled, unless

@@ -327,6 +327,19 @@ class ModelBox:
         self._skip(reason)
         return reason
 
+    def holds_usable(self, run: str, lo: int, hi: int | None, check: ModelCheck | None = None) -> bool:
+        """Whether a usable version of ``run`` in ``[lo, hi]`` is held (decoded and checked, newest
+        first; the good one is cached for :meth:`get`, bad ones are dropped and logged)."""
+        while True:
+            with self._cond:
+                stored = self._runs.get(run, {})
+                want = max((v for v in stored if lo <= v and (hi is None or v <= hi)), default=None)
+                if want is None:
+                    return False
+                body = stored[want]
+            if isinstance(self._usable(run, want, body, check), messages.ModelVersion):
+                return True
+
     def newer_usable(self, run: str, version: int, check: ModelCheck | None = None) -> int | None:
         """The newest usable version of ``run`` newer than ``version``, or None."""
         while True:
@@ -764,7 +777,14 @@ class Worker:
         deadline = time.monotonic() + cfg.model_wait_s
         back = FETCH_BACK
         on_wait: Callable[[], None] | None = waiting
-        follower.attach(fresh=True)
+        lo, hi = v or 0, (v if sync else None if v is None else v + self.models.max_jump)
+
+        def fetched() -> bool:
+            """Asked on the I/O thread after each version read: stop reading? A sync task's version
+            is at hand (usable or not: the task reports which); for an async task, a usable one."""
+            return self.models.has(run, lo, hi) if sync else self.models.holds_usable(run, lo, hi, check)
+
+        follower.attach(fresh=True, until=fetched)
         try:
             while True:
                 out = get(max(0.0, min(FETCH_STEP_S, deadline - time.monotonic())), on_wait)

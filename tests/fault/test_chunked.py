@@ -253,6 +253,31 @@ def test_a_stream_follower_attached_at_last_gets_the_newest_whole_payload(amqp_u
     assert follower.rewinds == 1 and follower.skipped == 0
 
 
+def test_a_stream_follower_told_until_what_stops_reading_there(amqp_url: str, namespace: str) -> None:
+    """A worker's fetch wants one version; with the stream's later versions already there (or
+    published while its task thread comes back for the detach) it read them all: at 256 workers,
+    five models per update. With ``until`` it closes its channel on the I/O thread at once."""
+    topo = Topology(namespace)
+    settings = BrokerSettings.from_url(amqp_url)
+    with Client(settings, topo) as pub:
+        for i in range(20):
+            pub.publish(topo.models, f"model {i}".encode() * 1000, message_id=f"v{i}")
+    got: list[Delivery] = []
+    client = Client(settings, topo, declare=False)
+    follower = StreamFollower(client, topo.models, got.append, max_payload_bytes=1 << 20)
+    client.subscribe(topo.models, follower.on_delivery, prefetch=1, arguments=follower.arguments,
+                     settle_on_return=True, paused=True, own_channel=True)
+    with client:
+        follower.attach(offset=0, until=lambda: len(got) >= 3)
+        wait_for(lambda: follower.satisfied, 30, "the third version")
+        client.publish(topo.presence, b"a round trip on the connection", timeout=10)
+        assert [d.message_id for d in got] == ["v0", "v1", "v2"]
+        assert follower.deliveries == 3  # nothing more dispatched: no ack of v2 gave credit for v3
+        follower.attach(fresh=False)  # and it reads on from there when asked
+        wait_for(lambda: len(got) == 20, 30, "the rest of the stream")
+    assert [d.message_id for d in got] == [f"v{i}" for i in range(20)]
+
+
 def test_update_headers_arrive_with_the_reassembled_payload(amqp_url: str, namespace: str, tmp_path: Path) -> None:
     """The contract payload signatures rely on: headers given to a payload come back with it whole."""
     topo = Topology(namespace)
