@@ -46,6 +46,7 @@ import collections
 import contextlib
 import functools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -442,25 +443,31 @@ class Client:
             self._submit(lambda: self._consume(sub))
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self, setup_attempts: int = 5) -> Client:
+    def start(self) -> Client:
         """Connect, then run; raise a :class:`BrokerError` subclass if that fails.
 
         Setting up can fail transiently while queues are being created by other processes
-        (:class:`SetupError`), and a queue held exclusively may still belong to a connection
-        the broker is closing (:class:`~fedmq.shared.errors.ResourceLocked`, e.g. a killed
-        aggregator's lock); those are retried a few times. Anything else is raised at once:
+        (:class:`SetupError`; also a quorum queue answering 541 INTERNAL_ERROR to a consume when
+        a thousand workers subscribe at once), and a queue held exclusively may still belong to
+        a connection the broker is closing (:class:`~fedmq.shared.errors.ResourceLocked`, e.g. a
+        killed aggregator's lock); those are retried, backing off with jitter (so that a herd
+        of clients spreads out), for up to ``refused_retry_s``. Anything else is raised at once:
         an unreachable broker, a refused login, missing permissions, a namespace declared with
         other arguments, another aggregator holding the namespace's lock.
         """
-        for attempt in range(setup_attempts):
+        deadline = time.monotonic() + self.settings.refused_retry_s
+        backoff = 0.2
+        while True:
             try:
                 self._connect()
                 break
             except (SetupError, ResourceLocked) as exc:
-                if attempt == setup_attempts - 1:
+                pause = backoff * random.uniform(0.5, 1.0)
+                if time.monotonic() + pause > deadline:
                     raise
                 log.info("%s; retrying", exc)
-                time.sleep(0.2 * 2**attempt)  # backing off before reconnecting: nothing to wait on
+                time.sleep(pause)  # backing off before reconnecting: nothing to wait on
+                backoff = min(backoff * 2, self.settings.reconnect_max_s)
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-io", daemon=True)
         self._thread.start()
         return self
