@@ -284,6 +284,22 @@ Decision: TypeAlias = (
 
 
 # ====================================================================== state
+#: a pooled heartbeat names at most this many other workers (docs/protocol.md, "Presence")
+MAX_VOUCHED = 1024
+
+
+def vouched_for(msg: messages.Control) -> list[str]:
+    """The other workers a pooled heartbeat says are alive (``info["workers"]``): the workers of
+    one ``fedmq workers`` process, beating together. Nothing if the list is malformed (not a
+    list of at most :data:`MAX_VOUCHED` non-empty strings of at most 200 characters)."""
+    ids = msg.info.get("workers")
+    if not isinstance(ids, list) or len(ids) > MAX_VOUCHED:
+        return []
+    if not all(isinstance(w, str) and 0 < len(w) <= 200 for w in ids):
+        return []
+    return ids
+
+
 def new_worker_stats() -> dict[str, Any]:
     """A worker's figures in the run (history.json's ``workers`` is made from them)."""
     return {"updates_applied": 0, "staleness_sum": 0.0, "failures": 0, "last_train_loss": None, "last_seen_s": None}
@@ -570,15 +586,25 @@ class Coordinator:
         elif wid and msg.kind == "bye":
             if self.live.pop(wid, None) is not None:
                 out.append(WorkerLeft(wid, "bye"))
-        elif wid and msg.kind in ("hello", "heartbeat") and not (msg.kind == "heartbeat" and wid in self.refused):
+        elif wid and msg.kind == "hello":
             self.refused.discard(wid)
-            if wid not in self.live:
-                out.append(WorkerJoined(wid))
-                self._extend_grace(now)
-            self.live[wid] = now
-            self.seen.add(wid)
-            self._worker(wid)["last_seen_s"] = round(self.elapsed(now), 3)
+            out += self._alive(wid, now)
+        elif wid and msg.kind == "heartbeat":
+            for one in (wid, *vouched_for(msg)):
+                if one not in self.refused:
+                    out += self._alive(one, now)
         return out + self._advance(now)
+
+    def _alive(self, wid: str, now: float) -> list[Decision]:
+        """Worker ``wid`` said it is alive at ``now``."""
+        out: list[Decision] = []
+        if wid not in self.live:
+            out.append(WorkerJoined(wid))
+            self._extend_grace(now)
+        self.live[wid] = now
+        self.seen.add(wid)
+        self._worker(wid)["last_seen_s"] = round(self.elapsed(now), 3)
+        return out
 
     def receive(
         self,

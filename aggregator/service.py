@@ -194,6 +194,8 @@ class Aggregator:
                     self._unsigned_presence.add(msg.worker_id)
                     log.warning("ignoring %s messages claiming worker %r: %s", msg.kind, msg.worker_id[:80], reason)
                 return
+            if "workers" in msg.info:  # a signature speaks for its signer only: no pooled heartbeats
+                msg = dataclasses.replace(msg, info={k: v for k, v in msg.info.items() if k != "workers"})
         self.inbox.put(("presence", msg))
 
     def request_stop(self) -> None:

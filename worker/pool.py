@@ -162,7 +162,7 @@ def run_workers(
     accept models, tasks and stops from (see :mod:`fedmq.shared.signing`). The first
     ``attackers`` workers mount ``attack`` (see :mod:`fedmq.worker.attack`).
     """
-    pulse = Pulse(heartbeat_s)
+    pulse = Pulse(heartbeat_s, pooled=signing_keys is None)  # signed heartbeats speak for their signer only
     workers = []
     for i, path in shards:
         straggler = i >= total - slow

@@ -59,7 +59,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -608,9 +608,16 @@ class Worker:
     def name(self) -> str:
         return self.config.worker_id
 
-    def heartbeat_nowait(self) -> PendingPublish | None:
-        """Publish a heartbeat without waiting for its confirm (for the :class:`Pulse`); None if
-        it could not be sent (logged)."""
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    def heartbeat_nowait(self, also: Sequence[str] = ()) -> PendingPublish | None:
+        """Publish a heartbeat without waiting for its confirm (for the :class:`Pulse`), for this
+        worker and the workers ``also`` names (its pool process's); None if it could not be sent
+        (logged)."""
+        if also:
+            return self._presence_nowait("heartbeat", tasks_done=self.tasks_done, workers=list(also))
         return self._presence_nowait("heartbeat", tasks_done=self.tasks_done)
 
     def _presence_nowait(self, kind: str, run_id: str = "", **info: object) -> PendingPublish | None:

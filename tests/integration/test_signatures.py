@@ -177,6 +177,10 @@ def test_the_aggregator_dead_letters_every_update_not_signed_by_its_worker_for_t
         body = messages.encode(msg)
         return body, sign_headers(key, claims_of(msg, signer=signer), body)
 
+    # a signed pooled heartbeat speaks for its signer only: it cannot make w1 or a ghost live
+    vouching = messages.Control(kind="heartbeat", worker_id="w0", info={"workers": ["w1", "ghost"]})
+    body, headers = signed(vouching, w0)
+    forger.client.publish(forger.topology.presence, body, headers=headers, timeout=10)
     body = messages.encode(replace(good, task_id="unsigned"))
     forger.update(body, {}, "unsigned")
     forger.update(*signed(replace(good, task_id="wrong-key"), stranger), "wrong-key")
@@ -215,6 +219,7 @@ def test_the_aggregator_dead_letters_every_update_not_signed_by_its_worker_for_t
     applied = [e for e in ledger if e["fate"] == "applied"]
     assert len(applied) == read_history(run)["final"]["updates_applied"] >= 10
     assert {e["worker_id"] for e in applied} == {"w0", "w1"}  # both signed workers' updates count
+    assert {e["worker_id"] for e in procs.events("agg", "worker_joined")} == {"w0", "w1"}  # no ghost
     with Admin(forger.settings, forger.topology) as admin:
         dead = {d.message_id: d.detail for d in admin.dead_letters() if d.queue == forger.topology.updates_dlq}
     assert set(dead) == set(expected), dead

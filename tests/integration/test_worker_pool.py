@@ -10,12 +10,17 @@ run it against the real broker and kill its processes for real.
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 from pathlib import Path
 
 import pytest
 
+from fedmq.broker.client import Client, Delivery
+from fedmq.broker.settings import BrokerSettings
+from fedmq.broker.topology import Topology
+from fedmq.shared import messages
 from tests.helpers import Procs, read_ledger, split, wait_for
 
 pytestmark = [pytest.mark.broker]
@@ -104,6 +109,22 @@ def test_a_pools_workers_share_one_heartbeat_thread(amqp_url: str, namespace: st
     wait_for(lambda: procs.log("pool").count("waiting for a model and a task") == 40, 120, "forty workers connected")
     # per worker: its task thread and its broker client's I/O thread; no heartbeat thread each
     assert threads_of(pool.pid) <= 2 * 40 + 6
+    # and one heartbeat message per beat names all forty (the aggregator reads 1, not 40)
+    beats: queue.Queue[messages.Control] = queue.Queue()
+    topology = Topology(namespace)
+
+    def on_presence(d: Delivery) -> None:
+        msg = messages.decode(d.body, expect=messages.Control)
+        assert isinstance(msg, messages.Control)
+        if msg.kind == "heartbeat":
+            beats.put(msg)
+
+    reader = Client(BrokerSettings.from_url(amqp_url), topology, name="test-presence", declare=False)
+    reader.subscribe(topology.presence, on_presence, prefetch=100, settle_on_return=True)
+    with reader:
+        got = [beats.get(timeout=30) for _ in range(3)]
+    for msg in got:
+        assert {msg.worker_id, *msg.info["workers"]} == {f"w{i}" for i in range(40)}
     procs.kill("pool", signal.SIGTERM)
     assert procs.wait("pool", 60) == 0, procs.log("pool")[-3000:]
     assert "could not publish heartbeat" not in procs.log("pool")

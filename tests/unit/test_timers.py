@@ -87,3 +87,4 @@ def test_the_core_tracks_a_thousand_workers_without_scanning_them_per_message() 
     # and expiry still happens: silence for longer than the timeout
     left = of(WorkerLeft, run.tick(1.0 + 10 * 5.0 + 20.5))
     assert len(left) == n
+
