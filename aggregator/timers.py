@@ -13,7 +13,7 @@ the oldest key leaves the bound low, which costs one early scan, never a missed 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, MutableMapping
+from collections.abc import ItemsView, Iterator, KeysView, MutableMapping, ValuesView
 
 
 class Stamps(MutableMapping[str, float]):
@@ -45,6 +45,19 @@ class Stamps(MutableMapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._at)
+
+    # the dict's own views and lookups: Mapping's generic ones go through __getitem__ per key
+    def __contains__(self, key: object) -> bool:
+        return key in self._at
+
+    def keys(self) -> KeysView[str]:
+        return self._at.keys()
+
+    def values(self) -> ValuesView[float]:
+        return self._at.values()
+
+    def items(self) -> ItemsView[str, float]:
+        return self._at.items()
 
     def __repr__(self) -> str:
         return f"Stamps(timeout={self.timeout!r}, {self._at!r})"
