@@ -712,8 +712,10 @@ class Aggregator:
                                 run_id=self._core.run_id)
         body = messages.encode(stop)
         try:
+            # bounded well under the confirm timeout: the core sends it again while workers are live,
+            # and a broker that confirms nothing (its quorum queues down) must not hold the loop 2 minutes
             self.client.publish("", body, exchange=self.topology.control, mandatory=False, sign=True,
-                                headers=self._signed(stop, body) or None)
+                                headers=self._signed(stop, body) or None, timeout=STOP_CONFIRM_S)
         except BrokerError as exc:
             log.warning("could not broadcast stop: %s", exc)
 
@@ -839,6 +841,10 @@ class Aggregator:
                "final": final, "takeovers": self._takeovers,
                "counts": dict(core.state.counts), "workers": core.workers_report(), "failure": core.failure}
         durable.atomic_write_json(self.out / "history.json", doc)
+
+
+#: how long a stop broadcast waits for its confirm (it is repeated while workers are live)
+STOP_CONFIRM_S = 10.0
 
 
 def _ack_handle(delivery: Delivery) -> Delivery:

@@ -332,46 +332,68 @@ def open_files_limit(pid: int | None) -> int | None:
 
 
 def fetch_sweep(args: argparse.Namespace) -> int:
-    """The fetch sweep on the shared broker, or on a private node started (and removed) around it."""
+    """The fetch sweep on the shared broker, or each point on a private node of its own.
+
+    One fresh node per point: RabbitMQ 3.10's quorum-queue log (Ra) crashed on a node reused
+    across points (``ra_log_segment_writer`` ``{badmatch,{error,enoent}}`` soon after a point's
+    namespace, and the pool's 64 control queues, were deleted: every quorum queue of the node
+    went down with ``wal_down``, 541 INTERNAL_ERROR to clients), so that a later point
+    measured a broken broker.
+    """
+    started = time.monotonic()
+    points = fetch_points(args)
     if not args.private_node:
-        return fetch_on(args, AMQP_URL, args.broker_pid, {"broker": "shared", "broker_open_files": open_files_limit(
-            args.broker_pid or shared_broker_pid())})
+        pid = args.broker_pid or shared_broker_pid()
+        return fetch_report(args, fetch_rows(args, points, AMQP_URL, args.broker_pid),
+                            {"broker": "shared", "broker_open_files": open_files_limit(pid)}, started)
     import resource
 
     from fedmq.broker.provision import PrivateNode
 
     wanted = args.node_open_files or resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    node = PrivateNode(open_files=wanted).start(timeout=240)
-    try:
-        pid = node.beam_pid()
-        if pid is None:
-            raise RuntimeError("the private node's beam.smp was not found (its CPU cannot be measured)")
-        limit = open_files_limit(pid)
-        print(f"  private node {node.name} (beam.smp {pid}), open files {limit} (asked {wanted})", file=sys.stderr)
-        return fetch_on(args, node.url, pid, {"broker": "private node", "broker_open_files": limit})
-    finally:
-        node.remove()  # its namespaces go with it
+    rows: list[dict[str, Any]] = []
+    limit = None
+    for point in points:
+        node = PrivateNode(open_files=wanted).start(timeout=240)
+        try:
+            pid = node.beam_pid()
+            if pid is None:
+                raise RuntimeError("the private node's beam.smp was not found (its CPU cannot be measured)")
+            limit = open_files_limit(pid)
+            print(f"  private node {node.name} (beam.smp {pid}), open files {limit} (asked {wanted})", file=sys.stderr)
+            rows += fetch_rows(args, [point], node.url, pid)
+        finally:
+            node.remove()  # its namespaces go with it
+    return fetch_report(args, rows, {"broker": "private node (one per point)", "broker_open_files": limit}, started)
 
 
-def fetch_on(args: argparse.Namespace, url: str, broker_pid: int | None, broker: dict[str, Any]) -> int:
-    """Issue 15: model bytes read by workers, aggregator and broker CPU per update, as N grows."""
-    ns_list = [int(x) for x in args.n.split(",")]
+def fetch_points(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(code, N) of each point: this checkout's, and the base's where asked, interleaved."""
     base_ns = {int(x) for x in args.base_n.split(",")} if args.base is not None else set()
     points: list[tuple[str, int]] = []
-    for n in ns_list:
+    for n in (int(x) for x in args.n.split(",")):
         if n in base_ns:
             points.append(("base", n))
         points.append(("this", n))
-    started = time.monotonic()
-    rows = run_all("fetch", max(ns_list), 8, [
+    return points
+
+
+def fetch_rows(args: argparse.Namespace, points: list[tuple[str, int]], url: str,
+               broker_pid: int | None) -> list[dict[str, Any]]:
+    """Issue 15: model bytes read by workers, aggregator and broker CPU per update, at each point."""
+    return run_all("fetch", max(n for _, n in points), 8, [
         (f"fetch-{code}-n{n}", {"code": code},
          lambda ch, work, ns, tag, n=n, code=code: run_point(
              ch, work, ns, n, "100k", args.updates, [], tag, args.profile, args.base if code == "base" else None,
              broker_pid, url))
         for code, n in points
     ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}", url)
+
+
+def fetch_report(args: argparse.Namespace, rows: list[dict[str, Any]], broker: dict[str, Any], started: float) -> int:
+    smallest = min(r["workers"] for r in rows)
     for r in rows:
-        ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == min(ns_list)), r)
+        ref = next((x for x in rows if x["code"] == r["code"] and x["workers"] == smallest), r)
         r["cpu_vs_n4"] = r["cpu_ms_per_update"] / ref["cpu_ms_per_update"]
         r["flat_pass"] = bool(r["cpu_vs_n4"] <= FLAT_TOLERANCE)
         r["bytes_pass"] = bool(r["worker_models_per_update"] <= 2.0)
