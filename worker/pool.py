@@ -2,8 +2,10 @@
 
 Simulating a large federation on a small machine needs more workers than it has cores for
 processes. Training threads share an interpreter (numpy releases the GIL in its kernels),
-while each worker keeps its own connection, task consumer and delivery guarantees; the
-workers of a process share one heartbeat thread (:class:`~fedmq.worker.pulse.Pulse`).
+while each worker keeps its own connection, task consumer and delivery guarantees. The
+workers of a process share one heartbeat thread (:class:`~fedmq.worker.pulse.Pulse`: one
+heartbeat message names them all, unless they sign) and one control queue for the
+aggregator's stop (:class:`~fedmq.worker.hub.ControlHub`, on a connection of its own).
 
 One interpreter does not carry 1,000 workers: with 3,000 threads waiting on one GIL, heartbeats
 and AMQP heartbeats went unanswered and the aggregator took live workers for gone. So the pool
@@ -22,6 +24,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -33,8 +36,9 @@ from fedmq.broker.topology import Topology
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES
 from fedmq.shared.errors import DataError, FedmqError
 from fedmq.shared.signing import PRIVATE_SUFFIX
+from fedmq.worker.hub import ControlHub
 from fedmq.worker.pulse import Pulse
-from fedmq.worker.service import Worker, WorkerConfig
+from fedmq.worker.service import CONTROL_QUEUE_EXPIRES_S, Worker, WorkerConfig
 
 log = logging.getLogger("fedmq.worker.pool")
 
@@ -163,6 +167,15 @@ def run_workers(
     ``attackers`` workers mount ``attack`` (see :mod:`fedmq.worker.attack`).
     """
     pulse = Pulse(heartbeat_s, pooled=signing_keys is None)  # signed heartbeats speak for their signer only
+    hub = ControlHub(settings, topology, name=f"pool-{socket.gethostname()}-{os.getpid()}",
+                     expires_s=CONTROL_QUEUE_EXPIRES_S)
+
+    def hub_failed(error: FedmqError) -> None:  # no stop could reach these workers any more: stop them
+        log.error("the control queue of this process failed: %s; stopping its workers", error)
+        stop.set()
+
+    hub.on_failure = hub_failed
+    hub.start()
     workers = []
     for i, path in shards:
         straggler = i >= total - slow
@@ -176,7 +189,7 @@ def run_workers(
                            attack=attack if hostile else None, attack_scale=attack_scale,
                            chunk_bytes=chunk_bytes, max_model_bytes=max_model_bytes,
                            consumer_timeout_s=consumer_timeout_s)
-        workers.append(Worker(cfg, settings, topology, pulse=pulse))
+        workers.append(Worker(cfg, settings, topology, pulse=pulse, hub=hub))
     codes: dict[str, int] = {}
 
     def body(w: Worker) -> None:
@@ -205,6 +218,7 @@ def run_workers(
         while t.is_alive():
             t.join(timeout=1.0)
     pulse.stop()
-    if len(codes) < len(workers) or any(c not in (0, 2) for c in codes.values()):
+    hub.close()
+    if hub.failure is not None or len(codes) < len(workers) or any(c not in (0, 2) for c in codes.values()):
         return 1
     return max(codes.values(), default=0)

@@ -74,6 +74,7 @@ from fedmq.shared.data import load_shard, scaling_warning
 from fedmq.shared.errors import BrokerError, ConfigError, DecodeError, FedmqError, WorkerRefused
 from fedmq.shared.trainer import DEFAULT_TRAINER, load_trainer_factory
 from fedmq.worker.attack import DEFAULT_ATTACK_SCALE, make_attack
+from fedmq.worker.hub import ControlHub
 from fedmq.worker.pulse import CONFIRM_TIMEOUT_S as PRESENCE_CONFIRM_S
 from fedmq.worker.pulse import Pulse
 from fedmq.worker.task import Failed, TaskRunner, derive_seed
@@ -408,9 +409,11 @@ class Worker:
         topology: Topology,
         stop: threading.Event | None = None,
         pulse: Pulse | None = None,
+        hub: ControlHub | None = None,
     ) -> None:
         self.config = config
         self._pulse = pulse  # the heartbeat thread shared by a pool's workers; None: one of its own
+        self._hub = hub  # the control queue shared by a pool's workers; None: one of its own
         self.settings = settings
         self.topology = topology
         self.stop = stop or threading.Event()
@@ -545,16 +548,19 @@ class Worker:
         # a task stays unacked while it trains: longer than the broker's default consumer timeout (30 min)
         client.subscribe(self.topology.tasks, self._on_task, prefetch=1,
                          arguments={CONSUMER_TIMEOUT_ARG: int(cfg.consumer_timeout_s * 1000)})
-        client.subscribe(
-            control_queue,
-            self._on_control,
-            prefetch=10,
-            exclusive=True,
-            settle_on_return=True,
-            bind_exchange=self.topology.control,
-            expires_s=CONTROL_QUEUE_EXPIRES_S,  # a stop sent while we reconnect is not lost
-        )
+        if self._hub is None:  # a control queue of its own (in a pool: the process's, see ControlHub)
+            client.subscribe(
+                control_queue,
+                self._on_control,
+                prefetch=10,
+                exclusive=True,
+                settle_on_return=True,
+                bind_exchange=self.topology.control,
+                expires_s=CONTROL_QUEUE_EXPIRES_S,  # a stop sent while we reconnect is not lost
+            )
         client.start()
+        if self._hub is not None:
+            self._hub.add(self, self._on_control)
         log.info("worker %s: %d samples from %s; connected to %s, namespace %s; waiting for a model and a task%s",
                  cfg.worker_id, len(y), cfg.data, self.settings.masked_url, self.topology.namespace,
                  " (serving run after run until stopped)" if cfg.serve else "")
@@ -574,6 +580,8 @@ class Worker:
                     break
                 self._handle(delivery)
         finally:
+            if self._hub is not None:
+                self._hub.remove(self)
             pulse.remove(self)
             if pulse is not self._pulse:
                 pulse.stop()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from fedmq.broker.client import Client, Delivery
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import Topology
 from fedmq.shared import messages
+from tests.conftest import LOCAL_URL
 from tests.helpers import Procs, read_ledger, split, wait_for
 
 pytestmark = [pytest.mark.broker]
@@ -45,6 +48,16 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except OSError:
         return False
+
+
+def control_queues(amqp_url: str, namespace: str) -> list[str] | None:
+    """The namespace's control queues, listed by the local rabbitmqctl; None where the broker is
+    not the local node (a container, a URL given) or there is no rabbitmqctl."""
+    if amqp_url != LOCAL_URL or shutil.which("rabbitmqctl") is None:
+        return None
+    out = subprocess.run(["rabbitmqctl", "list_queues", "name", "--no-table-headers", "-q"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return [q for q in out.split() if q.startswith(f"{namespace}.control.")]
 
 
 def threads_of(pid: int) -> int:
@@ -88,6 +101,9 @@ def test_the_pools_processes_stop_when_its_first_process_is_told_to_or_dies(
     wait_for(lambda: procs.log("pool").count("waiting for a model and a task") == 6, 60, "six workers connected")
     pids = child_pids(procs.log("pool"))
     assert len(pids) == 2
+    # one control queue per process, not per worker (each is a quorum queue: a Raft cluster on the broker)
+    queues = control_queues(amqp_url, namespace)
+    assert queues is None or len(queues) == 2, queues
     if how == "sigterm":  # the parent alone, as `docker stop` or a supervisor would
         os.kill(pool.pid, signal.SIGTERM)
         assert procs.wait("pool", 60) == 0, procs.log("pool")
