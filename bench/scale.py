@@ -150,7 +150,10 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
 
     def on_event(doc: dict[str, Any], _now: float) -> None:
         if doc["event"] == "version_evaluated":
-            if pool_pid and (not pool_read or int(doc["updates_applied"]) >= updates):  # the first and the last
+            # the window: from the first version to the one at 90 % of the run (at the very end the
+            # workers are already closing their connections on the stop, and ss no longer counts them)
+            end = int(0.9 * updates)
+            if pool_pid and (not pool_read or (int(doc["updates_applied"]) >= end and len(pool_read) < 2)):
                 pool_read[len(marks)] = bytes_read(pool_pid[0])
             marks.append((int(doc["updates_applied"]), float(doc["ts"]), cpu_seconds(agg.pid), cpu.snapshot()))
 
