@@ -124,7 +124,7 @@ def cli_argv(root: Path | None, *args: str) -> list[str]:
 
 def run_point(children: Children, work: Path, namespace: str, n: int, label: str, updates: int,
               extra: list[str], tag: str, profile: Path | None, root: Path | None = None,
-              broker_pid: int | None = None, url: str = AMQP_URL) -> dict[str, Any]:
+              broker_pid: int | None = None, url: str = AMQP_URL, pool_args: tuple[str, ...] = ()) -> dict[str, Any]:
     hidden = MODEL_SIZES[label]
     run_dir = work / f"run-{tag}"
     argv = cli_argv(
@@ -162,7 +162,7 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         f"workers-{tag}",
         cli_argv(root, "workers", "--shards", str(work / "data"), "--count", str(n), "--trainer",
                    "bench.standin:NoiseTrainer", "--namespace", namespace, "--amqp-url", url,
-                   "--log-format", "json"),
+                   "--log-format", "json", *pool_args),
         env=SINGLE_THREAD_ENV,
     )
     cpu.watch("workers", pool.pid, tree=True)  # its processes (fedmq workers --processes)
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-n", default="4,64", help="with --base: the N to run the base at")
     parser.add_argument("--n", default="4,16,64,256,1000", help="with --fetch: the N to run")
     parser.add_argument("--updates", type=int, default=240, help="with --fetch: applied updates per point")
+    parser.add_argument("--pool-slowdown", type=float, default=None,
+                        help="with --fetch (a diagnostic): every pooled worker waits (F - 1) x its compute time per "
+                             "task, to pace a small N to the update rate a large one reaches on this machine")
     parser.add_argument("--broker-pid", type=int, default=None,
                         help="the beam.smp of the node at FEDMQ_BENCH_AMQP_URL (default: the oldest one)")
     parser.add_argument("--private-node", action="store_true",
@@ -388,7 +391,8 @@ def fetch_rows(args: argparse.Namespace, points: list[tuple[str, int]], url: str
         (f"fetch-{code}-n{n}", {"code": code},
          lambda ch, work, ns, tag, n=n, code=code: run_point(
              ch, work, ns, n, "100k", args.updates, [], tag, args.profile, args.base if code == "base" else None,
-             broker_pid, url))
+             broker_pid, url, () if args.pool_slowdown is None else
+             ("--slowdown", str(args.pool_slowdown), "--slow", str(n))))
         for code, n in points
     ], lambda row: f"{row['worker_models_per_update']:.2f} models read/update, load {row['loadavg']:.1f}", url)
 
