@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -168,7 +169,18 @@ def resolve_ref(ref: str, what: str) -> Any:
     return obj
 
 
+#: one file module loads at a time: it is in sys.modules before its body has run, and a second
+#: thread (pooled workers taking their first task together) would get it half made ("has no
+#: attribute"); re-entrant, for a user module that loads another by path while it loads
+_FILE_LOAD_LOCK = threading.RLock()
+
+
 def _load_file(path: str, ref: str, what: str) -> Any:
+    with _FILE_LOAD_LOCK:
+        return _load_file_locked(path, ref, what)
+
+
+def _load_file_locked(path: str, ref: str, what: str) -> Any:
     if not os.path.isfile(path):
         raise ConfigError(f"{what} file {path!r} (from {ref!r}) does not exist (relative to {os.getcwd()})")
     name = "fedmq_user_" + os.path.splitext(os.path.abspath(path))[0].strip(os.sep).replace(os.sep, "_").replace("-", "_")

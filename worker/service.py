@@ -328,19 +328,6 @@ class ModelBox:
         self._skip(reason)
         return reason
 
-    def holds_usable(self, run: str, lo: int, hi: int | None, check: ModelCheck | None = None) -> bool:
-        """Whether a usable version of ``run`` in ``[lo, hi]`` is held (decoded and checked, newest
-        first; the good one is cached for :meth:`get`, bad ones are dropped and logged)."""
-        while True:
-            with self._cond:
-                stored = self._runs.get(run, {})
-                want = max((v for v in stored if lo <= v and (hi is None or v <= hi)), default=None)
-                if want is None:
-                    return False
-                body = stored[want]
-            if isinstance(self._usable(run, want, body, check), messages.ModelVersion):
-                return True
-
     def newer_usable(self, run: str, version: int, check: ModelCheck | None = None) -> int | None:
         """The newest usable version of ``run`` newer than ``version``, or None."""
         while True:
@@ -355,12 +342,14 @@ class ModelBox:
 
     def get(self, run: str, version: int | None, timeout: float, stop: threading.Event, *,
             check: ModelCheck | None = None, minimum: int | None = None,
-            on_wait: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
+            on_wait: Callable[[], None] | None = None,
+            on_unusable: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
         """Version ``version`` of ``run`` (``None``: the newest usable one, and with ``minimum`` one
         of ``minimum`` to ``minimum + max_jump``), waiting up to ``timeout`` seconds; ``on_wait``
         is called once if it has to wait.
 
-        Returns the model; :class:`Unusable` if the version asked for (or, for the newest, the
+        ``on_unusable`` is called (on this thread) each time the newest held turns out unusable
+        and is dropped. Returns the model; :class:`Unusable` if the version asked for (or, for the newest, the
         last one tried before the deadline) cannot be used; None if none came (or the version
         is not held and a newer one is: it is gone, or was published before the reader attached),
         or ``stop`` was set.
@@ -397,6 +386,8 @@ class ModelBox:
             if version is not None:
                 return Unusable(out)
             unusable = out  # the newest is bad: try the one before it, or wait for another
+            if on_unusable is not None:
+                on_unusable()
 
 
 class Worker:
@@ -776,8 +767,10 @@ class Worker:
         exact = v if sync else None
         minimum = None if sync else v
 
-        def get(timeout: float, on_wait: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
-            return self.models.get(run, exact, timeout, self.stop, check=check, minimum=minimum, on_wait=on_wait)
+        def get(timeout: float, on_wait: Callable[[], None] | None = None,
+                on_unusable: Callable[[], None] | None = None) -> messages.ModelVersion | Unusable | None:
+            return self.models.get(run, exact, timeout, self.stop, check=check, minimum=minimum, on_wait=on_wait,
+                                   on_unusable=on_unusable)
 
         if v is not None and self.models.has(run, v, v if sync else v + self.models.max_jump):
             held = get(0.0)
@@ -795,14 +788,19 @@ class Worker:
         lo, hi = v or 0, (v if sync else None if v is None else v + self.models.max_jump)
 
         def fetched() -> bool:
-            """Asked on the I/O thread after each version read: stop reading? A sync task's version
-            is at hand (usable or not: the task reports which); for an async task, a usable one."""
-            return self.models.has(run, lo, hi) if sync else self.models.holds_usable(run, lo, hi, check)
+            """Asked on the I/O thread after each version read: stop reading, a version for this
+            task is at hand? (Not decoded there: a trainer is built to check a model, user code
+            that runs on the task thread only.)"""
+            return self.models.has(run, lo, hi)
+
+        def read_on() -> None:  # the version it stopped at is unusable (dropped): read on from there
+            if follower.satisfied:
+                follower.attach(fresh=False, until=fetched)
 
         follower.attach(fresh=True, until=fetched)
         try:
             while True:
-                out = get(max(0.0, min(FETCH_STEP_S, deadline - time.monotonic())), on_wait)
+                out = get(max(0.0, min(FETCH_STEP_S, deadline - time.monotonic())), on_wait, read_on)
                 on_wait = None
                 done = isinstance(out, messages.ModelVersion) or (sync and out is not None)
                 if done or self.stop.is_set() or time.monotonic() >= deadline:

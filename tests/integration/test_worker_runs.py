@@ -236,6 +236,25 @@ def test_a_failing_trainer_reports_the_failure_and_acks_the_task(
     assert bench.updates.empty(), "one report, not one per redelivery"
 
 
+def test_an_async_fetch_that_stops_at_an_unusable_version_reads_on_to_the_next(
+        bench: Bench, tmp_path: Path, running: list[Running], worker_logs: CapturedLogs) -> None:
+    """A fetch closes its stream consumer at the first version its task can use, before that
+    version is decoded (the check builds a trainer: user code, on the task thread only). If it
+    is unusable, the fetch reads on from it: it trains on the next good version, not on an older
+    one read again from further back."""
+    bench.model(0, RUN_A)
+    bad_spec = {**SPEC, "activation": "no-such-activation"}
+    bad = messages.ModelVersion(version=1, params=MLPTrainer(SPEC).init_params(), spec=bad_spec, run_id=RUN_A)
+    bench.raw_model(messages.encode(bad), {VERSION_HEADER: 1, RUN_HEADER: RUN_A})
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    running.append(w)
+    bench.task("t1", RUN_A, version=0)
+    wait_for(lambda: worker_logs.saying("version 1 of run"), 30, "the unusable version to be read and dropped")
+    bench.model(2, RUN_A)
+    assert expect_update(bench).base_version == 2
+    assert w.alive()
+
+
 def test_a_task_on_an_unusable_model_version_is_reported(
         bench: Bench, tmp_path: Path, running: list[Running]) -> None:
     bad_spec = {**SPEC, "activation": "no-such-activation"}

@@ -194,3 +194,33 @@ def test_data_split_image_writes_image_shards(tmp_path: Path) -> None:
                                        "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert load_shard(str(tmp_path / "worker-1.npz"))[0].shape[1:] == (1, 8, 8)
+
+
+def test_a_file_module_loaded_by_many_threads_at_once_is_whole_for_each(tmp_path: Path) -> None:
+    """Pooled workers take their first task together and each loads the model file: the module
+    is in sys.modules before its body has run, and a second thread got it half made ("model
+    module ... has no attribute 'make_cnn'", seen in the PyTorch example's async run)."""
+    import threading
+
+    from fedmq.shared.spec import resolve_ref
+
+    module = tmp_path / "slow_model.py"
+    module.write_text("import time\ntime.sleep(0.3)  # a heavy import (torch)\n\ndef make():\n    return 42\n")
+    got: list[object] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def load() -> None:
+        start.wait()
+        try:
+            got.append(resolve_ref(f"{module}:make", "model")())
+        except BaseException as exc:  # noqa: BLE001 (collected for the assertion)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert got == [42] * 8
