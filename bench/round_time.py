@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = any("error" in p for r in rows for p in r.get("peers", {}).values())
     if failed:
         print(f"peer logs kept in {work / 'peers' / 'logs'}", file=sys.stderr)
+    elif os.environ.get("FEDMQ_BENCH_KEEP_LOGS"):
+        print(f"logs kept in {work}", file=sys.stderr)
     else:
         shutil.rmtree(work, ignore_errors=True)
 
