@@ -132,7 +132,12 @@ def _child(part: list[tuple[int, Path]], total: int, settings: BrokerSettings, t
 
     threading.Thread(target=parent_gone, name="fedmq-pool-parent", daemon=True).start()
     log.info("process %d: workers %s", os.getpid(), ", ".join(str(i) for i, _ in part))
-    raise SystemExit(run_workers(part, total, settings, topology, stop=stop, **options))
+    try:
+        code = run_workers(part, total, settings, topology, stop=stop, **options)
+    except FedmqError as exc:  # e.g. the broker refused this process's control queue: one line, not a traceback
+        log.error("process %d: %s", os.getpid(), exc)
+        code = exc.exit_code
+    raise SystemExit(code)
 
 
 def run_workers(

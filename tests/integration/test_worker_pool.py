@@ -144,3 +144,17 @@ def test_a_pools_workers_share_one_heartbeat_thread(amqp_url: str, namespace: st
     procs.kill("pool", signal.SIGTERM)
     assert procs.wait("pool", 60) == 0, procs.log("pool")[-3000:]
     assert "could not publish heartbeat" not in procs.log("pool")
+
+
+def test_a_pool_whose_broker_refuses_it_fails_in_one_line_per_process(amqp_url: str, namespace: str, six: Path,
+                                                                      procs: Procs) -> None:
+    wrong = re.sub(r"//([^:@/]+):([^@/]*)@", r"//\1:not-the-password@", amqp_url)
+    assert wrong != amqp_url
+    pool = procs.start("pool", "workers", "--shards", str(six), "--processes", "2", "--amqp-url", wrong,
+                       "--namespace", namespace)
+    assert procs.wait("pool", 120) not in (0, 2), procs.log("pool")
+    log = procs.log("pool")
+    assert "Traceback" not in log, log
+    assert log.count("login") >= 2 or log.count("refused") >= 2, log  # each process says why
+    assert not [p for p in child_pids(log) if alive(p)]
+    assert pool.returncode == 1
