@@ -487,7 +487,7 @@ class Coordinator:
         self.interrupted = False
         self.failure: str | None = None  # why no update can succeed: the run stops, and fails
         self.live = Stamps(config.presence_timeout)  # worker id -> when its last hello/heartbeat arrived
-        self.outstanding = self.state.outstanding = Stamps(config.task_timeout, self.state.outstanding)
+        self.state.outstanding = Stamps(config.task_timeout, self.state.outstanding)
         self.seen: set[str] = set()  # workers live at some point of this run (in this process)
         self.refused: set[str] = set()  # workers that refused the run (until they say hello again)
         self._started_at: float | None = None  # when start() was called: --time-limit counts from it
@@ -709,13 +709,21 @@ class Coordinator:
             return self.elapsed(now)
         return self.state.elapsed_s + (now - self._started_at)
 
+    @property
+    def outstanding(self) -> Stamps:
+        """The state's outstanding async tasks, as the :class:`Stamps` the constructor made them."""
+        stamps = self.state.outstanding
+        assert isinstance(stamps, Stamps)
+        return stamps
+
     def live_workers(self) -> int:
         return len(self.live)
 
     def next_wake(self, now: float) -> float | None:
         """The next moment :meth:`tick` may have something to do; None when nothing is timed."""
         cfg = self.config
-        times = [t for t in (self.live.next_expiry(),) if t is not None]
+        first = self.live.next_expiry()
+        times = [] if first is None else [first]
         times += self.policy.deadlines(self, now)
         if self.phase is Phase.RUNNING:
             if cfg.time_limit is not None and self._started_at is not None:
