@@ -619,26 +619,29 @@ class Worker:
             return self._presence_nowait("heartbeat", tasks_done=self.tasks_done, workers=list(also))
         return self._presence_nowait("heartbeat", tasks_done=self.tasks_done)
 
-    def _presence_nowait(self, kind: str, run_id: str = "", **info: object) -> PendingPublish | None:
-        assert self.client is not None
-        msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=dict(info),
+    def _presence_message(self, kind: str, run_id: str, info: dict[str, object]) -> tuple[bytes, dict[str, str] | None]:
+        """The body of a presence message of ours, and its signature headers (None unsigned)."""
+        msg = messages.Control(kind=kind, worker_id=self.config.worker_id, sent_s=time.time(), info=info,
                                run_id=run_id)
         body = messages.encode(msg)
+        return body, self._signed(msg, body) or None
+
+    def _presence_nowait(self, kind: str, run_id: str = "", **info: object) -> PendingPublish | None:
+        assert self.client is not None
+        body, headers = self._presence_message(kind, run_id, info)
         try:
-            return self.client.publish_nowait(self.topology.presence, body, headers=self._signed(msg, body) or None)
+            return self.client.publish_nowait(self.topology.presence, body, headers=headers)
         except BrokerError as exc:
             log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
             return None
 
     def _presence(self, kind: str, run_id: str = "", **info: object) -> bool:
         """Publish a presence message and wait for its confirm; False (logged) if it failed."""
-        pending = self._presence_nowait(kind, run_id, **info)
-        if pending is None:
-            return False
+        assert self.client is not None
+        body, headers = self._presence_message(kind, run_id, info)
         try:
-            pending.wait(PRESENCE_CONFIRM_S)
+            self.client.publish(self.topology.presence, body, timeout=PRESENCE_CONFIRM_S, headers=headers)
         except BrokerError as exc:
-            pending.cancel()
             log.info("worker %s: could not publish %s: %s", self.config.worker_id, kind, exc)
             return False
         return True
