@@ -28,8 +28,8 @@ CHECKPOINT_FILE = "state.npz"
 _META = "__meta__"
 
 
-def atomic_write_json(path: Path, doc: Any) -> None:
-    data = readable_json(doc).encode() if isinstance(doc, Mapping) else json.dumps(doc, indent=2, default=_json_default).encode()
+def atomic_write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    data = readable_json(doc).encode()
     atomic_write_bytes(path, lambda f: f.write(data))
 
 
