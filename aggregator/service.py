@@ -170,6 +170,7 @@ class Aggregator:
         self._worker_keys: signing.PublicKeys | None = None  # --worker-keys
         self._unsigned_presence: set[str] = set()  # workers whose unverified presence was logged
         self.incarnation = secrets.token_hex(3)
+        self._models_published = 0
         self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
         self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
         self.lock: NamespaceLock | None = None
@@ -612,7 +613,12 @@ class Aggregator:
                                                 created_s=time.time(), run_id=run_id, dtype=dtype)
                     # a model larger than --chunk-bytes goes as chunks, each with these headers
                     body = messages.encode(msg)
-                    self._publish(self.topology.models, body, message_id=f"model-{run_id}-{d.version}",
+                    # one id per publish: a version published again (by a resumed aggregator, or
+                    # for a reopened round) is other bytes, and a reader holding the first chunks
+                    # of a publish cut short by a kill would take the new ones as foreign
+                    self._models_published += 1
+                    mid = f"model-{run_id}-{d.version}-{self.incarnation}.{self._models_published}"
+                    self._publish(self.topology.models, body, message_id=mid,
                                   headers={VERSION_HEADER: d.version, RUN_HEADER: run_id, **self._signed(msg, body)})
                 case Evaluate():
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)

@@ -22,7 +22,7 @@ from fedmq.broker.chunked import StreamFollower, publish_payload, send_payload, 
 from fedmq.broker.client import Client, Delivery
 from fedmq.broker.provision import PrivateNode
 from fedmq.broker.settings import BrokerSettings, MiB
-from fedmq.broker.topology import Topology
+from fedmq.broker.topology import VERSION_HEADER, Topology
 from fedmq.shared import chunking
 from tests.conftest import delete_namespace, new_namespace, skip_or_fail
 from tests.fault.test_faults import _sync_run, all_confirmed
@@ -156,6 +156,55 @@ def test_sync_run_killed_aggregator_with_chunks_in_flight_is_bit_identical(amqp_
             assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
     assert read_history(faulty)["final"]["version"] == 10
     assert_ledger_invariant(faulty, all_confirmed(procs, "wcflt"))
+
+
+def test_a_version_republished_after_a_kill_mid_publish_reaches_a_reader_of_the_partial_one(
+        amqp_url: str, namespace: str, shards: Path, procs: Procs, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed aggregator publishes its current version again. Where its predecessor was killed
+    with that version's chunks in flight, the stream holds a partial payload, then the whole new
+    one. Both were ``model-<run>-<version>``: a worker holding the partial one's first chunks took
+    the new ones as foreign and never saw the version (a sync round stalled in CI). Here the
+    partial publish is the first one with its last chunk left out, as a kill before it would."""
+    run = tmp_path / "run"
+    common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    topo = Topology(namespace)
+    monkeypatch.setenv("FEDMQ_TEST_SLEEP_S", "0.3")
+    trainer = ("--trainer", "tests.trainers:SleepyTrainer")
+    agg = aggregator(procs, shards, run, common, "--mode", "async", "--strategy", "fedasync", "--max-updates", "30",
+                     "--min-workers", "1", "--checkpoint-every", "1", *SMALL, *SMALL_CHUNKS, *trainer)
+    start_worker(procs, shards, 0, common, *SMALL_CHUNKS, *trainer)
+    chunks: list[Delivery] = []
+    client = Client(BrokerSettings.from_url(amqp_url), topo)
+    client.subscribe(topo.models, chunks.append, prefetch=16, arguments={"x-stream-offset": "first"},
+                     settle_on_return=True)
+
+    def publishes() -> dict[int, list[list[Delivery]]]:
+        """Version -> its publishes, each a list of chunks in stream order."""
+        out: dict[int, list[list[Delivery]]] = {}
+        for d in list(chunks):
+            version = d.headers[VERSION_HEADER]
+            if d.headers[chunking.INDEX_HEADER] == 0:
+                out.setdefault(version, []).append([])
+            if version in out:
+                out[version][-1].append(d)
+        return out
+
+    def again() -> list[list[Delivery]] | None:
+        return next((p for p in publishes().values() if len(p) >= 2 and len(p[1]) == 3), None)
+
+    with client:
+        wait_for(lambda: (run / "checkpoint").exists() and len(publishes()) >= 3, 60, "three versions and a checkpoint")
+        procs.kill("agg")
+        procs.start("agg2", *agg, "--resume")
+        twice = wait_for(again, 60, "the checkpoint's version published again")
+    first, second = twice[:2]
+    assert [len(first), len(second)] == [3, 3]
+    reader: chunking.Reassembler[None] = chunking.Reassembler(max_payload_bytes=1 << 20, timeout_s=600, max_open=2)
+    whole = [out for d in first[:-1] + second for out in reader.offer(d.headers, d.body, None, 0.0)
+             if isinstance(out, chunking.Complete)]
+    assert len(whole) == 1, "the version published again never came whole to a reader of the partial one"
+    assert whole[0].payload_id != first[0].headers[chunking.ID_HEADER]
 
 
 def test_a_late_joiner_trains_on_a_complete_chunked_version(amqp_url: str, namespace: str, shards: Path, procs: Procs,
