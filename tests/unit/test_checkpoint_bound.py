@@ -233,3 +233,19 @@ def test_task_id_runs_round_trip_in_order() -> None:
     assert taskids.unpack_set(taskids.pack_set(applied)) == applied
     marked = taskids.unpack_marked(json.loads(json.dumps(taskids.pack_marked(issued, {"a000006-t", "odd"}))))
     assert list(marked[0].items()) == list(issued.items()) and marked[1] == {"a000006-t", "odd"}
+
+
+def test_a_checkpoint_packs_ids_it_packed_before_without_parsing_them_again() -> None:
+    """Every checkpoint of an async run packs the same --issued-memory ids (4,096) again: parsing
+    each one every time was 90 % of ``to_meta`` (3.7 of 4.1 s over a 3,000-update run)."""
+    issued = {f"a{i:06d}-q1w2e3": "open" for i in range(1, 4097)}
+    applied = {f"a{i:06d}-q1w2e3" for i in range(1, 4085)}
+    first = taskids.pack_marked(issued, applied)
+    before = taskids._parse.cache_info()
+    issued[f"a{4097:06d}-q1w2e3"] = "open"  # the next checkpoint: one id more, one applied more
+    applied.add(f"a{4085:06d}-q1w2e3")
+    again = taskids.pack_marked(issued, applied)
+    after = taskids._parse.cache_info()
+    assert after.misses - before.misses == 1 and after.hits - before.hits == 4096
+    assert first == [["q1w2e3", 1, 4084, "open/applied", 6], ["q1w2e3", 4085, 4096, "open", 6]]
+    assert again == [["q1w2e3", 1, 4085, "open/applied", 6], ["q1w2e3", 4086, 4097, "open", 6]]
