@@ -55,7 +55,7 @@ def test_require_user_id_dead_letters_unsigned_and_impersonating_updates(users_n
     ns, run = new_namespace("uid"), tmp_path / "run"
     url = users_node.url
     procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "async",
-                "--strategy", "fedbuff", "--buffer-size", "2", "--min-workers", "2", "--time-limit", "60",
+                "--strategy", "fedbuff", "--buffer-size", "2", "--min-workers", "2", "--time-limit", "30",
                 "--task-timeout", "10", "--require-user-id", "--amqp-url", url, "--namespace", ns)
     for worker_id, user in USERS.items():
         i = worker_id[1:]
