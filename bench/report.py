@@ -29,13 +29,18 @@ def codec(d: dict[str, Any]) -> str:
 
 
 def update_path(d: dict[str, Any]) -> str:
+    def ms(r: dict[str, Any], key: str, scale: float = 1.0) -> Any:
+        return "-" if r.get(key) is None else r[key] * scale
+
     rows = [[r["model"], r["params"], r["wire_bytes"] / 1e6, r["messages"], r["path"], r["updates_per_s"], r["mb_per_s"],
              " / ".join(f"{x:.2f}" for x in r["run_ratios"]), r["ratio"],
              "-" if r["goal"] is None else f">= {r['goal']}", verdict(r["pass"]),
-             "-" if r.get("aggregator_cpu_s_per_update") is None else r["aggregator_cpu_s_per_update"] * 1e3]
+             ms(r, "aggregator_cpu_s_per_update", 1e3), ms(r, "broker_cpu_ms_per_update"),
+             ms(r, "machine_cpu_ms_per_update"), ms(r, "confirm_p50_ms")]
             for r in d["rows"]]
     return markdown(["model", "params", "wire MB", "msgs", "path", "best upd/s", "MB/s", "ratio per repeat",
-                     "ratio (median)", "goal", "result", "aggregator CPU ms/upd"], rows)
+                     "ratio (median)", "goal", "result", "aggregator CPU ms/upd", "broker CPU ms/upd",
+                     "machine CPU ms/upd", "confirm p50 ms"], rows)
 
 
 def round_time(d: dict[str, Any]) -> str:

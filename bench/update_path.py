@@ -35,6 +35,12 @@ broker in the same run, end to end from the first publish to the last update con
   update. The gap between ``pipeline`` and ``aggregator`` is what task dispatch (and the
   publisher's model reads), model republishing, the ledger and checkpoints cost.
 
+Beside the rates, each path reports (medians over repeats), over its own window from the first
+publish to the last update consumed: the shared broker's CPU per update, the whole machine's
+CPU per update and busy share (of all cores), and the p50 / p90 of the publisher's
+publish-to-confirm times. On a machine of few cores the machine's CPU per update bounds the
+ratio: the aggregator path cannot beat floor rate × (floor CPU / its CPU) / the floor's busy share.
+
 Each repeat runs the three paths back to back; reported are the best rate per path and the
 ratio = median over repeats of (fedmq rate / floor rate of the same repeat), goal >= 0.8 for
 the aggregator at every size (issue 15) (the machine is shared, so paired ratios are steadier).
@@ -65,6 +71,7 @@ from bench._common import (  # noqa: E402
     AMQP_URL,
     MODEL_SIZES,
     Children,
+    CpuSnapshots,
     EventReader,
     broker_settings,
     cpu_seconds,
@@ -88,6 +95,10 @@ TASKS_OUTSTANDING = PREFETCH  # the aggregator's --concurrency: as if 12 workers
 MAX_TASK_BYTES = 1024 * 1024
 COUNTS = {"100k": 201, "1M": 99, "10M": 30}  # multiples of K
 QUICK_COUNTS = {"100k": 60, "1M": 30, "10M": 9}
+#: per path, medians over repeats of: the broker's and the whole machine's CPU per update, the
+#: machine's busy share (0..1 of all cores) and the publisher's publish-to-confirm times (ms), each over the path's own window
+MEDIANS = ("broker_cpu_ms_per_update", "machine_cpu_ms_per_update", "machine_busy", "confirm_p50_ms",
+           "confirm_p90_ms")
 
 
 # ====================================================================== publisher roles
@@ -114,13 +125,22 @@ def role_floor_pub(queue_name: str, size: int, count: int) -> dict[str, float]:
     ch.confirm_delivery()
     body = os.urandom(size)
     props = pika.BasicProperties(delivery_mode=2, content_type="application/octet-stream")
+    confirms: list[float] = []
     t0 = time.time()
     for i in range(count):
         props.message_id = f"m{i}"
-        ch.basic_publish("", queue_name, body, properties=props, mandatory=True)
+        p0 = time.perf_counter()
+        ch.basic_publish("", queue_name, body, properties=props, mandatory=True)  # returns once confirmed
+        confirms.append(time.perf_counter() - p0)
     t1 = time.time()
     conn.close()
-    return {"t0": t0, "t1": t1}
+    return {"t0": t0, "t1": t1, **confirm_percentiles(confirms)}
+
+
+def confirm_percentiles(confirms: list[float]) -> dict[str, float]:
+    """p50 and p90 of the publisher's publish-to-confirm times, in ms."""
+    ordered = sorted(confirms)
+    return {f"confirm_p{q}_ms": 1e3 * ordered[min(len(ordered) - 1, len(ordered) * q // 100)] for q in (50, 90)}
 
 
 def role_fedmq_pub(namespace: str, hidden: int, count: int, answer_tasks: bool) -> dict[str, float]:
@@ -132,18 +152,21 @@ def role_fedmq_pub(namespace: str, hidden: int, count: int, answer_tasks: bool) 
     client = Client(settings, topology, name="bench-worker")
     params = random_params(hidden)
     headers = {"x-fedmq-worker": "bench-w0"}
+    confirms: list[float] = []
     if not answer_tasks:
         client.start()
         try:
             t0 = time.time()
             for i in range(count):
                 body = messages.encode(make_update(hidden, i, params))  # a worker encodes every update
+                p0 = time.perf_counter()
                 client.publish(topology.updates, body, message_id=f"u{i}",
                                headers={**headers, "x-fedmq-task": f"bench-{i:06d}"})
+                confirms.append(time.perf_counter() - p0)
             t1 = time.time()
         finally:
             client.close()
-        return {"t0": t0, "t1": t1}
+        return {"t0": t0, "t1": t1, **confirm_percentiles(confirms)}
 
     models = _NewestModels()
     tasks: queue.Queue[Any] = queue.Queue()
@@ -167,14 +190,15 @@ def role_fedmq_pub(namespace: str, hidden: int, count: int, answer_tasks: bool) 
             base = models.newest(task.run_id, timeout=60)
             update = make_update(hidden, i, params, task_id=task.task_id, run_id=task.run_id, base_version=base)
             body = messages.encode(update)  # a worker encodes every update
-            p0 = time.time()
+            p0 = time.perf_counter()
             client.publish(topology.updates, body, message_id=f"u{i}", headers={**headers, "x-fedmq-task": task.task_id})
-            confirming += time.time() - p0
+            confirms.append(time.perf_counter() - p0)
+            confirming += confirms[-1]
             client.ack(delivery)  # after the confirm, like a worker
         t1 = time.time()
     finally:
         client.close()
-    return {"t0": t0, "t1": t1, "task_wait_s": waited, "confirm_wait_s": confirming}
+    return {"t0": t0, "t1": t1, "task_wait_s": waited, "confirm_wait_s": confirming, **confirm_percentiles(confirms)}
 
 
 class _NewestModels:
@@ -229,6 +253,10 @@ def publisher_result(proc: Any, timeout: float) -> dict[str, float]:
 
 
 # ====================================================================== the three paths
+def _confirms(times: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in times.items() if k.startswith("confirm_p")}
+
+
 def measure_floor(children: Children, namespace: str, size: int, count: int, timeout: float) -> dict[str, Any]:
     import pika
 
@@ -259,7 +287,7 @@ def measure_floor(children: Children, namespace: str, size: int, count: int, tim
         ch.queue_delete(qname)
     finally:
         conn.close()
-    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": state["t_end"]}
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": state["t_end"], **_confirms(times)}
 
 
 def measure_pipeline(children: Children, namespace: str, hidden: int, count: int, timeout: float) -> dict[str, Any]:
@@ -302,7 +330,7 @@ def measure_pipeline(children: Children, namespace: str, hidden: int, count: int
         times = publisher_result(pub, 30)
     finally:
         client.close()
-    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": t_end, "consumer_cpu_s": cpu}
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": t_end, "consumer_cpu_s": cpu, **_confirms(times)}
 
 
 def measure_aggregator(children: Children, namespace: str, hidden: int, count: int, timeout: float,
@@ -348,10 +376,50 @@ def measure_aggregator(children: Children, namespace: str, hidden: int, count: i
     cpu_per_update = None
     if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
         cpu_per_update = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])  # type: ignore[operator]
-    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": float(last["ts"]), "fates": fates,
+    return {"t0": times["t0"], "t_pub_end": times["t1"], "t_end": float(last["ts"]), "fates": fates, **_confirms(times),
             "publisher_task_wait_s": times.get("task_wait_s"),
             "publisher_confirm_wait_s": times.get("confirm_wait_s"),
             "aggregator_cpu_s_per_update": cpu_per_update}
+
+
+class CpuSampler:
+    """Snapshots of the broker's and the machine's CPU every ``step`` s while a path runs, to read
+    them over the path's own window [t0, t_end] afterwards (start-up and teardown left out)."""
+
+    def __init__(self, step: float = 0.02) -> None:
+        self.cpu, self.step = CpuSnapshots(), step
+        self.snaps: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.snaps.append(self.cpu.snapshot())
+            if self._stop.wait(self.step):
+                self.snaps.append(self.cpu.snapshot())
+                return
+
+    def window(self, t0: float, t1: float, count: int) -> dict[str, float | None]:
+        """In [t0, t1] (``count`` messages): the broker's and the whole machine's CPU ms per
+        message, and the machine's busy share (0..1 of all cores)."""
+        inside = [s for s in self.snaps if t0 <= s["wall"] <= t1]
+        if len(inside) < 2:
+            return {"broker_cpu_ms_per_update": None, "machine_cpu_ms_per_update": None, "machine_busy": None}
+        d = CpuSnapshots.delta(inside[0], inside[-1])
+        broker = d.get("rabbitmq")
+        # the window covers this share of the messages (they flow at a steady rate)
+        share = (inside[-1]["wall"] - inside[0]["wall"]) / (t1 - t0) * count
+        return {"broker_cpu_ms_per_update": None if broker is None else 1e3 * broker / share,
+                "machine_cpu_ms_per_update": 1e3 * d["machine_busy"] / share,
+                "machine_busy": d["machine_busy"] / d["machine_total"] if d["machine_total"] > 0 else None}
 
 
 # ====================================================================== main
@@ -400,24 +468,30 @@ def main(argv: list[str] | None = None) -> int:
             timeout = 60 + count * wire / 5e6  # generous: 5 MB/s
             best: dict[str, dict[str, Any]] = {}
             runs: list[dict[str, float]] = []
+            per_path: dict[str, dict[str, list[float | None]]] = {}
             for _ in range(args.repeat):
                 runs.append({"loadavg": loadavg()})
                 for path in paths:
                     ns = f"{namespace}-{label}-{path}"
+                    sampler = CpuSampler()
                     try:
-                        if path == "floor":
-                            res = measure_floor(children, ns, wire, count, timeout)
-                        elif path == "pipeline":
-                            res = measure_pipeline(children, ns, hidden, count, timeout)
-                        else:
-                            res = measure_aggregator(children, ns, hidden, count, timeout, work, args.profile, label,
-                                                     args.aggregator_args.split())
+                        with sampler:
+                            if path == "floor":
+                                res = measure_floor(children, ns, wire, count, timeout)
+                            elif path == "pipeline":
+                                res = measure_pipeline(children, ns, hidden, count, timeout)
+                            else:
+                                res = measure_aggregator(children, ns, hidden, count, timeout, work, args.profile,
+                                                         label, args.aggregator_args.split())
                     finally:
                         children.stop_all()
                         delete_namespace(ns, extra_queues=[f"{ns}.floor"])
+                    res.update(sampler.window(res["t0"], res["t_end"], count))
                     res["rate"] = count / (res["t_end"] - res["t0"])
                     res["publish_rate"] = count / (res["t_pub_end"] - res["t0"])
                     runs[-1][path] = res["rate"]
+                    for key in MEDIANS:
+                        per_path.setdefault(path, {}).setdefault(key, []).append(res[key])
                     if path not in best or res["rate"] > best[path]["rate"]:
                         best[path] = res
             for path in paths:
@@ -435,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates",
                                                                  "publisher_task_wait_s",
                                                                  "publisher_confirm_wait_s")},
+                    # medians over repeats: the broker's CPU per update and how busy the machine was
+                    **{k: median([x for x in per_path[path][k] if x is not None] or [float("nan")])
+                       for k in MEDIANS},
                     "runs": [run.get(path) for run in runs],
                     "run_ratios": [run[path] / run["floor"] for run in runs if path in run],
                     "loadavg": [run["loadavg"] for run in runs],
@@ -445,11 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         delete_namespace(namespace)
         shutil.rmtree(work, ignore_errors=True)
 
-    headers = ["model", "params", "wire MB", "msgs", "path", "best upd/s", "MB/s", "pub/s", "ratios per repeat",
-               "ratio (median)", "goal", "result"]
+    headers = ["model", "params", "wire MB", "msgs", "path", "best upd/s", "MB/s", "pub/s", "broker CPU ms/upd",
+               "machine CPU ms/upd", "machine busy", "confirm p50/p90 ms", "ratios per repeat", "ratio (median)", "goal", "result"]
     body = [
         [r["model"], r["params"], r["wire_bytes"] / 1e6, r["messages"], r["path"], r["updates_per_s"], r["mb_per_s"],
-         r["publisher_per_s"], " ".join(f"{x:.2f}" for x in r["run_ratios"]), r["ratio"],
+         r["publisher_per_s"], r["broker_cpu_ms_per_update"],
+         r["machine_cpu_ms_per_update"], r["machine_busy"],
+         f"{r['confirm_p50_ms']:.2f}/{r['confirm_p90_ms']:.2f}", " ".join(f"{x:.2f}" for x in r["run_ratios"]), r["ratio"],
          "-" if r["goal"] is None else f">= {r['goal']}",
          "-" if r["pass"] is None else ("PASS" if r["pass"] else "MISS")]
         for r in rows
