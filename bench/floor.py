@@ -16,7 +16,9 @@ with bare pika (no decoding, no training, no averaging, no checkpoint):
   while a slow one still reads the model, as in fedmq.
 
 The floor is the median round over rounds 2..R (round 1 warms the new stream and queue up, as
-fedmq's round 1 is left out of its median).
+fedmq's round 1 is left out of its median). Beside it: the whole machine's CPU seconds per round
+over the same rounds (``machine_cpu_s``, a mean; ``machine_busy_share``: of all cores), which on a machine of few cores bounds how close a round
+that does more work per byte can come to it.
 
 Bodies travel as fedmq sends them: in messages of ``chunk_bytes`` (fedmq's ``--chunk-bytes``,
 default :data:`fedmq.shared.chunking.DEFAULT_CHUNK_BYTES`), a body that fits being one message.
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench._common import system_cpu
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, chunk_count
 
 
@@ -180,6 +183,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     per_round: list[tuple[float, float]] = []
+    busy: list[tuple[float, float]] = []  # the machine's (busy, total) CPU s at each round's start, and at the end
     try:
         got = 0
 
@@ -195,6 +199,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
         bodies = [bytes(b - a) for a, b in model_spans]
         props = pika.BasicProperties(delivery_mode=2)
         for r in range(1, rounds + 1):
+            busy.append(system_cpu())
             t0 = time.monotonic()
             for body in bodies:
                 ch.basic_publish("", stream, body, properties=props)
@@ -207,6 +212,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
             t_end = time.monotonic()
             t_model = max(_collect(ready, procs, timeout_s, "read the model")) - t0
             per_round.append((t_end - t0, t_model))
+        busy.append(system_cpu())
         _join(procs, "floor workers", timeout_s)
     finally:
         for p in procs:
@@ -218,7 +224,12 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     steady = per_round[1:] or per_round
     total = float(np.median([t for t, _ in steady]))
     model = float(np.median([m for _, m in steady]))
+    # the whole machine's CPU per round over rounds 2..R (1..R when only one), as round_time's
+    first = 1 if rounds > 1 else 0
+    machine_cpu = (busy[-1][0] - busy[first][0]) / (rounds - first)
+    machine_share = (busy[-1][0] - busy[first][0]) / max(1e-9, busy[-1][1] - busy[first][1])
     return {"total_s": total, "model_s": model, "updates_s": total - model, "per_round_s": [t for t, _ in per_round],
             "model_per_round_s": [m for _, m in per_round], "rounds": rounds, "model_bytes": model_bytes,
             "update_bytes": update_bytes, "chunk_bytes": chunk_bytes, "model_messages": len(model_spans),
-            "update_messages": len(update_spans), "workers": n}
+            "update_messages": len(update_spans), "workers": n, "machine_cpu_s": machine_cpu,
+            "machine_busy_share": machine_share}

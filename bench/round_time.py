@@ -170,7 +170,7 @@ def floor_of(n: int, label: str, scheme: str, rounds: int, model_dtype: str = "f
 def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
     """s/round against the raw-pika floor per row, and whether every lossless row met the goal."""
     headers = ["N", "model", "compress", "s/round", "floor s", "model to N", "N updates in", "ratio",
-               f"<={FLOOR_GOAL}", "load"]
+               f"<={FLOOR_GOAL}", "machine CPU s/round", "floor's", "CPU ratio", "floor busy %", "load"]
     body: list[list[Any]] = []
     met = True
     for r in rows:
@@ -178,9 +178,16 @@ def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]],
         ok = r["ratio_to_floor"] <= FLOOR_GOAL
         lossless = r.get("compress", "none") == "none"
         met &= ok or not lossless
+        # the CPU both rounds cost the whole machine: on few cores, s/round cannot fall much below
+        # the floor's s/round x this CPU ratio
+        cpu, floor_cpu = r.get("cpu_s_per_round", {}).get("machine_busy"), f.get("machine_cpu_s")
+        cpu_ratio = cpu / floor_cpu if cpu is not None and floor_cpu else None
         body.append([r["workers"], r["model"], r.get("compress", "none"), r["median_s"], f["total_s"], f["model_s"],
                      f["updates_s"], r["ratio_to_floor"],
-                     ("PASS" if ok else "MISS") if lossless else ("yes" if ok else "no"), f["loadavg"]])
+                     ("PASS" if ok else "MISS") if lossless else ("yes" if ok else "no"),
+                     "-" if cpu is None else cpu, "-" if floor_cpu is None else floor_cpu,
+                     "-" if cpu_ratio is None else cpu_ratio,
+                     "-" if f.get("machine_busy_share") is None else 100 * f["machine_busy_share"], f["loadavg"]])
     return headers, body, met
 
 

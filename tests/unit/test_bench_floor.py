@@ -55,3 +55,18 @@ def test_a_bfloat16_model_is_half_the_bytes_of_a_float32_one() -> None:
     model, update = body_bytes(shapes, "int8", "bfloat16")
     assert raw // 2 < model < raw // 2 + 1024
     assert update == body_bytes(shapes, "int8")[1]  # the update does not depend on the model's dtype
+
+
+@pytest.mark.broker
+def test_the_floor_reports_its_rounds_and_the_machines_cpu_per_round(amqp_url: str) -> None:
+    from bench.floor import round_floor
+
+    got = round_floor(amqp_url, 64 * 1024, 2, update_bytes=16 * 1024, rounds=3, timeout_s=60)
+    assert len(got["per_round_s"]) == 3 and got["total_s"] > 0
+    assert got["model_s"] <= got["total_s"]
+    # busy CPU seconds of the whole machine per round: something (the broker moved the bytes),
+    # and no more than every core busy for the slowest round
+    import os
+
+    assert 0 < got["machine_cpu_s"] <= (os.cpu_count() or 1) * max(got["per_round_s"]) + 0.05
+    assert 0 < got["machine_busy_share"] <= 1
