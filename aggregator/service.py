@@ -590,9 +590,12 @@ class Aggregator:
         what = "update" if isinstance(msg, messages.Update) else f"{msg.kind} report"
         return f"{what} for task {claims.task_id[:80] or '?'} claiming worker {claims.signer[:80]!r}: {reason}"
 
-    def _signed(self, msg: messages.Message, body: bytes) -> dict[str, Any]:
-        """The signature headers of ``msg`` (--signing-key), or none."""
-        return {} if self._signing_key is None else signing.sign_headers(self._signing_key, signing.claims_of(msg), body)
+    def _signed(self, msg: messages.Message, body: bytes, digest: bytes | None = None) -> dict[str, Any]:
+        """The signature headers of ``msg`` (--signing-key; ``digest``: the body's SHA-256, if
+        computed already), or none."""
+        if self._signing_key is None:
+            return {}
+        return signing.sign_headers(self._signing_key, signing.claims_of(msg), body, digest=digest)
 
     # ------------------------------------------------------------------ carrying out decisions
     def _carry(self, decisions: list[Decision]) -> None:
@@ -618,8 +621,11 @@ class Aggregator:
                     # of a publish cut short by a kill would take the new ones as foreign
                     self._models_published += 1
                     mid = f"model-{run_id}-{d.version}-{self.incarnation}.{self._models_published}"
-                    self._publish(self.topology.models, body, message_id=mid,
-                                  headers={VERSION_HEADER: d.version, RUN_HEADER: run_id, **self._signed(msg, body)})
+                    # signed: one SHA-256 for the signature and the chunks' digest header
+                    digest = signing.body_digest(body) if self._signing_key is not None else None
+                    self._publish(self.topology.models, body, message_id=mid, sha256=digest,
+                                  headers={VERSION_HEADER: d.version, RUN_HEADER: run_id,
+                                           **self._signed(msg, body, digest)})
                 case Evaluate():
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)
                     self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic()))
@@ -674,10 +680,11 @@ class Aggregator:
                 case TaskExpired():
                     log.warning("task %s not answered in %.0f s; issuing a replacement", d.task_id, d.after_s)
 
-    def _publish(self, queue_name: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None) -> None:
+    def _publish(self, queue_name: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
+                 sha256: bytes | None = None) -> None:
         assert self.client is not None
         self._unconfirmed += publish_payload(self.client, queue_name, body, chunk_bytes=self.cfg.chunk_bytes,
-                                             message_id=message_id, headers=headers, sign=True)
+                                             message_id=message_id, headers=headers, sign=True, sha256=sha256)
 
     def _settle(self, d: Settle) -> None:
         """Dead-letter a rejected update, record the fate, and ack with the next checkpoint."""

@@ -59,12 +59,14 @@ def publish_payload(
     headers: dict[str, Any] | None = None,
     exchange: str = "",
     sign: bool = False,
+    sha256: bytes | None = None,
 ) -> list[PendingPublish]:
     """Queue ``body`` for publishing as one message or as chunks; wait with :func:`wait_confirms`.
 
     A chunk's message id is ``<message_id>:<index>``; the payload's id is ``message_id``.
+    ``sha256``: the body's SHA-256 when the caller computed it already (for its signature).
     """
-    chunks = chunking.split(body, chunk_bytes, message_id, headers)
+    chunks = chunking.split(body, chunk_bytes, message_id, headers, sha256=sha256)
     if len(chunks) == 1:
         return [client.publish_nowait(routing_key, chunks[0].data, exchange=exchange, message_id=message_id,
                                       headers=headers, sign=sign)]
@@ -122,7 +124,7 @@ def send_payload(
     if isinstance(body, list):
         count, chunks = chunking.split_pieces(body, chunk_bytes, message_id, headers, sha256=sha256)
     else:
-        listed = chunking.split(body, chunk_bytes, message_id, headers)
+        listed = chunking.split(body, chunk_bytes, message_id, headers, sha256=sha256)
         count, chunks = len(listed), iter(listed)
     if count > 1:
         check_chunk_size(client, chunk_bytes)

@@ -137,7 +137,9 @@ def test_a_foreign_chunk_under_an_existing_id_is_refused() -> None:
     ({ch.INDEX_HEADER: 7}, "not in 0..2"),
     ({ch.COUNT_HEADER: 1}, "at least 2"),
     ({ch.COUNT_HEADER: 5}, "has 3 chunks"),
-    ({ch.DIGEST_HEADER: "zz"}, "64 hex"),
+    ({ch.CRC_HEADER: "zz"}, "8 hex"),
+    ({ch.CRC_HEADER: "0" * 64}, "8 hex"),
+    ({ch.DIGEST_HEADER: "0" * 64}, "two digests"),
     ({ch.INDEX_HEADER: "1"}, "must be an integer"),
     ({ch.INDEX_HEADER: True}, "must be an integer"),
     ({ch.ID_HEADER: ""}, "payload id"),
@@ -307,6 +309,49 @@ def test_a_put_together_payload_carries_the_digest_it_was_checked_against() -> N
     r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
     done = [o for o in feed(r, chunks) if isinstance(o, ch.Complete)]
     assert len(done) == 1 and done[0].sha256 == given and bytes(done[0].body) == b
+
+
+def test_an_unsigned_payload_carries_a_crc32_and_a_signed_one_its_sha256() -> None:
+    """The chunk digest: CRC-32 (a third of SHA-256's CPU) unless the sender signs, whose
+    signature covers the SHA-256 it computed anyway; either is checked, and a signed payload's
+    SHA-256 comes out with it for the signature's check."""
+    import hashlib
+    import zlib
+
+    b = body(5000, 6)
+    for chunks in (ch.split(b, 1000, "p"), list(ch.split_pieces([b[:1234], b[1234:]], 1000, "p")[1])):
+        assert all(ch.DIGEST_HEADER not in c.headers for c in chunks)
+        assert {c.headers[ch.CRC_HEADER] for c in chunks} == {f"{zlib.crc32(b):08x}"}
+        r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+        (done,) = [o for o in feed(r, chunks) if isinstance(o, ch.Complete)]
+        assert bytes(done.body) == b and done.sha256 == b""  # no SHA-256 was computed
+    signed = list(ch.split_pieces([b], 1000, "s", sha256=hashlib.sha256(b).digest())[1])
+    assert all(ch.CRC_HEADER not in c.headers and c.headers[ch.DIGEST_HEADER] == hashlib.sha256(b).hexdigest()
+               for c in signed)
+
+
+@pytest.mark.parametrize("header", ["crc32", "sha256"])
+def test_a_chunk_altered_in_flight_fails_either_digest(header: str) -> None:
+    import hashlib
+
+    b = body(3000, 7)
+    given = hashlib.sha256(b).digest() if header == "sha256" else None
+    chunks = list(ch.split_pieces([b], 1000, "p", sha256=given)[1])
+    flipped = bytearray(chunks[1].data)
+    flipped[10] ^= 0x01
+    chunks[1] = ch.Chunk(memoryview(bytes(flipped)), chunks[1].headers, 1, 3)
+    r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    (refused,) = [o for o in feed(r, chunks) if isinstance(o, ch.Refused)]
+    name = "SHA-256" if header == "sha256" else "CRC-32"
+    assert refused.whole and f"corrupt: its {name} is" in refused.reason
+
+
+def test_a_chunk_without_any_digest_is_refused() -> None:
+    c = ch.split(body(3000), 1000, "p")[1]
+    headers = {k: v for k, v in c.headers.items() if k != ch.CRC_HEADER}
+    r: ch.Reassembler[int] = ch.Reassembler(max_payload_bytes=1 << 20, timeout_s=10)
+    (out,) = r.offer(headers, c.data, 1, 0)
+    assert isinstance(out, ch.Refused) and f"{ch.DIGEST_HEADER} or {ch.CRC_HEADER}" in out.reason
 
 
 def test_payloads_go_to_memory_up_to_its_bytes_then_to_spill_files(tmp_path) -> None:
