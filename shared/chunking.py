@@ -84,7 +84,8 @@ REMEMBER_DONE = 1024
 #: ~300 bytes: as many as :data:`REMEMBER_DONE`, more than any prefetch window leaves unacked)
 LEDGER_TAIL_BYTES = 512 * 1024
 
-_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "crc32": re.compile(r"[0-9a-f]{8}")}
+_HEX_DIGITS = {"sha256": 64, "crc32": 8}
+_HEX = {name: re.compile(f"[0-9a-f]{{{n}}}") for name, n in _HEX_DIGITS.items()}
 
 T = TypeVar("T")
 
@@ -193,7 +194,7 @@ def parse(headers: Mapping[str, Any]) -> ChunkMeta:
     if not isinstance(pid, str) or not pid or len(pid) > 200:
         raise ChunkError("chunk header x-fedmq-chunk-of must be a payload id of 1 to 200 characters")
     if not isinstance(sha, str) or not _HEX[algorithm].fullmatch(sha):
-        raise ChunkError(f"chunk header {given[0]} must be {_HEX[algorithm].pattern[-3:-1]} hex digits")
+        raise ChunkError(f"chunk header {given[0]} must be {_HEX_DIGITS[algorithm]} hex digits")
     index, count, total, size = (_int(headers, k) for k in (INDEX_HEADER, COUNT_HEADER, TOTAL_HEADER, SIZE_HEADER))
     if count < 2:
         raise ChunkError(f"a chunked payload has at least 2 chunks, this one says {count}")
