@@ -269,7 +269,7 @@ class StreamFollower:
         for out in self.reassembler.offer(headers, delivery.body, None, now, redelivered=delivery.redelivered):
             if isinstance(out, chunking.Complete):
                 self.handler(dataclasses.replace(delivery, body=out.body, headers=out.headers,
-                                                 message_id=out.payload_id))
+                                                 message_id=out.payload_id, sha256=out.sha256))
                 self._handed()
             elif isinstance(out, chunking.Refused | chunking.Incomplete):
                 self._skip(f"payload {out.payload_id}: {out.reason}")

@@ -187,6 +187,9 @@ class Delivery:
     headers: Mapping[str, Any]
     timestamp: int | None = None
     user_id: str | None = None  # validated by RabbitMQ: the publisher's user name, when it set one
+    #: a chunked payload's SHA-256, computed from its bytes as it was put together (the chunks of
+    #: a signed payload carry one), so that its signature's check need not hash it again; else b""
+    sha256: bytes = b""
 
 
 @dataclass

@@ -232,7 +232,9 @@ class ModelBox:
             version, run = msg.version, msg.run_id
         if self.aggregator_key is not None:
             claims = signing.Claims("model", run, signing.AGGREGATOR_ID, "", version)
-            reason = signing.verify(delivery.headers, delivery.body, claims, lambda _signer: self.aggregator_key)
+            # a chunked version's SHA-256 was computed from its bytes as it was put together
+            reason = signing.verify(delivery.headers, delivery.body, claims, lambda _signer: self.aggregator_key,
+                                    digest=delivery.sha256 or None)
             if reason is not None:
                 self._skip(f"version {version} of run {run_name(run)}: {reason}")
                 return

@@ -190,3 +190,31 @@ def test_a_sync_get_gives_up_at_once_when_a_newer_version_passed_the_one_it_want
     offer(box, 6, "A")
     waits: list[int] = []
     assert box.get("A", 5, 1.0, NEVER, on_wait=lambda: waits.append(1)) is None and not waits
+
+
+def test_a_signed_chunked_version_is_verified_with_the_digest_it_was_put_together_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker hashes a signed chunked model once: the SHA-256 its reassembly computed from the
+    bytes (``Delivery.sha256``) is the one the signature's check uses."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedmq.shared import signing
+    from fedmq.shared.signing import AGGREGATOR_ID, Claims, sign_headers
+
+    key = Ed25519PrivateKey.generate()
+    box = ModelBox(aggregator_key=key.public_key())
+    data = body(0, "A")
+    headers = {VERSION_HEADER: 0, RUN_HEADER: "A", **sign_headers(key, Claims("model", "A", AGGREGATOR_ID, "", 0), data)}
+    digest = hashlib.sha256(data).digest()
+
+    class NoHashing:
+        @staticmethod
+        def sha256(*_args: Any) -> Any:
+            raise AssertionError("the body was hashed again")
+
+    monkeypatch.setattr(signing, "hashlib", NoHashing)
+    box.offer(Delivery(queue="ns.models", body=data, delivery_tag=1, redelivered=False, generation=1,
+                       message_id=None, headers=headers, sha256=digest))
+    assert box.known() == {"A": 0}
