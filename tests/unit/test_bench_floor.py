@@ -61,7 +61,8 @@ def test_a_bfloat16_model_is_half_the_bytes_of_a_float32_one() -> None:
 def test_the_floor_reports_its_rounds_and_the_machines_cpu_per_round(amqp_url: str) -> None:
     from bench.floor import round_floor
 
-    got = round_floor(amqp_url, 64 * 1024, 2, update_bytes=16 * 1024, rounds=3, timeout_s=60)
+    # rounds long enough (tens of ms) for /proc/stat's 10 ms ticks to see the CPU they cost
+    got = round_floor(amqp_url, 4 * MiB, 2, update_bytes=4 * MiB, rounds=3, timeout_s=60)
     assert len(got["per_round_s"]) == 3 and got["total_s"] > 0
     assert got["model_s"] <= got["total_s"]
     # busy CPU seconds of the whole machine per round: something (the broker moved the bytes),
