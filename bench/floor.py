@@ -17,8 +17,8 @@ with bare pika (no decoding, no training, no averaging, no checkpoint):
 
 The floor is the median round over rounds 2..R (round 1 warms the new stream and queue up, as
 fedmq's round 1 is left out of its median). Beside it: the whole machine's CPU seconds per round
-over the same rounds (``machine_cpu_s``, a mean; ``machine_busy_share``: of all cores), which on a machine of few cores bounds how close a round
-that does more work per byte can come to it.
+over the same rounds (``machine_cpu_s``, a mean; ``machine_busy_share``: of all cores), which
+on a machine of few cores bounds how close a round that does more work per byte can come to it.
 
 Bodies travel as fedmq sends them: in messages of ``chunk_bytes`` (fedmq's ``--chunk-bytes``,
 default :data:`fedmq.shared.chunking.DEFAULT_CHUNK_BYTES`), a body that fits being one message.

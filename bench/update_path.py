@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: v for k, v in r.items() if k in ("consumer_cpu_s", "aggregator_cpu_s_per_update", "fates",
                                                                  "publisher_task_wait_s",
                                                                  "publisher_confirm_wait_s")},
-                    # medians over repeats: the broker's CPU per update and how busy the machine was
+                    # medians over repeats: CPU per update, how busy the machine was, confirm times
                     **{k: median([x for x in per_path[path][k] if x is not None] or [float("nan")])
                        for k in MEDIANS},
                     "runs": [run.get(path) for run in runs],

@@ -119,11 +119,15 @@ def new_hasher(algorithm: str) -> Any:
     raise ValueError(f"unknown payload digest {algorithm!r}")
 
 
-def digest(body: bytes | bytearray | memoryview, algorithm: str = "crc32") -> str:
-    """The payload digest carried by every chunk, hex: CRC-32 unless the sender signs (SHA-256)."""
-    h = new_hasher(algorithm)
-    h.update(body)
-    return str(h.hexdigest())
+def _payload_digest(views: Iterable[memoryview], sha256: bytes | None) -> tuple[str, str]:
+    """(hex digest, algorithm) that the chunks of the concatenation of ``views`` carry: the
+    ``sha256`` a signing sender computed, else the payload's CRC-32 (see the module docstring)."""
+    if sha256 is not None:
+        return sha256.hex(), "sha256"
+    crc = Crc32()
+    for v in views:
+        crc.update(v)
+    return crc.hexdigest(), "crc32"
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,7 @@ def split(body: bytes | bytearray | memoryview, chunk_bytes: int, payload_id: st
     if total <= chunk_bytes:
         return [Chunk(view, base, 0, 1)]
     count = -(-total // chunk_bytes)
-    algorithm = "crc32" if sha256 is None else "sha256"
-    hexdigest = digest(view, "crc32") if sha256 is None else sha256.hex()
+    hexdigest, algorithm = _payload_digest([view], sha256)
     out = []
     for i in range(count):
         meta = ChunkMeta(payload_id, i, count, total, chunk_bytes, hexdigest, algorithm)
@@ -263,13 +266,7 @@ def split_pieces(pieces: Sequence[bytes | bytearray | memoryview], chunk_bytes: 
     clash = sorted(CHUNK_HEADERS & set(base))
     if clash:
         raise ValueError(f"a payload's own headers may not use the chunk headers ({', '.join(clash)})")
-    if sha256 is not None:
-        algorithm, hexdigest = "sha256", sha256.hex()
-    else:
-        crc = Crc32()
-        for v in views:
-            crc.update(v)
-        algorithm, hexdigest = "crc32", crc.hexdigest()
+    hexdigest, algorithm = _payload_digest(views, sha256)
     count = -(-total // chunk_bytes)
     first = ChunkMeta(payload_id, 0, count, total, chunk_bytes, hexdigest, algorithm)
 
@@ -529,8 +526,7 @@ def chunk_count(total: int, chunk_bytes: int) -> int:
 
 __all__: Sequence[str] = (
     "CHUNK_HEADERS", "COUNT_HEADER", "CRC_HEADER", "DEFAULT_CHUNK_BYTES", "DIGESTS", "DIGEST_HEADER", "ID_HEADER",
-    "INDEX_HEADER", "Crc32", "new_hasher",
-    "SIZE_HEADER", "TOTAL_HEADER", "Chunk", "ChunkError", "ChunkMeta", "Complete", "Duplicate", "Incomplete",
-    "Outcome", "Reassembler", "Refused", "Stored", "check_chunk_bytes", "chunk_count", "digest", "is_chunk",
-    "parse", "payload_headers", "split", "split_pieces",
+    "INDEX_HEADER", "SIZE_HEADER", "TOTAL_HEADER", "Chunk", "ChunkError", "ChunkMeta", "Complete", "Crc32",
+    "Duplicate", "Incomplete", "Outcome", "Reassembler", "Refused", "Stored", "check_chunk_bytes", "chunk_count",
+    "is_chunk", "new_hasher", "parse", "payload_headers", "split", "split_pieces",
 )
