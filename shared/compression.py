@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.shared import codec
+from fedmq.shared.arrays import Empty
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
@@ -236,11 +237,14 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _decode_fp16(layer: Mapping[str, Any], where: str) -> np.ndarray:
-    return _array(layer, "values", (_F16,), where).astype(np.float32)  # the codec checked finiteness
+def _decode_fp16(layer: Mapping[str, Any], where: str, empty: Empty) -> np.ndarray:
+    values = _array(layer, "values", (_F16,), where)
+    out = empty(values.shape, np.float32)
+    np.copyto(out, values)  # the codec checked finiteness
+    return out
 
 
-def _decode_int8(layer: Mapping[str, Any], where: str) -> np.ndarray:
+def _decode_int8(layer: Mapping[str, Any], where: str, empty: Empty) -> np.ndarray:
     q = _array(layer, "q", (_I8,), where)
     scale = _vector(layer, "scale", (_F32,), where)
     block = layer["block"]
@@ -254,13 +258,21 @@ def _decode_int8(layer: Mapping[str, Any], where: str) -> np.ndarray:
         raise DecodeError(f"{where}['scale'] must be in [0, {_MAX_SCALE:.3g}] (finite, not negative)")
     if n and int(q.min()) < -127:
         raise DecodeError(f"{where}['q'] holds -128; int8 values must be in [-127, 127]")
-    out = np.empty(n, np.float32)
-    flat = q.reshape(-1)
-    full = (n // block) * block
-    np.multiply(flat[:full].reshape(-1, block), scale[: n // block, None], out=out[:full].reshape(-1, block))
-    if full < n:
-        np.multiply(flat[full:], scale[-1], out=out[full:])
-    return out.reshape(q.shape)
+    out = empty(q.shape, np.float32)
+    flat, values = q.reshape(-1), out.reshape(-1)
+    # widen (exact), then scale in place, a cache-sized run of blocks at a time: the same bits as
+    # multiplying the int8 by the float32 scales in one ufunc, which casts through a buffer (2x slower)
+    step = _CHUNK_BLOCKS * block
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        run = values[lo:hi]
+        np.copyto(run, flat[lo:hi], casting="unsafe")
+        whole = (hi - lo) // block
+        first = lo // block
+        run[: whole * block].reshape(whole, block)[...] *= scale[first: first + whole, None]
+        if whole * block < hi - lo:  # the last, partial block
+            run[whole * block:] *= scale[first + whole]
+    return out
 
 
 def _decode_topk(layer: Mapping[str, Any], fraction: float, where: str) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
@@ -290,9 +302,11 @@ def _size_of(layer: Mapping[str, Any], scheme: Scheme, where: str) -> int:
     return int(value.size) if type(value) is np.ndarray else 0
 
 
-def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "update.params") -> dict[str, np.ndarray]:
+def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "update.params",
+                  empty: Empty = np.empty) -> dict[str, np.ndarray]:
     """The float32 layers that ``params`` (name -> ``scheme``'s layer map) stand for; DecodeError
-    naming the layer for anything out of place, or a total over ``max_bytes`` decompressed."""
+    naming the layer for anything out of place, or a total over ``max_bytes`` decompressed.
+    ``empty(shape, dtype)`` gives the arrays they are decompressed into (see fedmq.shared.arrays)."""
     if type(params) is not dict:
         raise DecodeError(f"{where} must be a map of name -> {scheme.text} layer, got {type(params).__name__}")
     keys = _KEYS[scheme.name]
@@ -310,13 +324,14 @@ def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "
     for name, layer in params.items():
         at = f"{where}[{name!r}]"
         if scheme.name == "fp16":
-            out[name] = _decode_fp16(layer, at)
+            out[name] = _decode_fp16(layer, at, empty)
         elif scheme.name == "int8":
-            out[name] = _decode_int8(layer, at)
+            out[name] = _decode_int8(layer, at, empty)
         else:
             assert scheme.fraction is not None
             shape, indices, values = _decode_topk(layer, scheme.fraction, at)
-            dense = np.zeros(math.prod(shape), np.float32)
+            dense = empty((math.prod(shape),), np.float32)
+            dense.fill(0.0)
             dense[indices] = values
             out[name] = dense.reshape(shape)
     return out

@@ -134,6 +134,33 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     (``bench/scale.py``: 8 MiB chunks). The price: a fresh map's page faults on every large
     buffer (cheap from 4 MiB on, where numpy asks for huge pages; ~1 ms per 4 MB message below).
     """
+    # the heap's free top is kept up to twice the threshold, as glibc's dynamic setting does
+    # (fixing the threshold leaves it at 128 KiB: freed heap memory faulted in again and again)
+    return _mallopt(threshold, 2 * int(threshold))
+
+
+#: a worker keeps freed buffers up to this size for its next task (see :func:`keep_large_buffers`)
+KEEP_BYTES = 1024 * 1024 * 1024
+
+
+def keep_large_buffers(keep: int = KEEP_BYTES) -> bool:
+    """Have glibc serve buffers up to ``keep`` bytes from its heaps and keep up to ``keep`` bytes
+    of freed heap for reuse, where by default it maps every buffer over 32 MiB on its own and
+    unmaps it when freed. True if set (glibc only). The workers' setting.
+
+    Why: a worker's task allocates model-sized arrays afresh (the received model as float32,
+    the trained weights, the delta, its compressed form), at 10M parameters each over 32 MiB,
+    so each task page-faulted them in again: 0.42 s of kernel time per GB on this machine's
+    warm memory, and ~2.4 s per GB where a virtual machine's host has taken the freed pages back
+    (free page reporting, as on the machines this is measured on). Kept, the next task reuses
+    the same pages. The price: a worker keeps its high-water mark of memory between tasks. (The
+    aggregator gives large buffers back instead, for its peak memory; it reuses its largest
+    ones itself, see :class:`fedmq.shared.arrays.ArrayPool`.)
+    """
+    return _mallopt(keep, keep)
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     import ctypes
     import ctypes.util
 
@@ -142,9 +169,7 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        # the heap's free top is kept up to twice the threshold, as glibc's dynamic setting does
-        # (fixing the threshold leaves it at 128 KiB: freed heap memory faulted in again and again)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold)))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     except (OSError, AttributeError):
         return False

@@ -512,6 +512,7 @@ class Worker:
         """Work until stopped; 0 when stopped on request, raises the error that stopped it otherwise
         (:class:`~fedmq.shared.errors.WorkerRefused` when its shard or trainer does not fit a run)."""
         cfg = self.config
+        memory.keep_large_buffers()  # each task reuses the memory of the last (see there)
         X, y = load_shard(cfg.data)
         unscaled = scaling_warning(X, f"worker {cfg.worker_id}: shard {cfg.data}")
         if unscaled:
