@@ -94,7 +94,6 @@ from fedmq.broker.lock import NamespaceLock
 from fedmq.broker.settings import BrokerSettings
 from fedmq.broker.topology import CONSUMER_TIMEOUT_ARG, RUN_HEADER, VERSION_HEADER, Topology
 from fedmq.shared import chunking, compression, memory, messages, signing
-from fedmq.shared.arrays import ArrayPool
 from fedmq.shared.data import load_num_classes, load_shard
 from fedmq.shared.errors import BrokerError, DecodeError, LockLost, MessageTooLarge
 from fedmq.shared.events import SCHEMA, emit
@@ -174,9 +173,6 @@ class Aggregator:
         self._models_published = 0
         self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
         self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
-        # a sync round's updates are put together and decompressed into buffers lent again in the
-        # next round (see there); sized in _setup
-        self.arrays = ArrayPool()
         self.lock: NamespaceLock | None = None
         self.dirlock = durable.RunDirLock(self.out, self.incarnation)
         self._took_over: dict[str, Any] | None = None  # set when a standby takes the run over
@@ -212,7 +208,13 @@ class Aggregator:
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
         cfg = self.cfg.validate()
-        memory.give_back_large_buffers()  # freed message bodies leave the process (see there)
+        # sync: a round holds its updates until it closes, and the next round reuses their memory
+        # (its peak is the round's); FedBuff and FedAsync let each update go at once, and memory kept
+        # for the next would add to their peak at a step (see fedmq.shared.memory)
+        if cfg.synchronous:
+            memory.keep_large_buffers()
+        else:
+            memory.give_back_large_buffers()
         X, y = load_shard(cfg.test_data)
         self.X_test, self.y_test = X, y
         classes = load_num_classes(cfg.test_data) or int(y.max()) + 1
@@ -304,17 +306,11 @@ class Aggregator:
         budget, _ = memory.resolve_budget(cfg.memory_budget)
         in_memory = updates_in_memory_bytes(self.model_bytes, self.max_decompressed_bytes, self._memory_factor, budget,
                                             auto=memory.parse_budget(cfg.memory_budget) == "auto")
-        if cfg.synchronous:
-            # a round holds its updates until it closes, so the pool (never more than it once lent
-            # at the same time) keeps no more than the round's own peak; FedBuff and FedAsync let
-            # each update go at once, and buffers kept for the next would add to their peak
-            self.arrays.max_bytes = sys.maxsize
         if self.chunks_per_update > 1:
             log.info("chunked updates: up to %s of them put together in memory, the rest in spill files under %s",
                      memory.describe(in_memory), self.out / "spill")
         self.assembler = chunking.Reassembler(max_payload_bytes=self.max_update_bytes, timeout_s=cfg.chunk_timeout,
-                                              allocate=payload_allocator(self.out / "spill", in_memory,
-                                                                         empty=self.arrays.empty),
+                                              allocate=payload_allocator(self.out / "spill", in_memory),
                                               release=release_pages)
         if restored is not None:  # chunks of an update settled before the restart are not a new update
             self.assembler.remember(e["message_id"] for e in self.ledger.tail(chunking.LEDGER_TAIL_BYTES)
@@ -574,8 +570,7 @@ class Aggregator:
             return Undecodable(f"update of {size} bytes is over the limit of {self.max_update_bytes} bytes")
         try:
             msg = messages.decode(body, expect=(messages.Update, messages.Control),
-                                  max_bytes=self.max_update_bytes, max_decompressed_bytes=self.max_decompressed_bytes,
-                                  empty=self.arrays.empty)
+                                  max_bytes=self.max_update_bytes, max_decompressed_bytes=self.max_decompressed_bytes)
         except DecodeError as exc:
             return Undecodable(str(exc))
         assert isinstance(msg, messages.Update | messages.Control)

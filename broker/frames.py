@@ -51,8 +51,6 @@ from pika import exceptions as pex
 from pika import frame, spec
 from pika.adapters.utils import io_services_utils
 
-from fedmq.shared.arrays import ArrayPool
-
 log = logging.getLogger("fedmq.broker")
 
 #: pika releases whose internals this module was written against and tested with
@@ -62,10 +60,6 @@ LARGE_BODY_BYTES = 64 * 1024
 #: a larger body_size (RabbitMQ's hard cap on a message is 512 MiB) is not trusted with an
 #: allocation up front: its fragments are collected as pika does
 MAX_PREALLOCATED_BYTES = 1 << 30
-#: large bodies (a chunk of a 10M-parameter update or model) are received into buffers lent again
-#: once the message is let go, a chunk's right after it is copied into place: no page faults per
-#: chunk. At most two default chunks' worth, so that a burst of chunks leaves no memory behind.
-_BODIES = ArrayPool(max_bytes=16 * 1024 * 1024)
 #: bytes asked of the socket per ``recv`` (pika: 4 KiB), and at most per readable event
 RECV_BYTES = 1024 * 1024
 CONSUME_BYTES = 8 * 1024 * 1024
@@ -232,7 +226,7 @@ class BodyAssembler:
             self._header = value
             self._size = value.body_size
             if LARGE_BODY_BYTES < self._size <= MAX_PREALLOCATED_BYTES:
-                self._body = _BODIES.empty(self._size, np.uint8)  # not zeroed: every byte is written once
+                self._body = np.empty(self._size, np.uint8)  # not zeroed: every byte is written once
                 self._view = self._body.data
             return self._finish() if self._size == 0 else None
         raise pex.UnexpectedFrameError(value)

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 
 from fedmq.shared import codec
-from fedmq.shared.arrays import Empty
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
@@ -237,14 +236,11 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _decode_fp16(layer: Mapping[str, Any], where: str, empty: Empty) -> np.ndarray:
-    values = _array(layer, "values", (_F16,), where)
-    out = empty(values.shape, np.float32)
-    np.copyto(out, values)  # the codec checked finiteness
-    return out
+def _decode_fp16(layer: Mapping[str, Any], where: str) -> np.ndarray:
+    return _array(layer, "values", (_F16,), where).astype(np.float32)  # the codec checked finiteness
 
 
-def _decode_int8(layer: Mapping[str, Any], where: str, empty: Empty) -> np.ndarray:
+def _decode_int8(layer: Mapping[str, Any], where: str) -> np.ndarray:
     q = _array(layer, "q", (_I8,), where)
     scale = _vector(layer, "scale", (_F32,), where)
     block = layer["block"]
@@ -258,7 +254,7 @@ def _decode_int8(layer: Mapping[str, Any], where: str, empty: Empty) -> np.ndarr
         raise DecodeError(f"{where}['scale'] must be in [0, {_MAX_SCALE:.3g}] (finite, not negative)")
     if n and int(q.min()) < -127:
         raise DecodeError(f"{where}['q'] holds -128; int8 values must be in [-127, 127]")
-    out = empty(q.shape, np.float32)
+    out = np.empty(q.shape, np.float32)
     flat, values = q.reshape(-1), out.reshape(-1)
     # widen (exact), then scale in place, a cache-sized run of blocks at a time: the same bits as
     # multiplying the int8 by the float32 scales in one ufunc, which casts through a buffer (2x slower)
@@ -302,11 +298,9 @@ def _size_of(layer: Mapping[str, Any], scheme: Scheme, where: str) -> int:
     return int(value.size) if type(value) is np.ndarray else 0
 
 
-def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "update.params",
-                  empty: Empty = np.empty) -> dict[str, np.ndarray]:
+def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "update.params") -> dict[str, np.ndarray]:
     """The float32 layers that ``params`` (name -> ``scheme``'s layer map) stand for; DecodeError
-    naming the layer for anything out of place, or a total over ``max_bytes`` decompressed.
-    ``empty(shape, dtype)`` gives the arrays they are decompressed into (see fedmq.shared.arrays)."""
+    naming the layer for anything out of place, or a total over ``max_bytes`` decompressed."""
     if type(params) is not dict:
         raise DecodeError(f"{where} must be a map of name -> {scheme.text} layer, got {type(params).__name__}")
     keys = _KEYS[scheme.name]
@@ -324,14 +318,13 @@ def decode_params(params: Any, scheme: Scheme, *, max_bytes: int, where: str = "
     for name, layer in params.items():
         at = f"{where}[{name!r}]"
         if scheme.name == "fp16":
-            out[name] = _decode_fp16(layer, at, empty)
+            out[name] = _decode_fp16(layer, at)
         elif scheme.name == "int8":
-            out[name] = _decode_int8(layer, at, empty)
+            out[name] = _decode_int8(layer, at)
         else:
             assert scheme.fraction is not None
             shape, indices, values = _decode_topk(layer, scheme.fraction, at)
-            dense = empty((math.prod(shape),), np.float32)
-            dense.fill(0.0)
+            dense = np.zeros(math.prod(shape), np.float32)
             dense[indices] = values
             out[name] = dense.reshape(shape)
     return out

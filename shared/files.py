@@ -18,8 +18,6 @@ from typing import IO
 
 import numpy as np
 
-from fedmq.shared.arrays import Empty
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -109,14 +107,12 @@ def release_pages(buffer: memoryview | np.ndarray) -> None:
         owner.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
-def payload_allocator(directory: str | os.PathLike[str], memory_bytes: int,
-                      empty: Empty = np.empty) -> Callable[[int], np.ndarray | mmap.mmap]:
+def payload_allocator(directory: str | os.PathLike[str], memory_bytes: int) -> Callable[[int], np.ndarray | mmap.mmap]:
     """An allocator that gives buffers in memory while those it gave and still live add up to at
     most ``memory_bytes``, and :func:`spill_allocator` buffers in ``directory`` beyond that.
 
-    A memory buffer is ``empty((size,), np.uint8)`` (no zero-fill: its pages are only taken as they
-    are written; an :class:`~fedmq.shared.arrays.ArrayPool`'s lends freed ones again); it counts
-    until the last view of it goes. ``memory_bytes`` = 0: every buffer spills.
+    A memory buffer is ``np.empty`` (no zero-fill: its pages are only taken as they are written);
+    it counts until the last view of it goes. ``memory_bytes`` = 0: every buffer spills.
     """
     spill = spill_allocator(directory)
     live = [0]  # bytes of memory buffers not yet freed (a finalizer runs on whichever thread frees one)
@@ -133,7 +129,7 @@ def payload_allocator(directory: str | os.PathLike[str], memory_bytes: int,
                 live[0] += size
         if not fits:
             return spill(size)
-        buffer = empty((size,), np.uint8)
+        buffer = np.empty(size, dtype=np.uint8)
         weakref.finalize(buffer, freed, size)
         return buffer
 

@@ -125,7 +125,8 @@ MMAP_THRESHOLD_BYTES = 2 * 1024 * 1024
 
 def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold so that every buffer of ``threshold`` bytes or more is its own
-    map, returned to the kernel the moment it is freed. True if set (glibc only).
+    map, returned to the kernel the moment it is freed. True if set (glibc only). A FedBuff or
+    FedAsync aggregator's setting (for its peak memory; a sync one's: :func:`keep_large_buffers`).
 
     By default glibc raises the threshold after each large free, up to 32 MiB: from then on the
     aggregator's message bodies (a few MB each, allocated by the I/O thread in its own malloc
@@ -139,25 +140,31 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     return _mallopt(threshold, 2 * int(threshold))
 
 
-#: a worker keeps freed buffers up to this size for its next task (see :func:`keep_large_buffers`)
-KEEP_BYTES = 1024 * 1024 * 1024
+#: buffers up to this size come from the heap and are reused once freed (see :func:`keep_large_buffers`);
+#: larger ones (issue 11's 100M+ parameter models, which must stay a few times the model) still get
+#: their own map, given back when freed
+KEEP_BUFFER_BYTES = 256 * 1024 * 1024
+#: free memory at the heap's top kept for reuse: mallopt's largest (a C int); the process's own
+#: high-water mark bounds it
+_KEEP_FREE_BYTES = 2**31 - 1
 
 
-def keep_large_buffers(keep: int = KEEP_BYTES) -> bool:
-    """Have glibc serve buffers up to ``keep`` bytes from its heaps and keep up to ``keep`` bytes
-    of freed heap for reuse, where by default it maps every buffer over 32 MiB on its own and
-    unmaps it when freed. True if set (glibc only). The workers' setting.
+def keep_large_buffers(largest: int = KEEP_BUFFER_BYTES) -> bool:
+    """Have glibc serve buffers up to ``largest`` bytes from its heaps and keep freed heap memory
+    for reuse, where by default it maps every buffer over 32 MiB on its own and unmaps it when
+    freed. True if set (glibc only). The workers' setting, and a sync aggregator's.
 
-    Why: a worker's task allocates model-sized arrays afresh (the received model as float32,
-    the trained weights, the delta, its compressed form), at 10M parameters each over 32 MiB,
-    so each task page-faulted them in again: 0.42 s of kernel time per GB on this machine's
-    warm memory, and ~2.4 s per GB where a virtual machine's host has taken the freed pages back
-    (free page reporting, as on the machines this is measured on). Kept, the next task reuses
-    the same pages. The price: a worker keeps its high-water mark of memory between tasks. (The
-    aggregator gives large buffers back instead, for its peak memory; it reuses its largest
-    ones itself, see :class:`fedmq.shared.arrays.ArrayPool`.)
+    Why: a worker's task and a sync round allocate model-sized arrays afresh (a worker: the model
+    widened from bfloat16, the trained weights, the delta, its int8 form; the aggregator: each
+    update's chunks, assembly and decoding, the average, evaluation), at 10M parameters each
+    over 32 MiB, so each task and round page-faulted them in again: 0.42 s of kernel time per
+    GB on this machine's warm memory, ~2.4 s per GB where a virtual machine's host has taken the
+    freed pages back (free page reporting, as on the machines this is measured on); 80-90 ms of
+    the aggregator's CPU per 10M-parameter update. Kept, the next task or round reuses the same
+    pages. The price: the process keeps its high-water mark of memory between tasks and rounds.
+    (FedBuff and FedAsync aggregators give large buffers back instead, for their peak memory.)
     """
-    return _mallopt(keep, keep)
+    return _mallopt(largest, _KEEP_FREE_BYTES)
 
 
 def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:

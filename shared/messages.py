@@ -38,7 +38,6 @@ from typing import Any, TypeAlias, get_args
 import numpy as np
 
 from fedmq.shared import codec, compression
-from fedmq.shared.arrays import Empty
 from fedmq.shared.errors import DecodeError
 
 __all__ = [
@@ -318,12 +317,12 @@ def _raw_params(value: Any, msg: str, key: str) -> dict[str, Any]:
     return value
 
 
-def _update_params(params: dict[str, Any], scheme: str, max_bytes: int, empty: Empty) -> Params:
+def _update_params(params: dict[str, Any], scheme: str, max_bytes: int) -> Params:
     """An update's float32 params: as sent, or decompressed (and strictly checked) from ``scheme``."""
     parsed = compression.parse(scheme)
     if not parsed.lossy:
         return _params(params, "update", "params")
-    return compression.decode_params(params, parsed, max_bytes=max_bytes, empty=empty)
+    return compression.decode_params(params, parsed, max_bytes=max_bytes)
 
 
 _VERSION = _integer(0)
@@ -428,14 +427,12 @@ def decode(
     expect: type | tuple[type, ...] | Any | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_decompressed_bytes: int | None = None,
-    empty: Empty = np.empty,
 ) -> Message:
     """Decode and fully validate one message; raise DecodeError naming what is wrong.
 
     ``expect`` restricts the accepted message classes. ``len(data)`` is checked against
     ``max_bytes`` before anything is parsed; a compressed update's float32 params against
-    ``max_decompressed_bytes`` (default ``max_bytes``) before they are allocated, by ``empty(shape, dtype)``
-    (e.g. a :class:`fedmq.shared.arrays.ArrayPool`'s). (A non-message class in ``expect`` is a
+    ``max_decompressed_bytes`` (default ``max_bytes``) before they are allocated. (A non-message class in ``expect`` is a
     programming error and raises TypeError.)
     """
     wanted = _expected(expect) if expect is not None else None
@@ -458,7 +455,7 @@ def decode(
     values = {key: check(doc[key], name, key) for key, check in checks.items()}
     if cls is Update:
         limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
-        values["params"] = _update_params(values["params"], values["compression"], limit, empty)
+        values["params"] = _update_params(values["params"], values["compression"], limit)
     elif cls is ModelVersion and values["dtype"] == compression.BFLOAT16:
         values["params"] = compression.from_bfloat16(values["params"], f"{name}.params")
     return cls(**values)

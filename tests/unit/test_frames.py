@@ -13,7 +13,6 @@ from pika import exceptions as pex
 from pika import frame, spec
 
 from fedmq.broker import frames
-from fedmq.shared.arrays import ArrayPool
 
 PAYLOAD = 4096 - 8  # a small frame_max keeps the multi-frame cases small
 
@@ -133,24 +132,6 @@ def test_each_large_body_owns_its_buffer() -> None:
     assert all(not np.shares_memory(np.frombuffer(b, np.uint8), np.frombuffer(body, np.uint8)) for b in later)
     with pytest.raises(TypeError):
         body[0] = 1  # read-only: no consumer can change what another one sees either
-
-
-def test_a_large_bodys_buffer_is_lent_again_once_the_message_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Large bodies come from a pool (no page faults per chunk): a buffer is reused only after
-    every view of the body before it is gone, so a held body keeps its bytes."""
-    pool = ArrayPool(max_bytes=1 << 20, min_bytes=frames.LARGE_BODY_BYTES)
-    monkeypatch.setattr(frames, "_BODIES", pool)
-    conn = FakeConnection()
-    reader = frames.FrameReader(conn)
-    first = np.arange(50_000, dtype=np.float32)
-    reader.feed(message(1, 1, first.tobytes()))
-    held = np.frombuffer(conn._channels[1].delivered.pop()[1], np.float32)
-    reader.feed(message(1, 2, np.full(50_000, -2, np.float32).tobytes()))
-    assert (pool.allocated, pool.reused) == (2, 0) and np.array_equal(held, first)
-    conn._channels[1].delivered.clear()  # the second message is let go: its buffer is free
-    reader.feed(message(1, 3, np.full(50_000, -3, np.float32).tobytes()))
-    assert (pool.allocated, pool.reused) == (2, 1) and np.array_equal(held, first)
-    assert np.array_equal(np.frombuffer(conn._channels[1].delivered[0][1], np.float32), np.full(50_000, -3, np.float32))
 
 
 def test_a_corrupt_frame_end_and_an_overlong_body_are_refused() -> None:
