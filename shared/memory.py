@@ -13,8 +13,10 @@ certainly not fit rather than predict a peak to the byte.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
+from typing import Any
 
 from fedmq.shared.errors import ConfigError
 
@@ -168,15 +170,27 @@ def keep_large_buffers(largest: int = KEEP_BUFFER_BYTES) -> bool:
 
 
 def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    libc = _libc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    except AttributeError:  # a C library without mallopt (not glibc)
+        return False
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, looked up once per process: ``find_library`` runs ``ldconfig`` (~1.5 ms),
+    and every worker of a ``fedmq workers`` pool sets the allocator as it starts."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
-                    and libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
