@@ -135,7 +135,8 @@ def give_back_large_buffers(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     arena, freed by the main thread once applied) are carved from heap arenas that are rarely
     trimmed, and stay in its resident memory: measured ~1.5 models at 10M parameters
     (``bench/scale.py``: 8 MiB chunks). The price: a fresh map's page faults on every large
-    buffer (cheap from 4 MiB on, where numpy asks for huge pages; ~1 ms per 4 MB message below).
+    buffer, 0.42 s of kernel time per GB on warm memory and ~2.4 s per GB where a virtual
+    machine's host has taken freed pages back (see :func:`keep_large_buffers`).
     """
     # the heap's free top is kept up to twice the threshold, as glibc's dynamic setting does
     # (fixing the threshold leaves it at 128 KiB: freed heap memory faulted in again and again)
