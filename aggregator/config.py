@@ -125,9 +125,10 @@ class AggregatorConfig:
         "(the largest entries of each layer, the rest kept on the worker as error feedback). "
         "Updates then carry deltas; fedavg and fedbuff only.")})
     model_dtype: str = field(default="float32", metadata={"help": (
-        "How model versions travel to the workers: float32, or bfloat16 (half the bytes, relative "
-        "rounding <= 2**-8; the aggregator keeps and checkpoints float32, workers train on the "
-        "rounded model and send deltas from it). fedavg and fedbuff only.")})
+        "How model versions travel to the workers: float32; bfloat16 (half the bytes, relative "
+        "rounding <= 2**-8); or int8 (a quarter of the bytes, a scale per 1024 weights, error <= "
+        "1/254 of the block's largest). The aggregator keeps and checkpoints float32, workers train on "
+        "the rounded model and send deltas from it. fedavg and fedbuff only.")})
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -616,8 +616,8 @@ class Aggregator:
                 case PublishModel():
                     run_id = self._core.run_id
                     dtype = self.cfg.model_dtype
-                    # --model-dtype bfloat16: rounded for the wire only; the core keeps float32
-                    params = d.params if dtype == "float32" else compression.to_bfloat16(d.params)
+                    # --model-dtype bfloat16 or int8: rounded for the wire only; the core keeps float32
+                    params = compression.model_wire(d.params, dtype)
                     msg = messages.ModelVersion(version=d.version, params=params, spec=self.spec, round=d.round,
                                                 created_s=time.time(), run_id=run_id, dtype=dtype)
                     # a model larger than --chunk-bytes goes as chunks, each with these headers

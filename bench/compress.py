@@ -1,5 +1,5 @@
 """Update compression: digits accuracy and bytes per update for none / fp16 / int8 / top-k (with and
-without error feedback), each also with bfloat16 model versions where listed, and the CPU cost of compressing and decompressing a large update.
+without error feedback), each also with bfloat16 or int8 model versions where listed, and the CPU cost of compressing and decompressing a large update.
 
 An in-process simulation of the code a run executes, without the broker: each worker's
 :class:`~fedmq.worker.task.TaskRunner` trains its shard of digits and compresses its delta as the
@@ -44,7 +44,8 @@ RESULTS = ROOT / "bench" / "results"
 #: (label, --compress, error feedback, --model-dtype)
 VARIANTS = [("none", "none", True, "float32"), ("fp16", "fp16", True, "float32"), ("int8", "int8", True, "float32"),
             ("topk 10% + EF", "topk:0.1", True, "float32"), ("topk 10% no EF", "topk:0.1", False, "float32"),
-            ("none, bfloat16 models", "none", True, "bfloat16"), ("int8, bfloat16 models", "int8", True, "bfloat16")]
+            ("none, bfloat16 models", "none", True, "bfloat16"), ("int8, bfloat16 models", "int8", True, "bfloat16"),
+            ("int8, int8 models", "int8", True, "int8")]
 
 
 def simulate(scheme: str, feedback: bool, *, rounds: int, workers: int, seed: int,
@@ -63,7 +64,7 @@ def simulate(scheme: str, feedback: bool, *, rounds: int, workers: int, seed: in
                              seed=seed * 1_000_003 + r, round=r, update_kind=kind, run_id="bench", compression=scheme)
         model = messages.ModelVersion(version=r - 1, params=params, spec=spec, run_id="bench")
         if model_dtype != "float32":  # what the workers get off the wire: the rounded model, as float32
-            wire_model = messages.ModelVersion(version=r - 1, params=compression.to_bfloat16(params), spec=spec,
+            wire_model = messages.ModelVersion(version=r - 1, params=compression.model_wire(params, model_dtype), spec=spec,
                                                run_id="bench", dtype=model_dtype)
             model = messages.decode(messages.encode(wire_model), expect=messages.ModelVersion)  # type: ignore[assignment]
         contributions = []

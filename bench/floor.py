@@ -55,12 +55,12 @@ def chunk_spans(total: int, chunk_bytes: int) -> list[tuple[int, int]]:
 def body_bytes(shapes: Mapping[str, tuple[int, ...]], compress: str = "none",
                model_dtype: str = "float32") -> tuple[int, int]:
     """(model message, update message) sizes in bytes, as fedmq encodes them, for parameters of
-    ``shapes``, models in ``model_dtype`` (``float32``, ``bfloat16``) and updates compressed with
+    ``shapes``, models in ``model_dtype`` (``float32``, ``bfloat16``, ``int8``) and updates compressed with
     ``compress`` (e.g. ``none``, ``int8``, ``topk:0.1``)."""
     from fedmq.shared import compression, messages
 
     params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-    wire_model = params if model_dtype == "float32" else compression.to_bfloat16(params)
+    wire_model = compression.model_wire(params, model_dtype)
     model = messages.encode(messages.ModelVersion(version=1, params=wire_model, spec={"layers": list(shapes)},
                                                   round=1, run_id="r" * 32, dtype=model_dtype))
     scheme = compression.parse(compress)

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress", default="none",
                         help="comma-separated --compress schemes, each run at every point in turn (e.g. none,int8)")
     parser.add_argument("--model-dtype", default="float32",
-                        help="comma-separated --model-dtype values (float32,bfloat16), crossed with --compress")
+                        help="comma-separated --model-dtype values (float32,bfloat16,int8), crossed with --compress")
     parser.add_argument("--peers", choices=PEERS, default=None,
                         help="after each point, run the same workload on this peer (bench/peers/) and print the ratios")
     parser.add_argument("--peer-engines", default="simulation,deployment",

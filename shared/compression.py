@@ -43,6 +43,7 @@ from fedmq.shared.errors import DecodeError
 
 __all__ = [
     "BFLOAT16",
+    "INT8",
     "INT8_BLOCK",
     "MODEL_DTYPES",
     "NONE",
@@ -54,15 +55,18 @@ __all__ = [
     "deltas",
     "encode_params",
     "from_bfloat16",
+    "model_params",
+    "model_wire",
     "parse",
     "to_bfloat16",
     "topk_count",
 ]
 
 SCHEMES = ("none", "fp16", "int8", "topk")
-#: how a model version's parameters travel (``--model-dtype``): float32, or bfloat16 (see below)
+#: how a model version's parameters travel (``--model-dtype``): float32, bfloat16 or int8 (see below)
 BFLOAT16 = "bfloat16"
-MODEL_DTYPES = ("float32", BFLOAT16)
+INT8 = "int8"
+MODEL_DTYPES = ("float32", BFLOAT16, INT8)
 #: elements per int8 scale
 INT8_BLOCK = 1024
 #: the largest top-k fraction (at 0.5 indices and values weigh as much as the dense layer)
@@ -435,3 +439,38 @@ def from_bfloat16(params: Mapping[str, Any], where: str = "model.params") -> dic
             raise DecodeError(f"{where}[{name!r}] holds a value that is not finite")
         out[name] = values
     return out
+
+
+# ------------------------------------------------------------------ model versions by --model-dtype
+def model_wire(params: Mapping[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """A model version's float32 ``params`` as ``dtype`` sends them:
+
+    * ``float32``: as they are;
+    * ``bfloat16``: :func:`to_bfloat16` (2 bytes a weight, relative error <= 2**-8);
+    * ``int8``: the int8 layers of ``--compress int8`` (1 byte a weight and a float32 scale per
+      :data:`INT8_BLOCK`; error <= scale/2, a 254th of the block's largest weight).
+
+    Workers train on what arrives and send deltas from it, which the aggregator adds to its
+    float32 model: the rounding of one version is never carried into the next. ValueError for
+    a value that is not finite (the model of a broken run; it is not published)."""
+    if dtype == "float32":
+        return dict(params)
+    if dtype == BFLOAT16:
+        return to_bfloat16(params)
+    if dtype != INT8:
+        raise ValueError(f"unknown model dtype {dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
+    for name, x in params.items():
+        if not codec.all_finite(np.asarray(x, np.float32).reshape(-1)):
+            raise ValueError(f"{name} holds values that are not finite (inf or nan)")
+    return encode_params(params, Scheme(INT8))
+
+
+def model_params(params: dict[str, Any], dtype: str, *, max_bytes: int, where: str = "model.params") -> dict[str, np.ndarray]:
+    """:func:`model_wire`'s layers of a ``bfloat16`` or ``int8`` model back as fresh float32 arrays,
+    strictly checked (DecodeError naming the layer; an int8 model over ``max_bytes`` once widened
+    is refused before it is)."""
+    if dtype == BFLOAT16:
+        return from_bfloat16(params, where)
+    if dtype == INT8:
+        return decode_params(params, Scheme(INT8), max_bytes=max_bytes, where=where)
+    raise DecodeError(f"{where}: no wire form for model dtype {dtype!r}")

@@ -78,8 +78,8 @@ class ModelVersion:
     round: int | None = None
     created_s: float = 0.0
     run_id: str = ""  # the run this version belongs to; streams outlive runs
-    # how params travel: "float32", or "bfloat16" (--model-dtype; uint16 bit patterns on the wire,
-    # float32 again once decoded: a decoded model always holds float32 arrays)
+    # how params travel (--model-dtype): "float32"; "bfloat16" (uint16 bit patterns on the wire); or
+    # "int8" (--compress int8's layers); float32 again once decoded: a decoded model holds float32 arrays
     dtype: str = "float32"
 
 
@@ -169,7 +169,9 @@ def encode_pieces(msg: Message) -> list[Any]:
         value = getattr(msg, f.name)
         if f.name in later and value == later[f.name]:
             continue
-        if f.name == "params" and not (isinstance(msg, Update) and msg.compression != "none"):
+        layered = (isinstance(msg, Update) and msg.compression != "none") or (
+            isinstance(msg, ModelVersion) and msg.dtype == compression.INT8)  # maps of arrays per layer
+        if f.name == "params" and not layered:
             _check_params_to_send(value, f"{name}.params")
         doc[f.name] = value
     return codec.pack_pieces(doc)
@@ -311,7 +313,7 @@ def _scheme(value: Any, msg: str, key: str) -> str:
 
 
 def _raw_params(value: Any, msg: str, key: str) -> dict[str, Any]:
-    """An update's params before :func:`_update_params` looks at them with its compression."""
+    """An update's or model's params before their compression or dtype says what they hold."""
     if type(value) is not dict:
         raise DecodeError(f"{msg}.{key} must be a map of name -> array, got {_kind(value)}")
     return value
@@ -332,7 +334,7 @@ _TIME = _number(0.0)
 _SCHEMAS: dict[type, dict[str, Check]] = {
     ModelVersion: {
         "version": _VERSION,
-        "params": _params,
+        "params": _raw_params,
         "spec": _json_map,
         "round": _ROUND,
         "created_s": _TIME,
@@ -431,7 +433,7 @@ def decode(
     """Decode and fully validate one message; raise DecodeError naming what is wrong.
 
     ``expect`` restricts the accepted message classes. ``len(data)`` is checked against
-    ``max_bytes`` before anything is parsed; a compressed update's float32 params against
+    ``max_bytes`` before anything is parsed; a compressed update's (or int8 model's) float32 params against
     ``max_decompressed_bytes`` (default ``max_bytes``) before they are allocated. (A non-message class in ``expect`` is a
     programming error and raises TypeError.)
     """
@@ -453,9 +455,12 @@ def decode(
             raise DecodeError(f"missing field(s) in {name}: {_names(missing)}")
         doc = {**{key: value for key, value in later.items() if key not in doc}, **doc}
     values = {key: check(doc[key], name, key) for key, check in checks.items()}
+    limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
     if cls is Update:
-        limit = max_bytes if max_decompressed_bytes is None else max_decompressed_bytes
         values["params"] = _update_params(values["params"], values["compression"], limit)
-    elif cls is ModelVersion and values["dtype"] == compression.BFLOAT16:
-        values["params"] = compression.from_bfloat16(values["params"], f"{name}.params")
+    elif cls is ModelVersion and values["dtype"] == "float32":
+        values["params"] = _params(values["params"], name, "params")
+    elif cls is ModelVersion:
+        values["params"] = compression.model_params(values["params"], values["dtype"], max_bytes=limit,
+                                                    where=f"{name}.params")
     return cls(**values)

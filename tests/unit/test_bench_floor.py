@@ -55,6 +55,8 @@ def test_a_bfloat16_model_is_half_the_bytes_of_a_float32_one() -> None:
     model, update = body_bytes(shapes, "int8", "bfloat16")
     assert raw // 2 < model < raw // 2 + 1024
     assert update == body_bytes(shapes, "int8")[1]  # the update does not depend on the model's dtype
+    quarter, _ = body_bytes(shapes, "int8", "int8")  # a byte a weight and a float32 scale per 1024
+    assert raw // 4 < quarter < raw // 4 + raw // 1024 + 1024
 
 
 @pytest.mark.broker

@@ -406,3 +406,49 @@ def test_int8_decodes_to_the_bits_of_the_reference_formula(n: int) -> None:
     out = compression.decode_params({"w": layer}, compression.parse("int8"), max_bytes=8 * n)["w"]
     assert out.dtype == np.float32 and out.shape == (n,)
     assert np.array_equal(out.view(np.uint32), reference.view(np.uint32))
+
+
+# ------------------------------------------------------------------ int8 model versions
+
+
+def test_an_int8_model_message_is_a_quarter_of_the_bytes_and_decodes_to_float32_within_half_a_scale():
+    from fedmq.shared.messages import ModelVersion
+
+    rng = np.random.default_rng(11)
+    params = {"W": (rng.standard_normal((300, 70)) * 0.05).astype(np.float32), "b": np.zeros(7, np.float32)}
+    wire = compression.model_wire(params, "int8")
+    msg = ModelVersion(version=3, params=wire, spec={}, run_id="r", dtype="int8")
+    body = encode(msg)
+    assert len(body) < 0.27 * sum(x.nbytes for x in params.values()) + 512
+    got = decode(body)
+    assert isinstance(got, ModelVersion) and got.dtype == "int8" and got.version == 3
+    for name, x in params.items():
+        back = got.params[name]
+        assert back.dtype == np.float32 and back.shape == x.shape and back.flags.writeable
+        scale = np.repeat(wire[name]["scale"], INT8_BLOCK)[: x.size].reshape(x.shape)
+        assert np.all(np.abs(back - x) <= scale / 2 * (1 + 1e-6))
+    assert np.all(got.params["b"] == 0.0)
+
+
+def test_an_int8_model_refuses_what_it_cannot_carry_and_a_forged_one_does_not_decode():
+    from fedmq.shared.messages import ModelVersion
+
+    with pytest.raises(ValueError, match="'?bad'? holds values that are not finite"):
+        compression.model_wire({"ok": np.ones(3, np.float32), "bad": np.array([1.0, np.inf], np.float32)}, "int8")
+    with pytest.raises(ValueError, match="nan"):
+        compression.model_wire({"w": np.array([np.nan], np.float32)}, "int8")
+    good = compression.model_wire({"w": np.linspace(-1, 1, 2000, dtype=np.float32)}, "int8")
+    minus_128 = {"w": {**good["w"], "q": np.full(2000, -128, np.int8)}}
+    negative = {"w": {**good["w"], "scale": -good["w"]["scale"]}}
+    short = {"w": {**good["w"], "scale": good["w"]["scale"][:1]}}
+    extra = {"w": {**good["w"], "values": np.zeros(2, np.float32)}}
+    plain = {"w": np.zeros(2000, np.float32)}  # float32 arrays in a message that says int8
+    for params, reason in [(minus_128, "-128"), (negative, "scale"), (short, "scales"), (extra, "keys"),
+                           (plain, "not a int8 layer")]:
+        forged = ModelVersion(version=1, params=params, spec={}, run_id="r", dtype="int8")
+        with pytest.raises(DecodeError, match=reason):
+            decode(encode(forged))
+    # widened to float32, an int8 model is checked against the limit before it is allocated
+    body = encode(ModelVersion(version=1, params=good, spec={}, run_id="r", dtype="int8"))
+    with pytest.raises(DecodeError, match="decompresses to 8000 bytes, over the limit of 7999"):
+        decode(body, max_bytes=len(body), max_decompressed_bytes=7999)

@@ -1036,11 +1036,12 @@ def test_a_compressed_fedavg_run_asks_for_deltas_and_averages_them_into_weights(
     np.testing.assert_allclose(run.core.params["dense_0/W"], 1.0 + (0.5 * 10 - 0.25 * 30) / 40, rtol=1e-2)
 
 
-def test_bfloat16_models_make_fedavg_ask_for_deltas_added_to_its_float32_model() -> None:
-    """--model-dtype bfloat16: workers train on a rounded model, so tasks ask for deltas (the
-    rounding then costs nothing); uncompressed deltas of the current version become weights."""
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_rounded_models_make_fedavg_ask_for_deltas_added_to_its_float32_model(dtype: str) -> None:
+    """--model-dtype bfloat16 or int8: workers train on a rounded model, so tasks ask for deltas
+    (the rounding then costs nothing); uncompressed deltas of the current version become weights."""
     run = Driver(coordinator(config(mode="sync", rounds=5, workers_per_round=2, min_workers=2,
-                                    model_dtype="bfloat16"), model(1.0)))
+                                    model_dtype=dtype), model(1.0)))
     run.start(0.0)
     run.hello("w0", 0.001)
     got = run.hello("w1", 0.002)
@@ -1057,7 +1058,9 @@ def test_model_dtype_must_be_known_and_is_refused_for_fedasync() -> None:
 
     with pytest.raises(ConfigError, match="fedasync"):
         config(mode="async", strategy="fedasync", model_dtype="bfloat16")
-    with pytest.raises(ConfigError, match="--model-dtype must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="fedasync"):
+        config(mode="async", strategy="fedasync", model_dtype="int8")
+    with pytest.raises(ConfigError, match="--model-dtype must be one of float32, bfloat16, int8"):
         config(model_dtype="float16")
     assert config(mode="async", strategy="fedbuff", model_dtype="bfloat16").to_json()["model_dtype"] == "bfloat16"
 
