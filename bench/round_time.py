@@ -24,7 +24,7 @@ fedmq / Simulation and the speedup over Deployment, with the 1-minute load avera
 point. Goals (issue 15): >= 20x faster than Deployment, <= Simulation's time at every point.
 The exit status is 1 when a peer failed to run or a goal was missed, else 0.
 ``--compress none,int8`` runs every point once per scheme, one after the other (the table has a row
-each; Flower runs once per point and is compared with each); ``--model-dtype float32,bfloat16``
+each; Flower runs once per point and is compared with each); ``--model-dtype float32,bfloat16,int8``
 crosses them with the models' wire dtype.
 ``--floor`` follows each row, on the same broker once the fedmq processes are gone, with the raw-pika floor of
 one round (``bench/floor.py``: the model into a stream, N readers, N writers into a quorum queue while one
@@ -32,7 +32,7 @@ consumer takes them, bodies as fedmq encodes them for that row's ``--compress`` 
 default chunk size; median round over rounds 2..R, like fedmq's) and the ratio s/round / floor (goal <= 1.1 for
 lossless rows, issue 15).
 Run: ``python bench/round_time.py [--quick] [--workers 4,16] [--sizes 100k,1M,10M] [--compress none,int8]
-[--model-dtype float32,bfloat16] [--profile DIR] [--floor] [--peers flower [--peer-engines simulation,deployment]
+[--model-dtype float32,bfloat16,int8] [--profile DIR] [--floor] [--peers flower [--peer-engines simulation,deployment]
 [--deployment-rounds 4]]``.
 """
 from __future__ import annotations
