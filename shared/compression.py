@@ -155,8 +155,15 @@ def _int8(x: np.ndarray, base: np.ndarray | None = None) -> dict[str, Any]:
         np.abs(rows, out=buf)
         np.max(buf, axis=1, out=scales)
         scales /= np.float32(127.0)
-        inverse = np.divide(np.float32(1.0), scales, out=np.zeros_like(scales), where=scales > 0)
+        with np.errstate(over="ignore"):
+            inverse = np.divide(np.float32(1.0), scales, out=np.zeros_like(scales), where=scales > 0)
+        # a block whose largest magnitude is below ~3.7e-37 has a scale whose inverse overflows
+        # float32 (0 x inf would be NaN): those rare blocks are divided by their scale instead
+        tiny = np.flatnonzero(np.isinf(inverse))
+        inverse[tiny] = 0.0
         np.multiply(rows, inverse[:, None], out=buf)
+        if tiny.size:
+            buf[tiny] = rows[tiny] / scales[tiny, None]
         np.rint(buf, out=buf)
         np.clip(buf, -127, 127, out=buf)
         q[lo:hi] = buf.reshape(-1)

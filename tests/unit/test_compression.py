@@ -107,6 +107,21 @@ def test_int8_scales_are_each_blocks_largest_magnitude_over_127_across_scratch_c
     assert np.all(np.abs(back - x) <= per_element / 2 * (1 + 1e-6))
 
 
+@pytest.mark.filterwarnings("error")  # no overflow in 1/scale, no NaN cast to int8
+def test_int8_keeps_a_block_of_tiny_values_within_half_a_scale():
+    # a block whose largest magnitude is 1e-37 has a (subnormal) scale of ~7.9e-40, whose inverse
+    # overflows float32: multiplying by it made 0 x inf = NaN and sent every nonzero value to
+    # +-127, i.e. the block's largest magnitude
+    x = np.zeros(3 * INT8_BLOCK, np.float32)
+    x[:4] = [1e-37, 1e-38, -4e-38, 3e-40]
+    x[INT8_BLOCK] = 0.25  # a normal block beside it
+    layer = compression.encode_params({"x": x}, parse("int8"))["x"]
+    assert layer["q"][:4].tolist() == [127, 13, -51, 0] and layer["q"][INT8_BLOCK] == 127
+    back = compression.decompress({"x": layer}, parse("int8"))["x"]
+    per_element = np.repeat(layer["scale"], INT8_BLOCK)
+    assert np.all(np.abs(back - x) <= per_element / 2 * (1 + 1e-5))
+
+
 @pytest.mark.parametrize("scheme", ["fp16", "int8", "topk:0.1"])
 def test_encoding_from_a_base_is_the_encoding_of_the_subtracted_delta(scheme):
     """The worker hands the compressor its trained weights and the model (int8 forms the delta
