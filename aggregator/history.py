@@ -40,8 +40,9 @@ class SnapshotSchedule:
 
     A checkpoint :meth:`offer` s a write: it is taken at once if the last one is ``interval_s``
     old (or there was none); otherwise it is owed, and :meth:`deadline` says when the main loop
-    must take a checkpoint again to pay it (:meth:`owed`), so history.json never stays behind
-    a quiet run. Pure: the caller passes its monotonic clock.
+    must pay it (:meth:`owed`): with a checkpoint if updates were settled since the last one,
+    else alone, so history.json never stays behind a quiet run. Pure: the caller passes its
+    monotonic clock.
     """
 
     def __init__(self, interval_s: float = HISTORY_JSON_INTERVAL_S) -> None:
@@ -58,7 +59,7 @@ class SnapshotSchedule:
         return False
 
     def owed(self, now: float) -> bool:
-        """A write was put off and its time has come: take a checkpoint (which offers it again)."""
+        """A write was put off and its time has come: write it now (and :meth:`offer` it again)."""
         return self._owed and self._last is not None and now - self._last >= self.interval_s
 
     def deadline(self) -> float | None:

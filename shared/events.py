@@ -20,6 +20,8 @@ update_settled         message_id, fate (applied|stale|duplicate|rejected|late|f
 version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?,
                        dp_epsilon?, dp_delta?, dp_steps? (differential privacy: spent so far)
 round_closed           round, version, updates
+checkpoint_written     version, acked                          (debug level: the state is on disk, that many
+                       deliveries acked)
 finished               version, accuracy, updates_applied, updates_rejected, updates_stale,
                        updates_duplicate, updates_late, reached_target, interrupted, time_s,
                        loss?, rounds?, dp_epsilon?, dp_delta?
@@ -56,6 +58,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
         frozenset({"round", "dp_epsilon", "dp_delta", "dp_steps"}),
     ),
     "round_closed": (frozenset({"round", "version", "updates"}), frozenset()),
+    "checkpoint_written": (frozenset({"version", "acked"}), frozenset()),
     "finished": (
         frozenset({"version", "accuracy", "updates_applied", "updates_rejected", "updates_stale",
                    "updates_duplicate", "updates_late", "reached_target", "interrupted", "time_s"}),

@@ -152,3 +152,26 @@ def test_worker_trusting_the_aggregator_ignores_forged_models_and_tasks(amqp_url
     with Admin(BrokerSettings.from_url(amqp_url), topology) as admin:
         dead = admin.dead_letters()
     assert [d.message_id for d in dead if d.queue == topology.tasks_dlq] == ["forged-1"]
+
+
+def test_a_sync_run_writes_one_checkpoint_per_round(amqp_url: str, namespace: str, shards: Path, procs: Procs,
+                                                    tmp_path: Path) -> None:
+    """history.json is rewritten at most once a second; a write put off until its time came used
+    to take a whole checkpoint (the model, the ledger, three fsyncs) with nothing new to make
+    durable, in the middle of the next round: in a run of rounds under a second, about once a
+    second. Now every checkpoint but the one the aggregator takes as it leaves acks a round's
+    updates, and history.json is still complete at the end."""
+    run = tmp_path / "run"
+    common = ["--amqp-url", amqp_url, "--namespace", namespace]
+    procs.start("agg", "aggregator", "--test-data", str(shards / "test.npz"), "--out", str(run), "--mode", "sync",
+                "--rounds", "80", "--min-workers", "2", "--workers-per-round", "2", "--log-format", "json",
+                "--log-level", "debug", *common)
+    start_workers(procs, shards, common, n=2)
+    assert procs.wait("agg", 240) == 0, procs.dump()
+    hist = read_history(run)
+    assert hist["final"]["rounds"] == 80 and hist["history_complete"]
+    assert hist["final"]["time_s"] > 2.0, "rounds of a second or more never owe a history.json write"
+    written = procs.events("agg", "checkpoint_written")
+    idle = [e["version"] for e in written[:-1] if e["acked"] == 0]  # the last: the aggregator leaves
+    assert idle == [], f"{len(idle)} of {len(written)} checkpoints made nothing durable (at versions {idle})"
+    assert len(written) <= 80 + 1, len(written)
