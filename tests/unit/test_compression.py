@@ -107,6 +107,33 @@ def test_int8_scales_are_each_blocks_largest_magnitude_over_127_across_scratch_c
     assert np.all(np.abs(back - x) <= per_element / 2 * (1 + 1e-6))
 
 
+def test_int8_quantised_in_lanes_has_the_bits_of_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large layer's runs of blocks are dealt to the lanes (fedmq.shared.lanes): the scales and
+    values are the same bits as on one thread, with and without a base, last block partial."""
+    import threading
+
+    from fedmq.shared import lanes
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(700 * INT8_BLOCK + 37) * 0.1).astype(np.float32)
+    base = (x * 0.75 + 0.01).astype(np.float32)
+    one = [compression._int8(x), compression._int8(x, base)]
+    monkeypatch.setattr(lanes, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(lanes, "LANES", 3)
+    monkeypatch.setattr(lanes, "_pool", None)
+    seen: set[str] = set()
+    real_abs = np.abs
+    monkeypatch.setattr(np, "abs", lambda *a, **kw: (seen.add(threading.current_thread().name), real_abs(*a, **kw))[1])
+    try:
+        three = [compression._int8(x), compression._int8(x, base)]
+    finally:
+        if lanes._pool is not None:
+            lanes._pool.shutdown()
+    for a, b in zip(one, three, strict=True):
+        assert a["q"].tobytes() == b["q"].tobytes() and a["scale"].tobytes() == b["scale"].tobytes()
+    assert len(seen) == 3, seen  # this thread and two helpers took runs
+
+
 @pytest.mark.filterwarnings("error")  # no overflow in 1/scale, no NaN cast to int8
 def test_int8_keeps_a_block_of_tiny_values_within_half_a_scale():
     # a block whose largest magnitude is 1e-37 has a (subnormal) scale of ~7.9e-40, whose inverse
