@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import queue
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,7 @@ class Aggregator:
         self._unsigned_presence: set[str] = set()  # workers whose unverified presence was logged
         self.incarnation = secrets.token_hex(3)
         self._models_published = 0
+        self._model_ahead: dict[int, _Ahead] = {}  # version -> its message, made while a checkpoint is written
         self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
         self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
         self.lock: NamespaceLock | None = None
@@ -606,7 +608,7 @@ class Aggregator:
     # ------------------------------------------------------------------ carrying out decisions
     def _carry(self, decisions: list[Decision]) -> None:
         """Carry out the core's decisions, in order."""
-        for d in decisions:
+        for i, d in enumerate(decisions):
             match d:
                 case Settle():
                     self._settle(d)
@@ -614,21 +616,15 @@ class Aggregator:
                     body = messages.encode(task)
                     self._publish(self.topology.tasks, body, message_id=task.task_id, headers=self._signed(task, body))
                 case PublishModel():
-                    run_id = self._core.run_id
-                    dtype = self.cfg.model_dtype
-                    # --model-dtype bfloat16 or int8: rounded for the wire only; the core keeps float32
-                    params = compression.model_wire(d.params, dtype)
-                    msg = messages.ModelVersion(version=d.version, params=params, spec=self.spec, round=d.round,
-                                                created_s=time.time(), run_id=run_id, dtype=dtype)
-                    # a model larger than --chunk-bytes goes as chunks, each with these headers
-                    body = messages.encode(msg)
+                    prepared = self._model_ahead.pop(d.version, None)
+                    msg, body, digest = prepared.result() if prepared is not None else self._model_message(d)
+                    run_id = msg.run_id
                     # one id per publish: a version published again (by a resumed aggregator, or
                     # for a reopened round) is other bytes, and a reader holding the first chunks
                     # of a publish cut short by a kill would take the new ones as foreign
                     self._models_published += 1
                     mid = f"model-{run_id}-{d.version}-{self.incarnation}.{self._models_published}"
-                    # signed: one SHA-256 for the signature and the chunks' digest header
-                    digest = signing.body_digest(body) if self._signing_key is not None else None
+                    # a model larger than --chunk-bytes goes as chunks, each with these headers
                     self._publish(self.topology.models, body, message_id=mid, sha256=digest,
                                   headers={VERSION_HEADER: d.version, RUN_HEADER: run_id,
                                            **self._signed(msg, body, digest)})
@@ -636,6 +632,12 @@ class Aggregator:
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)
                     self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic()))
                 case Checkpoint():
+                    # a sync round's next model is published right after this checkpoint: its
+                    # wire form (rounding, encoding) is made on another thread meanwhile, while
+                    # this one mostly waits for the disk. Published only after, as before.
+                    upcoming = next((x for x in decisions[i + 1:] if isinstance(x, PublishModel)), None)
+                    if upcoming is not None and upcoming.version not in self._model_ahead:
+                        self._model_ahead[upcoming.version] = _Ahead(functools.partial(self._model_message, upcoming))
                     self._checkpoint(force=True)
                 case BroadcastStop():
                     self._broadcast_stop(d.version)
@@ -685,6 +687,18 @@ class Aggregator:
                          reason=d.reason)
                 case TaskExpired():
                     log.warning("task %s not answered in %.0f s; issuing a replacement", d.task_id, d.after_s)
+
+    def _model_message(self, d: PublishModel) -> tuple[messages.ModelVersion, bytes, bytes | None]:
+        """Version ``d`` as published: the message, its encoded body, and with --signing-key the
+        body's SHA-256 (one digest for the signature and the chunks' digest header)."""
+        dtype = self.cfg.model_dtype
+        # --model-dtype bfloat16 or int8: rounded for the wire only; the core keeps float32
+        params = compression.model_wire(d.params, dtype)
+        msg = messages.ModelVersion(version=d.version, params=params, spec=self.spec, round=d.round,
+                                    created_s=time.time(), run_id=self._core.run_id, dtype=dtype)
+        body = messages.encode(msg)
+        digest = signing.body_digest(body) if self._signing_key is not None else None
+        return msg, body, digest
 
     def _publish(self, queue_name: str, body: bytes, *, message_id: str, headers: dict[str, Any] | None = None,
                  sha256: bytes | None = None) -> None:
@@ -873,6 +887,29 @@ class Aggregator:
 
 #: how long a stop broadcast waits for its confirm (it is repeated while workers are live)
 STOP_CONFIRM_S = 10.0
+
+
+class _Ahead:
+    """``make()`` run on a thread of its own now; :meth:`result` waits for it and returns what it
+    returned or raises what it raised (on the caller's thread, as if called there)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._out: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make,), name="fedmq-model-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[], Any]) -> None:
+        try:
+            self._out = make()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller by result())
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def _ack_handle(delivery: Delivery) -> Delivery:

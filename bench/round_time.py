@@ -92,8 +92,8 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "aggregator", "--mode", "sync", "--rounds", str(rounds), "--workers-per-round", str(n),
         "--min-workers", str(n), "--hidden", str(hidden), "--trainer", "bench.standin:NoiseTrainer",
         "--test-data", str(work / "data" / "test.npz"), "--out", str(run_dir), "--round-timeout", "300",
-        "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json", "--compress", compress,
-        "--model-dtype", model_dtype,
+        "--namespace", namespace, "--amqp-url", AMQP_URL, "--log-format", "json", "--log-level", "debug",
+        "--compress", compress, "--model-dtype", model_dtype,
     )
     if profile is not None:
         argv = pyspy_argv(argv, profile / f"round_time-n{n}-{label}.txt")
@@ -138,6 +138,8 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     for e in ledger:
         fates[e["fate"]] = fates.get(e["fate"], 0) + 1
     shutil.rmtree(run_dir, ignore_errors=True)
+    worker_events = [e for i in range(n) for e in events_of(children.log_dir / f"worker-n{n}-{label}-{i}.log")]
+    phases = round_phases(reader.seen, worker_events, rounds)
     model_bytes = mlp_param_count(hidden) * 4
     steady = per_round[1:]  # rounds 2..R
     s_round = median(steady)
@@ -151,8 +153,53 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
         "collect_median_s": median(collect[1:]), "close_median_s": median(close[1:]),
         "mb_per_s": 2 * n * model_bytes / s_round / 1e6,
         "fates": fates, "aggregator_wall_s": wall, "loadavg": load,
-        "cpu_s_per_round": cpu_per_round,
+        "cpu_s_per_round": cpu_per_round, "phases_ms": phases,
     }
+
+
+#: where a round goes, from the events of the aggregator and the workers (each a median over rounds 2..R, ms)
+PHASES = {
+    "checkpoint": "the last round closed -> its checkpoint written (the average is before: the close column)",
+    "to workers": "-> the last worker started its task (model published, fetched, decoded; task delivered)",
+    "work": "-> the last worker's update confirmed (training, encoding, publish, the broker's confirm)",
+    "in": "-> the round closed (the updates received and decoded, the average)",
+}
+
+
+def events_of(path: Path) -> list[dict[str, Any]]:
+    from fedmq.shared import events
+
+    if not path.exists():
+        return []
+    return [e for e in map(events.parse, path.read_text(errors="replace").splitlines()) if e is not None]
+
+
+def round_phases(agg: list[dict[str, Any]], workers: list[dict[str, Any]], rounds: int) -> dict[str, float]:
+    """Median ms per phase (:data:`PHASES`) over rounds 2..``rounds``: the chain from one round's
+    close to the next, read from event timestamps (ms resolution). Empty if an event is missing
+    (an aggregator not at debug level writes no ``checkpoint_written``)."""
+    closed = {int(e["round"]): float(e["ts"]) for e in agg if e["event"] == "round_closed"}
+    written = sorted(float(e["ts"]) for e in agg if e["event"] == "checkpoint_written")
+    started: dict[int, list[float]] = {}
+    confirmed: dict[int, list[float]] = {}
+    for e in workers:
+        version = e.get("version")
+        if e["event"] == "task_started" and isinstance(version, int):
+            started.setdefault(version + 1, []).append(float(e["ts"]))  # round r trains on version r - 1
+        elif e["event"] == "update_confirmed" and str(e.get("ticket", "")).startswith("r"):
+            confirmed.setdefault(int(str(e["ticket"])[1:].split("-")[0]), []).append(float(e["ts"]))
+    per: dict[str, list[float]] = {k: [] for k in PHASES}
+    for r in range(2, rounds + 1):
+        if r - 1 not in closed or r not in closed or r not in started or r not in confirmed:
+            continue
+        t0 = closed[r - 1]
+        ck = next((t for t in written if t >= t0), None)
+        if ck is None or ck > closed[r]:
+            continue
+        marks = [t0, ck, max(started[r]), max(confirmed[r]), closed[r]]
+        for name, a, b in zip(PHASES, marks, marks[1:], strict=False):
+            per[name].append((b - a) * 1e3)
+    return {k: median(v) for k, v in per.items() if v}
 
 
 def floor_of(n: int, label: str, scheme: str, rounds: int, model_dtype: str = "float32") -> dict[str, Any]:
@@ -322,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     body = [[r["workers"], r["model"], r["compress"], r["median_s"], r["collect_median_s"], r["close_median_s"], r["mb_per_s"],
              r["loadavg"]] for r in rows]
     print(table(headers, body))
+    if any(r["phases_ms"] for r in rows):
+        print("\nWhere a round goes (median ms over rounds 2..R, from the processes' events): "
+              + "; ".join(f"{k}: {v}" for k, v in PHASES.items()))
+        print(table(["N", "model", "compress", *PHASES],
+                    [[r["workers"], r["model"], r["compress"], *(r["phases_ms"].get(k, float("nan")) for k in PHASES)]
+                     for r in rows]))
     met = True
     if args.floor:
         floor_headers, floor_body, met = floor_table(rows)

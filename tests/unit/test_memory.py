@@ -149,3 +149,26 @@ def test_a_confirmed_publish_is_let_go_before_the_checkpoint() -> None:
     agg = SimpleNamespace(_unconfirmed=[_Pub(True), pending, retry, _Pub(True)])
     Aggregator._raise_refused_publishes(agg)  # type: ignore[arg-type]
     assert agg._unconfirmed == [pending, retry]
+
+
+def test_a_model_made_ahead_is_handed_over_or_its_error_raised_on_the_callers_thread() -> None:
+    """A sync round's next model is made on another thread while the checkpoint is written
+    (``_Ahead``); what it made, or what it raised (a model that is not finite), reaches the
+    thread that publishes, as if it had made it there."""
+    import threading
+
+    from fedmq.aggregator.service import _Ahead
+
+    made_on: list[str] = []
+
+    def make() -> str:
+        made_on.append(threading.current_thread().name)
+        return "body"
+
+    assert _Ahead(make).result() == "body" and made_on == ["fedmq-model-ahead"]
+
+    def broken() -> str:
+        raise ValueError("dense_0/W holds values that are not finite (inf or nan)")
+
+    with pytest.raises(ValueError, match="not finite"):
+        _Ahead(broken).result()
