@@ -23,14 +23,16 @@ PARALLEL_MIN = 1 << 22
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+_idle: threading.Semaphore | None = None  # helpers not running a lane now
 
 
-def _helpers() -> ThreadPoolExecutor:
-    global _pool
+def _helpers() -> tuple[ThreadPoolExecutor, threading.Semaphore]:
+    global _pool, _idle
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _idle is None:
             _pool = ThreadPoolExecutor(max(1, LANES - 1), thread_name_prefix="fedmq-lane")
-        return _pool
+            _idle = threading.Semaphore(max(1, LANES - 1))
+        return _pool, _idle
 
 
 def lanes_for(elements: int, items: int) -> int:
@@ -39,15 +41,28 @@ def lanes_for(elements: int, items: int) -> int:
 
 
 def run_lanes(lane: Callable[[int, int], None], lanes: int) -> None:
-    """Call ``lane(k, lanes)`` for k in 0..lanes-1: lane 0 on this thread, the others on the pool.
-    ``lane(k, n)`` takes the pieces k, k+n, k+2n, ... Re-raises the first error once every lane
-    is done."""
+    """Call ``lane(k, lanes)`` for k in 0..lanes-1; ``lane(k, n)`` takes the pieces k, k+n, k+2n, ...
+
+    Lane 0 runs on this thread, the others on helpers that are idle now; a lane no helper is free
+    for runs on this thread too, after lane 0 (several threads of one process, e.g. the workers
+    of ``fedmq workers``, never queue behind each other's lanes). Re-raises the first error once
+    every lane is done."""
     if lanes <= 1:
         lane(0, 1)
         return
-    others = [_helpers().submit(lane, k, lanes) for k in range(1, lanes)]
+    pool, idle = _helpers()
+    helped = [k for k in range(1, lanes) if idle.acquire(blocking=False)]
+
+    def helper(k: int) -> None:
+        try:
+            lane(k, lanes)
+        finally:
+            idle.release()
+
+    others = [pool.submit(helper, k) for k in helped]
     try:
-        lane(0, lanes)
+        for k in [0, *(k for k in range(1, lanes) if k not in helped)]:
+            lane(k, lanes)
     finally:
         errors = [f.exception() for f in others]
     for error in errors:

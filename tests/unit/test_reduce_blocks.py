@@ -42,6 +42,7 @@ def test_an_average_shared_between_threads_has_the_same_bits(monkeypatch: pytest
     monkeypatch.setattr(lanes, "PARALLEL_MIN", 0)
     monkeypatch.setattr(lanes, "LANES", 3)
     monkeypatch.setattr(lanes, "_pool", None)  # a pool of 2 helpers for this test
+    monkeypatch.setattr(lanes, "_idle", None)
     seen: set[str] = set()
     monkeypatch.setattr(averaging, "release_pages", lambda block: seen.add(threading.current_thread().name))
     rng = np.random.default_rng(11)
@@ -55,4 +56,5 @@ def test_an_average_shared_between_threads_has_the_same_bits(monkeypatch: pytest
     want = whole_layer(updates)
     for name in want:
         assert got[name].shape == want[name].shape and got[name].tobytes() == want[name].tobytes()
-    assert len(seen) == 3 and threading.current_thread().name in seen, seen  # this thread and 2 helpers
+    # this thread and the helpers took blocks (which helper thread runs which lane is the pool's choice)
+    assert threading.current_thread().name in seen and any(n.startswith("fedmq-lane") for n in seen), seen
