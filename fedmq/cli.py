@@ -35,6 +35,7 @@ from fedmq.options import (
     mask_secrets,
     parse_label_column,
 )
+from fedmq.shared import lanes
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES
 from fedmq.shared.defaults import ATTACK_KINDS, DEFAULT_ATTACK_SCALE, DEFAULT_TRAINER
 from fedmq.shared.errors import FedmqError
@@ -76,8 +77,10 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 @click.group(context_settings={"auto_envvar_prefix": "FEDMQ", "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fedmq")
 @click.pass_context
+@fails_cleanly
 def main(ctx: click.Context) -> None:
     """fedmq: federated learning over RabbitMQ (FedAvg, FedAsync, FedBuff)."""
+    lanes.configure(os.environ.get("FEDMQ_LANES"))  # threads for large numpy loops (fedmq/shared/lanes.py)
     if ctx.invoked_subcommand in ("aggregator", "run", "workers"):
         # Before numpy loads: an idle BLAS pool spins between the aggregator's small matrix
         # products and steals the cores the workers need (measured 3-6x the CPU per update).

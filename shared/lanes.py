@@ -5,6 +5,9 @@ quantises its update while the broker waits for it. The other cores are free the
 over tens of megabytes finishes up to LANES times sooner when its blocks are dealt to them.
 Every element is still computed by one thread, the same way: results do not depend on the
 number of lanes.
+
+``FEDMQ_LANES`` (read by the ``fedmq`` commands at start-up, :func:`configure`) caps the threads:
+``1`` keeps every loop on its calling thread, for a machine whose cores are busy anyway.
 """
 
 from __future__ import annotations
@@ -14,8 +17,24 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from fedmq.shared.errors import ConfigError
+
+#: the most FEDMQ_LANES may ask for
+MAX_LANES = 64
+
+
+def _from_env() -> int:
+    """FEDMQ_LANES if it is valid (so processes a command spawns, e.g. the pool processes of
+    ``fedmq workers``, follow it too), else min(4, cores); the commands reject an invalid one."""
+    try:
+        wanted = int(os.environ.get("FEDMQ_LANES", ""))
+    except ValueError:
+        wanted = 0
+    return wanted if 1 <= wanted <= MAX_LANES else max(1, min(4, os.cpu_count() or 1))
+
+
 #: threads a large loop is shared between (the calling thread is one of them)
-LANES = max(1, min(4, os.cpu_count() or 1))
+LANES = _from_env()
 
 #: below this many elements a loop runs on the calling thread alone (handing blocks to the pool
 #: would cost more than it saves: a 100k model)
@@ -33,6 +52,23 @@ def _helpers() -> tuple[ThreadPoolExecutor, threading.Semaphore]:
             _pool = ThreadPoolExecutor(max(1, LANES - 1), thread_name_prefix="fedmq-lane")
             _idle = threading.Semaphore(max(1, LANES - 1))
         return _pool, _idle
+
+
+def configure(value: str | None) -> None:
+    """Set :data:`LANES` from ``FEDMQ_LANES`` (None or empty: the default, min(4, cores)).
+    :class:`ConfigError` unless it is an integer from 1 to :data:`MAX_LANES`. Call it before the
+    first loop (the pool is made with the lanes of its first use)."""
+    global LANES
+    if value is None or not value.strip():
+        return
+    try:
+        wanted = int(value)
+    except ValueError:
+        wanted = 0
+    if not 1 <= wanted <= MAX_LANES:
+        raise ConfigError(f"FEDMQ_LANES must be an integer from 1 to {MAX_LANES} (1: no threads of "
+                          f"fedmq's own for large numpy loops), got {value!r}")
+    LANES = wanted
 
 
 def lanes_for(elements: int, items: int) -> int:
