@@ -71,6 +71,7 @@ from bench._common import (  # noqa: E402
     write_synthetic,
 )
 from bench.floor import body_bytes, round_floor  # noqa: E402
+from fedmq.rundir import events_in  # noqa: E402
 from fedmq.shared.compression import MODEL_DTYPES  # noqa: E402
 from fedmq.shared.compression import parse as parse_compression  # noqa: E402
 
@@ -138,7 +139,8 @@ def run_point(children: Children, work: Path, namespace: str, n: int, label: str
     for e in ledger:
         fates[e["fate"]] = fates.get(e["fate"], 0) + 1
     shutil.rmtree(run_dir, ignore_errors=True)
-    worker_events = [e for i in range(n) for e in events_of(children.log_dir / f"worker-n{n}-{label}-{i}.log")]
+    worker_logs = [children.log_dir / f"worker-n{n}-{label}-{i}.log" for i in range(n)]
+    worker_events = [e for log in worker_logs if log.exists() for e in events_in(log.read_text(errors="replace"))]
     phases = round_phases(reader.seen, worker_events, rounds)
     model_bytes = mlp_param_count(hidden) * 4
     steady = per_round[1:]  # rounds 2..R
@@ -164,14 +166,6 @@ PHASES = {
     "work": "-> the last worker's update confirmed (training, encoding, publish, the broker's confirm)",
     "in": "-> the round closed (the updates received and decoded, the average)",
 }
-
-
-def events_of(path: Path) -> list[dict[str, Any]]:
-    from fedmq.shared import events
-
-    if not path.exists():
-        return []
-    return [e for e in map(events.parse, path.read_text(errors="replace").splitlines()) if e is not None]
 
 
 def round_phases(agg: list[dict[str, Any]], workers: list[dict[str, Any]], rounds: int) -> dict[str, float]:
