@@ -23,18 +23,19 @@ from fedmq.shared.errors import ConfigError
 MAX_LANES = 64
 
 
-def _from_env() -> int:
-    """FEDMQ_LANES if it is valid (so processes a command spawns, e.g. the pool processes of
-    ``fedmq workers``, follow it too), else min(4, cores); the commands reject an invalid one."""
+def _valid(value: str | None) -> int | None:
+    """``value`` as a number of lanes, or None if it is not an integer from 1 to MAX_LANES."""
     try:
-        wanted = int(os.environ.get("FEDMQ_LANES", ""))
+        wanted = int(value or "")
     except ValueError:
-        wanted = 0
-    return wanted if 1 <= wanted <= MAX_LANES else max(1, min(4, os.cpu_count() or 1))
+        return None
+    return wanted if 1 <= wanted <= MAX_LANES else None
 
 
-#: threads a large loop is shared between (the calling thread is one of them)
-LANES = _from_env()
+#: threads a large loop is shared between (the calling thread is one of them): FEDMQ_LANES if it
+#: is valid (so processes a command spawns, e.g. the pool processes of ``fedmq workers``, follow
+#: it too), else min(4, cores); the commands reject an invalid one (:func:`configure`)
+LANES = _valid(os.environ.get("FEDMQ_LANES")) or max(1, min(4, os.cpu_count() or 1))
 
 #: below this many elements a loop runs on the calling thread alone (handing blocks to the pool
 #: would cost more than it saves: a 100k model)
@@ -61,11 +62,8 @@ def configure(value: str | None) -> None:
     global LANES
     if value is None or not value.strip():
         return
-    try:
-        wanted = int(value)
-    except ValueError:
-        wanted = 0
-    if not 1 <= wanted <= MAX_LANES:
+    wanted = _valid(value)
+    if wanted is None:
         raise ConfigError(f"FEDMQ_LANES must be an integer from 1 to {MAX_LANES} (1: no threads of "
                           f"fedmq's own for large numpy loops), got {value!r}")
     LANES = wanted
