@@ -9,8 +9,10 @@ handlers run on the I/O thread and must only hand the delivery over (put it on a
 Delivery guarantees:
 
 * every publish is persistent, ``mandatory`` and confirmed; :meth:`publish` returns only once
-  the broker confirmed it. A publish that was in flight when the connection died is sent
-  again after reconnecting (at-least-once; consumers dedupe on ids);
+  the broker confirmed it. The I/O thread sends whatever is queued without waiting for earlier
+  confirms, which come back while it goes on (:mod:`fedmq.broker.confirms`). A publish that was
+  in flight when the connection died is sent again after reconnecting (at-least-once; consumers
+  dedupe on ids);
 * acks are manual; a :class:`Delivery` remembers the channel generation it came from, and
   an ack or reject for a delivery of a dead channel is dropped (the broker redelivers it);
 * on connection loss the I/O thread backs off (1 s doubling to 30 s), reconnects, redeclares
@@ -24,7 +26,9 @@ never from the broker's wording, and a permanent one is never retried in a loop:
   :meth:`PendingPublish.wait` raises :class:`~fedmq.shared.errors.MessageTooLarge`,
   ``AccessRefused`` or ``NotFound``); the broker closed the channel, so the client opens a new
   one on the same connection for the rest of its work (a new generation: deliveries of the
-  old channel come again) and does not send that message again;
+  old channel come again) and does not send that message again. The close does not say which
+  publish it refused: with several in flight, they are sent again one at a time, so that the
+  refusal then has one culprit;
 * a body over the maximum message size (see :mod:`fedmq.broker.settings`) is refused by
   :meth:`publish_nowait` before anything is sent;
 * waiting for a confirm has a deadline (``BrokerSettings.confirm_timeout_s`` unless given)
@@ -58,6 +62,7 @@ import pika
 import pika.exceptions as pex
 
 from fedmq.broker import frames
+from fedmq.broker.confirms import REFUSED_PUBLISH, InFlight
 from fedmq.broker.failover import connect_first
 from fedmq.broker.settings import (
     MAX_MESSAGE_BYTES_ENV,
@@ -117,6 +122,10 @@ class SetupError(ConnectionLost):
     """Connected, but declaring the topology or subscribing failed for a reason that may pass
     (e.g. RabbitMQ 3.10 answers a consume on a quorum queue whose replica is not up yet with
     541 INTERNAL_ERROR). Permanent setup failures raise their own classes."""
+
+
+#: how long close() lets the confirms of publishes sent before it come in
+_CLOSE_CONFIRM_S = 2.0
 
 
 class _ChannelReset(Exception):
@@ -228,6 +237,10 @@ class _Publish:
     @property
     def target(self) -> str:
         return f"exchange {self.exchange!r}" if self.exchange else f"queue {self.routing_key!r}"
+
+    def key(self) -> tuple[str, str, str | None]:
+        """What a ``basic.return`` names: exchange, routing key, message id."""
+        return self.exchange, self.routing_key, self.properties.message_id
 
 
 class PendingPublish:
@@ -383,6 +396,13 @@ class Client:
         self._subs: dict[str, _Subscription] = {}
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._publishes: collections.deque[_Publish] = collections.deque()
+        # sent on the current channel, not confirmed yet (see fedmq.broker.confirms)
+        self._inflight: InFlight[_Publish] = InFlight(_Publish.key)
+        # how many of the queued publishes to send one at a time (after a channel close that
+        # refused one of several in flight: the next refusal then has one culprit)
+        self._careful = 0
+        #: the most publishes sent and not yet confirmed at once (sent together, confirmed as they come)
+        self.most_in_flight = 0
         self._lock = threading.Lock()
         # a wake is on its way to the I/O thread that will drain everything queued so far (see _queue)
         self._woken = False
@@ -746,7 +766,7 @@ class Client:
         try:
             chan = conn.channel()
             frames.tune_channel(chan)
-            chan.confirm_delivery()
+            inflight = self._confirm_on(chan)
             chan.add_on_cancel_callback(self._on_broker_cancel)
         except (pex.AMQPError, OSError) as exc:
             raise classify(exc, "opening a channel", transient=SetupError) from None
@@ -765,6 +785,7 @@ class Client:
                     }) from None
             self._generation += 1
             self._chan = chan
+            self._inflight = inflight
             self._qos = None
             for sub in self._subs.values():
                 sub.consumer_tag = None
@@ -927,6 +948,8 @@ class Client:
         chan = self._chan
         if chan is not None and chan.is_closed:
             reason = getattr(chan, "_closing_reason", None)
+            if isinstance(reason, pex.ChannelClosedByBroker) and len(self._inflight):
+                self._refused(reason)
             if isinstance(reason, pex.ChannelClosed):
                 raise reason
             raise pex.ChannelWrongStateError("the channel is closed")
@@ -941,13 +964,15 @@ class Client:
                 break
             op()
             self._check_channel()
-        while True:
+        chan = self._chan
+        while chan is not None:
+            if self._careful and len(self._inflight):
+                return  # one at a time: the next goes once this one is settled
             with self._lock:
                 pub = None
                 while self._publishes and pub is None:
-                    head = self._publishes[0]
+                    head = self._publishes.popleft()
                     if head.withdrawn:  # its waiter gave up before we sent it
-                        self._publishes.popleft()
                         head.error = head.error or NotConfirmed(f"the publish to {head.target} was withdrawn")
                         head.body = b""
                         head.done.set()
@@ -957,7 +982,9 @@ class Client:
             if pub is None:
                 return
             try:
-                self._chan.basic_publish(
+                # sent without waiting for its confirm (see fedmq.broker.confirms): it comes to
+                # _on_confirm while we go on
+                chan._impl.basic_publish(
                     pub.exchange,
                     pub.routing_key,
                     # pika takes bytes only: a chunk (a view) is copied here, one at a time
@@ -965,28 +992,77 @@ class Client:
                     properties=pub.properties,
                     mandatory=pub.mandatory,
                 )
-            except pex.UnroutableError:
-                self._settle_publish(pub, Unroutable(
+            except BaseException:
+                with self._lock:  # not sent: first again on the next channel
+                    pub.sending = False
+                    self._publishes.appendleft(pub)
+                raise
+            self._inflight.sent(pub)
+            self.most_in_flight = max(self.most_in_flight, len(self._inflight))
+
+    def _confirm_on(self, chan: Any) -> InFlight[_Publish]:
+        """Put ``chan`` in confirm mode, its confirms and returns kept by a new :class:`InFlight`.
+
+        Not ``BlockingChannel.confirm_delivery``: its ``basic_publish`` then waits for each
+        confirm before it returns, so publishes would go one broker round trip at a time.
+        """
+        impl = chan._impl
+        inflight: InFlight[_Publish] = InFlight(_Publish.key)
+        # no callback: Confirm.Select is sent without waiting for its SelectOk; the broker takes
+        # the channel's frames in order, so every publish after it is confirmed
+        impl.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, inflight))
+        impl.add_on_return_callback(functools.partial(self._on_return, inflight))
+        return inflight
+
+    def _on_confirm(self, inflight: InFlight[_Publish], frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        for done in inflight.settle(method.delivery_tag, multiple=bool(method.multiple), acked=acked):
+            pub = done.publish
+            if not done.acked:
+                error: BrokerError | None = PublishRefused(
+                    f"the broker refused a message for {pub.target} (is the queue full?)")
+            elif done.returned:
+                error = Unroutable(
                     f"the broker could not route a message to {pub.target} (is the topology declared?)",
                     reply_code=312,
-                ))
-            except pex.NackError:
-                self._settle_publish(pub, PublishRefused(
-                    f"the broker refused a message for {pub.target} (is the queue full?)"
-                ))
-            except pex.ChannelClosedByBroker as exc:
-                error = self._publish_error(exc, pub)
-                if error.retryable:
-                    pub.sending = False  # sent again on the next channel
-                    raise
-                log.error("%s", error)
-                self._settle_publish(pub, error)
-                raise _ChannelReset(error) from None
-            except BaseException:
-                pub.sending = False  # a connection error: the publish is sent again
-                raise
+                )
             else:
-                self._settle_publish(pub, None)
+                error = None
+            self._settle_publish(pub, error)
+            if self._careful:
+                self._careful -= 1
+        if (self._careful and self._publishes) or (self._closing.is_set() and not len(inflight)):
+            self._wake()  # the next careful publish goes now; or close() waits for this
+
+    def _on_return(self, inflight: InFlight[_Publish], _channel: Any, method: Any, props: Any, _body: Any) -> None:
+        if inflight.returned(method.exchange, method.routing_key, props.message_id) is None:
+            log.warning("the broker returned a message to %r / %r that we have no publish for",
+                        method.exchange, method.routing_key)
+
+    def _refused(self, exc: pex.ChannelClosedByBroker) -> None:
+        """The broker closed the channel with publishes in flight: fail the one it refused.
+
+        Raises :class:`_ChannelReset` once the culprit is failed, or when the close refused one of
+        several publishes: those are then sent again one at a time on the next channel.
+        """
+        code = reply_code(exc) or 0
+        culprit = self._inflight.culprit(code)
+        if culprit is not None:
+            error = self._publish_error(exc, culprit)
+            if error.retryable:
+                return
+            log.error("%s", error)
+            self._inflight.forget(culprit)
+            self._settle_publish(culprit, error)
+            if self._careful:
+                self._careful -= 1
+            raise _ChannelReset(error) from None
+        if code in REFUSED_PUBLISH:
+            self._careful = len(self._inflight)
+            log.warning("the broker refused one of %d publishes in flight (%s); sending them again one at a time",
+                        len(self._inflight), describe(exc))
+            raise _ChannelReset(None) from None
 
     def _publish_error(self, exc: pex.ChannelClosedByBroker, pub: _Publish) -> BrokerError:
         code = reply_code(exc)
@@ -1007,11 +1083,6 @@ class Client:
 
     def _settle_publish(self, pub: _Publish, error: BrokerError | None) -> None:
         with self._lock:
-            if self._publishes and self._publishes[0] is pub:
-                self._publishes.popleft()
-            else:
-                with contextlib.suppress(ValueError):
-                    self._publishes.remove(pub)
             pub.sending = False
         pub.error = error
         pub.body = b""  # confirmed (or refused): free it even if a handle outlives it
@@ -1080,6 +1151,11 @@ class Client:
         self._connected.clear()
         self._chan = None
         self._generation += 1
+        unconfirmed = self._inflight.take_all()
+        with self._lock:  # sent again on the next channel, first and in their order
+            for pub in reversed(unconfirmed):
+                pub.sending = False
+                self._publishes.appendleft(pub)
         for sub in self._subs.values():
             sub.consumer_tag = None
             self._close_own(sub)  # the connection may live on: no orphan channel
@@ -1132,6 +1208,11 @@ class Client:
         if self._conn is not None and self._chan is not None:
             with contextlib.suppress(Exception):
                 self._drain()  # flush acks and publishes queued before close()
+                # and let their confirms come (_on_confirm wakes us once the last one is in)
+                deadline = time.monotonic() + _CLOSE_CONFIRM_S
+                while len(self._inflight) and (left := deadline - time.monotonic()) > 0:
+                    self._conn.process_data_events(time_limit=left)
+                    self._check_channel()
             for sub in self._subs.values():
                 if sub.bind_exchange and sub.expires_s is not None:
                     with contextlib.suppress(Exception):
@@ -1144,7 +1225,7 @@ class Client:
 
     def _fail_pending(self, error: BrokerError) -> None:
         with self._lock:
-            pubs = list(self._publishes)
+            pubs = [*self._inflight, *self._publishes]
             self._publishes.clear()
         for pub in pubs:
             pub.error = pub.error or error

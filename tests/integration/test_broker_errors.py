@@ -131,6 +131,33 @@ def test_a_publish_over_the_brokers_limit_fails_at_once_and_the_client_goes_on(l
             got.get(timeout=1.5)
 
 
+def test_a_refused_publish_among_several_in_flight_fails_alone(limited_broker: PrivateNode) -> None:
+    """The broker's 406 closes the channel without naming the publish: the client sends the
+    unconfirmed ones again one at a time, fails the one refused and confirms the others."""
+    topology = Topology(new_namespace("big"))
+    settings = BrokerSettings.from_url(limited_broker.url, max_message_bytes=64 * MiB)
+    client = Client(settings, topology)
+    got = collect(client, topology.tasks)
+    with client:
+        busy, release = threading.Event(), threading.Event()
+        client._submit(lambda: (busy.set(), release.wait(30)))  # hold the I/O thread inside an op
+        assert busy.wait(30)
+        bodies = [b"a", b"b", b"x" * (2 * MiB), b"c", b"d"]
+        pending = [client.publish_nowait(topology.tasks, body, message_id=f"m{i}") for i, body in enumerate(bodies)]
+        release.set()
+        for i, pub in enumerate(pending):
+            if i == 2:
+                with pytest.raises(MessageTooLarge):
+                    pub.wait(30)
+            else:
+                pub.wait(30)
+        received = set()
+        while len(received) < 4:
+            received.add(got.get(timeout=10))
+        assert received == {b"a", b"b", b"c", b"d"}  # at least once (dedupe is the consumers')
+        assert client.reconnects == 0 and client.failure is None and client.most_in_flight >= 4
+
+
 def test_a_body_over_the_configured_limit_is_refused_before_sending(amqp_url: str, namespace: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     topology = Topology(namespace)

@@ -59,3 +59,27 @@ def test_work_queued_while_the_io_thread_is_busy_takes_one_wake_and_all_of_it_is
         assert left == 0  # none came back to the queue unacked
     finally:
         client.close()
+
+
+def test_publishes_queued_together_go_out_together_and_are_confirmed_as_they_come(
+    amqp_url: str, namespace: str
+) -> None:
+    """Each publish used to wait for its confirm before the next went out (a broker round trip,
+    a quorum queue's write, each): N task publishes of a round took N round trips in a row."""
+    topology = Topology(namespace)
+    got: queue.Queue[Delivery] = queue.Queue()
+    client = Client(BrokerSettings.from_url(amqp_url), topology)
+    client.subscribe(topology.tasks, got.put, prefetch=COUNT)
+    with client:
+        busy, release = threading.Event(), threading.Event()
+        client._submit(lambda: (busy.set(), release.wait(30)))  # hold the I/O thread inside an op
+        assert busy.wait(30)
+        pending = [client.publish_nowait(topology.tasks, b"t%d" % i, message_id=f"t{i}") for i in range(COUNT)]
+        release.set()
+        for pub in pending:
+            pub.wait(30)
+        assert client.most_in_flight == COUNT  # all sent before the first confirm was read
+        bodies = sorted(got.get(timeout=30).body for _ in range(COUNT))
+        assert bodies == sorted(b"t%d" % i for i in range(COUNT))
+        with pytest.raises(queue.Empty):
+            got.get(timeout=0.5)  # each once

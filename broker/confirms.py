@@ -1,0 +1,120 @@
+"""Publisher confirms in flight on one channel: which publish a broker's ack, nack or return is for.
+
+The broker client sends every queued publish at once and lets their confirms come back while it
+goes on reading, instead of waiting for each confirm before it sends the next publish (pika's
+``BlockingChannel.basic_publish`` in confirm mode does that: a sync round's N task publishes then
+cost N broker round trips, a quorum queue's write each, one after the other, and deliveries wait
+behind them). This module is that bookkeeping, without I/O:
+
+* publishes on a channel are numbered 1, 2, … in the order they are sent (the delivery tags the
+  broker's ``basic.ack`` / ``basic.nack`` name; ``multiple`` settles every number up to the tag);
+* a ``mandatory`` publish that reached no queue comes back as a ``basic.return`` *before* its ack:
+  the return names the exchange and routing key (and carries the properties), and returns come in
+  the order of the publishes, so it belongs to the oldest unconfirmed publish with that target and
+  message id not already returned;
+* a publish the broker refuses for good closes the channel without naming the publish (only the
+  reply text hints at it, and the client types errors by code, not by wording): with one publish
+  in flight, :meth:`InFlight.culprit` is that one; with several, every unconfirmed publish is sent
+  again on the next channel one at a time until each is settled, so that a refusal then has one
+  culprit. Otherwise unconfirmed publishes are sent again after a reconnect (at least once;
+  consumers dedupe).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")
+
+#: reply codes of a channel close that refuses a publish for good
+REFUSED_PUBLISH = frozenset({403, 404, 406, 311})
+
+
+@dataclass
+class Settled(Generic[P]):
+    """One publish the broker answered: ``acked`` (else nacked), ``returned`` (routed nowhere)."""
+
+    publish: P
+    acked: bool
+    returned: bool
+
+
+class InFlight(Generic[P]):
+    """The unconfirmed publishes of one confirming channel, by delivery tag.
+
+    ``target(p)`` gives a publish's ``(exchange, routing_key, message_id)``, which a return is
+    matched against.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._next = 1
+        self._sent: collections.OrderedDict[int, P] = collections.OrderedDict()
+        self._returned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def __iter__(self) -> Iterator[P]:
+        """The unconfirmed publishes, oldest first."""
+        return iter(list(self._sent.values()))
+
+    def sent(self, publish: P) -> int:
+        """Note a publish just sent; return its delivery tag."""
+        tag = self._next
+        self._next += 1
+        self._sent[tag] = publish
+        return tag
+
+    def returned(self, exchange: str, routing_key: str, message_id: str | None) -> P | None:
+        """Note a ``basic.return``; return the publish it is for (None if none matches)."""
+        for tag, pub in self._sent.items():
+            ex, key, mid = self._target(pub)
+            if tag not in self._returned and ex == exchange and key == routing_key and mid == message_id:
+                self._returned.add(tag)
+                return pub
+        return None
+
+    def settle(self, tag: int, *, multiple: bool, acked: bool) -> list[Settled[P]]:
+        """Note a ``basic.ack`` (``acked``) or ``basic.nack``; return the publishes it settles."""
+        if multiple:
+            tags = [t for t in self._sent if t <= tag]
+        else:
+            tags = [tag] if tag in self._sent else []
+        done = []
+        for t in tags:
+            pub = self._sent.pop(t)
+            returned = t in self._returned
+            self._returned.discard(t)
+            done.append(Settled(pub, acked, returned))
+        return done
+
+    def forget(self, publish: P) -> None:
+        """Drop one publish (the broker refused it by closing the channel)."""
+        for tag, pub in list(self._sent.items()):
+            if pub is publish:
+                del self._sent[tag]
+                self._returned.discard(tag)
+
+    def take_all(self) -> list[P]:
+        """Forget every unconfirmed publish (the channel is gone) and return them, oldest first."""
+        pubs = list(self._sent.values())
+        self._sent.clear()
+        self._returned.clear()
+        return pubs
+
+    def culprit(self, reply_code: int) -> P | None:
+        """The publish a channel close refused, when that can be known: the only one in flight.
+
+        RabbitMQ closes the channel for a publish it refuses for good (406: a body over
+        ``max_message_size`` or a ``user_id`` that is not the connection's user; 403: no write
+        permission; 404: no such exchange) without saying which publish it was. With one publish
+        in flight it is that one; with several, the caller sends them again one at a time, so
+        the next such close has one culprit.
+        """
+        if reply_code in REFUSED_PUBLISH and len(self._sent) == 1:
+            return next(iter(self._sent.values()))
+        return None

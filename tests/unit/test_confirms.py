@@ -1,0 +1,74 @@
+"""The bookkeeping of publisher confirms in flight (fedmq.broker.confirms), without a broker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmq.broker.confirms import InFlight
+
+
+@dataclass(eq=False)
+class Pub:
+    exchange: str
+    routing_key: str
+    message_id: str | None = None
+
+    def key(self) -> tuple[str, str, str | None]:
+        return self.exchange, self.routing_key, self.message_id
+
+
+def sent(*pubs: Pub) -> InFlight[Pub]:
+    inflight: InFlight[Pub] = InFlight(Pub.key)
+    for n, pub in enumerate(pubs, 1):
+        assert inflight.sent(pub) == n  # delivery tags count from 1 in the order sent
+    return inflight
+
+
+def test_an_ack_settles_its_own_tag_and_a_multiple_ack_every_tag_up_to_it() -> None:
+    a, b, c, d = (Pub("", f"q{i}") for i in range(4))
+    inflight = sent(a, b, c, d)
+    assert [s.publish for s in inflight.settle(2, multiple=False, acked=True)] == [b]
+    assert [s.publish for s in inflight.settle(3, multiple=True, acked=True)] == [a, c]
+    assert list(inflight) == [d]
+    assert inflight.settle(3, multiple=False, acked=True) == []  # settled already: nothing
+    (last,) = inflight.settle(4, multiple=False, acked=False)
+    assert last.publish is d and not last.acked and not last.returned
+    assert len(inflight) == 0
+
+
+def test_a_return_belongs_to_the_oldest_unconfirmed_publish_with_its_target() -> None:
+    a, b, c = Pub("", "tasks", "t1"), Pub("", "tasks", "t1"), Pub("", "other", "t1")
+    inflight = sent(a, b, c)
+    assert inflight.returned("", "tasks", "t1") is a
+    assert inflight.returned("", "tasks", "t1") is b  # a was returned already: the next one
+    assert inflight.returned("", "nowhere", "t1") is None
+    settled = {s.publish.routing_key + str(id(s.publish) == id(a)): s.returned
+               for s in inflight.settle(3, multiple=True, acked=True)}
+    assert settled == {"tasksTrue": True, "tasksFalse": True, "otherFalse": False}
+
+
+def test_a_return_is_matched_on_the_message_id_too() -> None:
+    a, b = Pub("x", "k", "first"), Pub("x", "k", "second")
+    inflight = sent(a, b)
+    assert inflight.returned("x", "k", "second") is b
+    out = {s.publish.message_id: s.returned for s in inflight.settle(2, multiple=True, acked=True)}
+    assert out == {"first": False, "second": True}
+
+
+def test_a_refusing_close_names_the_only_publish_in_flight_and_none_of_several() -> None:
+    a, b = Pub("", "q"), Pub("", "q")
+    assert sent(a).culprit(406) is a
+    assert sent(a).culprit(404) is a and sent(a).culprit(403) is a
+    assert sent(a).culprit(320) is None  # not a refusal of a publish
+    assert sent(a, b).culprit(406) is None  # which one? the caller sends them again one at a time
+    assert sent().culprit(406) is None
+
+
+def test_forget_and_take_all() -> None:
+    a, b, c = Pub("", "a"), Pub("", "b"), Pub("", "c")
+    inflight = sent(a, b, c)
+    inflight.returned("", "b", None)
+    inflight.forget(b)
+    assert list(inflight) == [a, c]
+    assert inflight.take_all() == [a, c] and len(inflight) == 0
+    assert inflight.sent(Pub("", "d")) == 4  # tags go on counting on the same channel
