@@ -6,9 +6,12 @@ and returns once the broker confirmed all of them; median ms per burst over ``--
 
 * ``pika, one at a time``: ``BlockingChannel.basic_publish`` in confirm mode, which waits for
   each confirm before it returns (what fedmq's client did until 2026-12-02);
-* ``pika, all at once`` (the floor): the N publishes written on the channel, then their confirms
-  read as they come (pika's ``Channel`` under the ``BlockingConnection``);
-* ``fedmq client``: N ``Client.publish_nowait`` calls, then a wait on each.
+* ``pika, all at once``: the N publishes written on the channel, then their confirms read as
+  they come (pika's ``Channel`` under the ``BlockingConnection``);
+* ``fedmq client``: N ``Client.publish_nowait`` calls, then a wait on each (a hand-over to the
+  client's I/O thread and back, which bare pika in one thread does not pay).
+
+The floor is the faster of the two bare-pika paths at each N.
 
 Run: ``python bench/publish_burst.py [--n 1,4,16,64] [--bursts 40]`` against the broker of
 ``FEDMQ_AMQP_URL`` (default the local one); prints a table with fedmq / floor and writes JSON.
@@ -105,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         with Client(BrokerSettings.from_url(url), topology, name="burst-setup"):
             pass  # declares the namespace: its task queue is a quorum queue
         for n in (int(x) for x in args.n.split(",")):
-            serial, floor = pika_paths(url, topology.tasks, n, args.bursts)
+            serial, together = pika_paths(url, topology.tasks, n, args.bursts)
             fedmq = client_path(url, topology, n, args.bursts)
-            rows.append({"n": n, "pika_one_at_a_time_ms": serial, "floor_ms": floor, "fedmq_ms": fedmq,
+            floor = min(serial, together)
+            rows.append({"n": n, "pika_one_at_a_time_ms": serial, "pika_all_at_once_ms": together,
+                         "floor_ms": floor, "fedmq_ms": fedmq,
                          "fedmq_vs_floor": fedmq / floor, "one_at_a_time_vs_floor": serial / floor})
     finally:
         from fedmq.broker.admin import Admin
@@ -115,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         with Admin(BrokerSettings.from_url(url), topology) as admin:
             admin.delete()
     print(f"{args.bursts} bursts each, median ms per burst of N confirmed publishes to a quorum queue")
-    print(table(["N", "pika one at a time", "pika all at once (floor)", "fedmq client", "fedmq / floor",
+    print(table(["N", "pika one at a time", "pika all at once", "fedmq client", "fedmq / floor",
                  "one at a time / floor"],
-                [[r["n"], f"{r['pika_one_at_a_time_ms']:.2f}", f"{r['floor_ms']:.2f}", f"{r['fedmq_ms']:.2f}",
+                [[r["n"], f"{r['pika_one_at_a_time_ms']:.2f}", f"{r['pika_all_at_once_ms']:.2f}", f"{r['fedmq_ms']:.2f}",
                   f"{r['fedmq_vs_floor']:.2f}", f"{r['one_at_a_time_vs_floor']:.2f}"] for r in rows]))
     out = write_result("publish_burst", {"bursts": args.bursts, "rows": rows}, Path(args.json))
     print(f"wrote {out}")
