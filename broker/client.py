@@ -26,9 +26,10 @@ never from the broker's wording, and a permanent one is never retried in a loop:
   :meth:`PendingPublish.wait` raises :class:`~fedmq.shared.errors.MessageTooLarge`,
   ``AccessRefused`` or ``NotFound``); the broker closed the channel, so the client opens a new
   one on the same connection for the rest of its work (a new generation: deliveries of the
-  old channel come again) and does not send that message again. The close does not say which
-  publish it refused: with several in flight, they are sent again one at a time, so that the
-  refusal then has one culprit;
+  old channel come again) and does not send that message again. The close names
+  ``basic.publish`` as its cause but not which publish: with several in flight, they are sent
+  again one at a time, so that the refusal then has one culprit. A close caused by anything
+  else (e.g. an ack of an unknown delivery tag) fails no publish;
 * a body over the maximum message size (see :mod:`fedmq.broker.settings`) is refused by
   :meth:`publish_nowait` before anything is sent;
 * waiting for a confirm has a deadline (``BrokerSettings.confirm_timeout_s`` unless given)
@@ -62,7 +63,7 @@ import pika
 import pika.exceptions as pex
 
 from fedmq.broker import frames
-from fedmq.broker.confirms import REFUSED_PUBLISH, InFlight
+from fedmq.broker.confirms import InFlight
 from fedmq.broker.failover import connect_first
 from fedmq.broker.settings import (
     MAX_MESSAGE_BYTES_ENV,
@@ -1012,6 +1013,11 @@ class Client:
         # the channel's frames in order, so every publish after it is confirmed
         impl.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, inflight))
         impl.add_on_return_callback(functools.partial(self._on_return, inflight))
+
+        def on_close(frame: Any) -> None:  # beside pika's own handler: it keeps only code and text
+            inflight.closed_by = (int(frame.method.class_id), int(frame.method.method_id))
+
+        impl.callbacks.add(impl.channel_number, pika.spec.Channel.Close, on_close, True)
         return inflight
 
     def _on_confirm(self, inflight: InFlight[_Publish], frame: Any) -> None:
@@ -1044,10 +1050,11 @@ class Client:
         """The broker closed the channel with publishes in flight: fail the one it refused.
 
         Raises :class:`_ChannelReset` once the culprit is failed, or when the close refused one of
-        several publishes: those are then sent again one at a time on the next channel.
+        several publishes: those are then sent again one at a time on the next channel. A close
+        for something else (see :mod:`fedmq.broker.confirms`) returns: the caller reopens the
+        channel and sends every unconfirmed publish again.
         """
-        code = reply_code(exc) or 0
-        culprit = self._inflight.culprit(code)
+        culprit = self._inflight.culprit()
         if culprit is not None:
             error = self._publish_error(exc, culprit)
             if error.retryable:
@@ -1058,7 +1065,7 @@ class Client:
             if self._careful:
                 self._careful -= 1
             raise _ChannelReset(error) from None
-        if code in REFUSED_PUBLISH:
+        if self._inflight.refused_a_publish:
             self._careful = len(self._inflight)
             log.warning("the broker refused one of %d publishes in flight (%s); sending them again one at a time",
                         len(self._inflight), describe(exc))

@@ -12,12 +12,13 @@ behind them). This module is that bookkeeping, without I/O:
   the return names the exchange and routing key (and carries the properties), and returns come in
   the order of the publishes, so it belongs to the oldest unconfirmed publish with that target and
   message id not already returned;
-* a publish the broker refuses for good closes the channel without naming the publish (only the
-  reply text hints at it, and the client types errors by code, not by wording): with one publish
-  in flight, :meth:`InFlight.culprit` is that one; with several, every unconfirmed publish is sent
-  again on the next channel one at a time until each is settled, so that a refusal then has one
-  culprit. Otherwise unconfirmed publishes are sent again after a reconnect (at least once;
-  consumers dedupe).
+* a publish the broker refuses for good (406 over ``max_message_size`` or a foreign ``user_id``,
+  403, 404) closes the channel. The ``channel.close`` names the method that caused it (class 60,
+  method 40: ``basic.publish``) but not which publish: with one in flight, :meth:`InFlight.culprit`
+  is that one; with several, every unconfirmed publish is sent again on the next channel one at a
+  time until each is settled, so that a refusal then has one culprit. A close caused by anything
+  else (e.g. an ack of an unknown delivery tag) is no publish's fault: unconfirmed publishes are
+  sent again, as after a reconnect (at least once; consumers dedupe).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from typing import Any, Generic, TypeVar
 
 P = TypeVar("P")
 
-#: reply codes of a channel close that refuses a publish for good
-REFUSED_PUBLISH = frozenset({403, 404, 406, 311})
+#: AMQP's ``basic.publish`` as (class id, method id): what a ``channel.close`` names as its cause
+BASIC_PUBLISH = (60, 40)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class InFlight(Generic[P]):
         self._next = 1
         self._sent: collections.OrderedDict[int, P] = collections.OrderedDict()
         self._returned: set[int] = set()
+        #: the (class id, method id) the broker's ``channel.close`` named as its cause, once closed
+        self.closed_by: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._sent)
@@ -106,15 +109,13 @@ class InFlight(Generic[P]):
         self._returned.clear()
         return pubs
 
-    def culprit(self, reply_code: int) -> P | None:
-        """The publish a channel close refused, when that can be known: the only one in flight.
+    @property
+    def refused_a_publish(self) -> bool:
+        """The broker closed the channel because of a publish (and some are in flight)."""
+        return self.closed_by == BASIC_PUBLISH and bool(self._sent)
 
-        RabbitMQ closes the channel for a publish it refuses for good (406: a body over
-        ``max_message_size`` or a ``user_id`` that is not the connection's user; 403: no write
-        permission; 404: no such exchange) without saying which publish it was. With one publish
-        in flight it is that one; with several, the caller sends them again one at a time, so
-        the next such close has one culprit.
-        """
-        if reply_code in REFUSED_PUBLISH and len(self._sent) == 1:
+    def culprit(self) -> P | None:
+        """The publish the channel close refused, when that can be known: the only one in flight."""
+        if self.refused_a_publish and len(self._sent) == 1:
             return next(iter(self._sent.values()))
         return None

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fedmq.aggregator.durable import LOCK_FILE
+from fedmq.aggregator.durable import LOCK_FILE, atomic_write_json
 from tests.helpers import (
     Procs,
     assert_ledger_invariant,
@@ -79,8 +79,9 @@ def test_an_aggregator_whose_run_directory_was_claimed_stops_without_writing(
     procs.start("agg", *args)
     start_workers(procs, shards, common)
     wait_for(lambda: history_len(run) >= 2, 120, "two versions")
-    # what a standby does when it takes over while this one still thinks it runs
-    (run / LOCK_FILE).write_text(json.dumps({"incarnation": "someone-else", "pid": 1, "host": "elsewhere"}))
+    # what a standby does when it takes over while this one still thinks it runs (atomically, as
+    # DirLock.claim: a plain write_text let the aggregator read the file empty, "nobody")
+    atomic_write_json(run / LOCK_FILE, {"incarnation": "someone-else", "pid": 1, "host": "elsewhere"})
     assert procs.wait("agg", 60) == 1, procs.dump()
     assert "taken over by aggregator incarnation someone-else" in procs.log("agg")
     assert not read_history(run)["final"]["finished"]

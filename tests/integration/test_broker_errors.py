@@ -347,3 +347,20 @@ def test_a_worker_whose_update_is_too_large_returns_the_task_and_stops_with_the_
     topology = Topology(namespace)
     with Client(BrokerSettings.from_url(amqp_url), topology) as client:
         assert message_count(client, topology.tasks) == 1  # the task is back, for another worker
+
+
+def test_a_channel_closed_for_something_else_fails_no_publish(amqp_url: str, namespace: str) -> None:
+    """A 406 for an ack of an unknown delivery tag, with a publish in flight: the close names
+    basic.ack as its cause, so the publish is sent again and confirmed (the code before blamed
+    the publish waiting for its confirm and failed it as too large)."""
+    topology = Topology(namespace)
+    with Client(BrokerSettings.from_url(amqp_url), topology) as client:
+        busy, release = threading.Event(), threading.Event()
+        client._submit(lambda: (busy.set(), release.wait(30)))  # hold the I/O thread inside an op
+        assert busy.wait(30)
+        client._submit(lambda: client._chan.basic_ack(999_999))  # the broker closes the channel: 406
+        pending = client.publish_nowait(topology.tasks, b"after a bad ack", message_id="m1")
+        release.set()
+        pending.wait(30)  # confirmed on the reopened channel, not failed
+        assert message_count(client, topology.tasks) == 1
+        assert client.failure is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmq.broker.confirms import InFlight
+from fedmq.broker.confirms import BASIC_PUBLISH, InFlight
 
 
 @dataclass(eq=False)
@@ -55,13 +55,24 @@ def test_a_return_is_matched_on_the_message_id_too() -> None:
     assert out == {"first": False, "second": True}
 
 
-def test_a_refusing_close_names_the_only_publish_in_flight_and_none_of_several() -> None:
+def closed(inflight: InFlight[Pub], by: tuple[int, int]) -> InFlight[Pub]:
+    inflight.closed_by = by
+    return inflight
+
+
+def test_a_close_caused_by_a_publish_names_the_only_one_in_flight_and_none_of_several() -> None:
     a, b = Pub("", "q"), Pub("", "q")
-    assert sent(a).culprit(406) is a
-    assert sent(a).culprit(404) is a and sent(a).culprit(403) is a
-    assert sent(a).culprit(320) is None  # not a refusal of a publish
-    assert sent(a, b).culprit(406) is None  # which one? the caller sends them again one at a time
-    assert sent().culprit(406) is None
+    assert closed(sent(a), BASIC_PUBLISH).culprit() is a
+    assert closed(sent(a, b), BASIC_PUBLISH).culprit() is None  # which one? sent again one at a time
+    assert closed(sent(a, b), BASIC_PUBLISH).refused_a_publish
+    assert not closed(sent(), BASIC_PUBLISH).refused_a_publish
+
+
+def test_a_close_caused_by_something_else_is_no_publishs_fault() -> None:
+    a = Pub("", "q")
+    basic_ack = (60, 80)  # e.g. 406 "unknown delivery tag": not the publish in flight
+    assert closed(sent(a), basic_ack).culprit() is None and not closed(sent(a), basic_ack).refused_a_publish
+    assert sent(a).culprit() is None  # not closed by the broker
 
 
 def test_forget_and_take_all() -> None:
