@@ -127,6 +127,9 @@ class SetupError(ConnectionLost):
 
 #: how long close() lets the confirms of publishes sent before it come in
 _CLOSE_CONFIRM_S = 2.0
+#: the most body bytes sent and not yet confirmed at once (a publish is always sent when nothing
+#: is in flight): each is copied into the connection's output as it is sent
+IN_FLIGHT_BYTES = 16 * 1024 * 1024
 
 
 class _ChannelReset(Exception):
@@ -242,6 +245,9 @@ class _Publish:
     def key(self) -> tuple[str, str, str | None]:
         """What a ``basic.return`` names: exchange, routing key, message id."""
         return self.exchange, self.routing_key, self.properties.message_id
+
+    def size(self) -> int:
+        return len(self.body)
 
 
 class PendingPublish:
@@ -398,7 +404,7 @@ class Client:
         self._ops: collections.deque[Callable[[], None]] = collections.deque()
         self._publishes: collections.deque[_Publish] = collections.deque()
         # sent on the current channel, not confirmed yet (see fedmq.broker.confirms)
-        self._inflight: InFlight[_Publish] = InFlight(_Publish.key)
+        self._inflight: InFlight[_Publish] = InFlight(_Publish.key, _Publish.size)
         # how many of the queued publishes to send one at a time (after a channel close that
         # refused one of several in flight: the next refusal then has one culprit)
         self._careful = 0
@@ -967,18 +973,19 @@ class Client:
             self._check_channel()
         chan = self._chan
         while chan is not None:
-            if self._careful and len(self._inflight):
-                return  # one at a time: the next goes once this one is settled
             with self._lock:
                 pub = None
                 while self._publishes and pub is None:
-                    head = self._publishes.popleft()
+                    head = self._publishes[0]
                     if head.withdrawn:  # its waiter gave up before we sent it
+                        self._publishes.popleft()
                         head.error = head.error or NotConfirmed(f"the publish to {head.target} was withdrawn")
                         head.body = b""
                         head.done.set()
+                    elif self._held_back(head):
+                        return  # sent once confirms come in (_on_confirm wakes us)
                     else:
-                        pub = head
+                        pub = self._publishes.popleft()
                         pub.sending = True
             if pub is None:
                 return
@@ -1001,6 +1008,15 @@ class Client:
             self._inflight.sent(pub)
             self.most_in_flight = max(self.most_in_flight, len(self._inflight))
 
+    def _held_back(self, pub: _Publish) -> bool:
+        """Whether ``pub`` waits for confirms of what is in flight: one at a time after a refusal
+        (see :meth:`_refused`), and at most :data:`IN_FLIGHT_BYTES` of bodies at once, so that a
+        chunked model queued whole is not copied into the connection's output all at once."""
+        inflight = self._inflight
+        if not len(inflight):
+            return False
+        return bool(self._careful) or inflight.bytes + len(pub.body) > IN_FLIGHT_BYTES
+
     def _confirm_on(self, chan: Any) -> InFlight[_Publish]:
         """Put ``chan`` in confirm mode, its confirms and returns kept by a new :class:`InFlight`.
 
@@ -1008,7 +1024,7 @@ class Client:
         confirm before it returns, so publishes would go one broker round trip at a time.
         """
         impl = chan._impl
-        inflight: InFlight[_Publish] = InFlight(_Publish.key)
+        inflight: InFlight[_Publish] = InFlight(_Publish.key, _Publish.size)
         # no callback: Confirm.Select is sent without waiting for its SelectOk; the broker takes
         # the channel's frames in order, so every publish after it is confirmed
         impl.confirm_delivery(ack_nack_callback=functools.partial(self._on_confirm, inflight))
@@ -1038,8 +1054,11 @@ class Client:
             self._settle_publish(pub, error)
             if self._careful:
                 self._careful -= 1
-        if (self._careful and self._publishes) or (self._closing.is_set() and not len(inflight)):
-            self._wake()  # the next careful publish goes now; or close() waits for this
+        with self._lock:  # publishes held back (see _held_back) go now; close() waits for the last confirm
+            wake = (bool(self._publishes) or (self._closing.is_set() and not len(inflight))) and not self._woken
+            self._woken = self._woken or wake
+        if wake:
+            self._wake()
 
     def _on_return(self, inflight: InFlight[_Publish], _channel: Any, method: Any, props: Any, _body: Any) -> None:
         if inflight.returned(method.exchange, method.routing_key, props.message_id) is None:

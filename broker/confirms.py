@@ -47,13 +47,17 @@ class InFlight(Generic[P]):
     """The unconfirmed publishes of one confirming channel, by delivery tag.
 
     ``target(p)`` gives a publish's ``(exchange, routing_key, message_id)``, which a return is
-    matched against.
+    matched against; ``size(p)`` its body's bytes, summed in :attr:`bytes`.
     """
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, size: Any) -> None:
         self._target = target
+        self._size = size
+        #: the body bytes of the unconfirmed publishes
+        self.bytes = 0
         self._next = 1
         self._sent: collections.OrderedDict[int, P] = collections.OrderedDict()
+        self._sizes: dict[int, int] = {}
         self._returned: set[int] = set()
         #: the (class id, method id) the broker's ``channel.close`` named as its cause, once closed
         self.closed_by: tuple[int, int] | None = None
@@ -70,6 +74,8 @@ class InFlight(Generic[P]):
         tag = self._next
         self._next += 1
         self._sent[tag] = publish
+        self._sizes[tag] = size = self._size(publish)
+        self.bytes += size
         return tag
 
     def returned(self, exchange: str, routing_key: str, message_id: str | None) -> P | None:
@@ -90,6 +96,7 @@ class InFlight(Generic[P]):
         done = []
         for t in tags:
             pub = self._sent.pop(t)
+            self.bytes -= self._sizes.pop(t)
             returned = t in self._returned
             self._returned.discard(t)
             done.append(Settled(pub, acked, returned))
@@ -100,13 +107,16 @@ class InFlight(Generic[P]):
         for tag, pub in list(self._sent.items()):
             if pub is publish:
                 del self._sent[tag]
+                self.bytes -= self._sizes.pop(tag)
                 self._returned.discard(tag)
 
     def take_all(self) -> list[P]:
         """Forget every unconfirmed publish (the channel is gone) and return them, oldest first."""
         pubs = list(self._sent.values())
         self._sent.clear()
+        self._sizes.clear()
         self._returned.clear()
+        self.bytes = 0
         return pubs
 
     @property

@@ -83,3 +83,23 @@ def test_publishes_queued_together_go_out_together_and_are_confirmed_as_they_com
         assert bodies == sorted(b"t%d" % i for i in range(COUNT))
         with pytest.raises(queue.Empty):
             got.get(timeout=0.5)  # each once
+
+
+def test_large_publishes_queued_together_keep_at_most_the_byte_cap_in_flight(amqp_url: str, namespace: str) -> None:
+    """A chunked model is queued whole: its chunks must not all be copied into the connection's
+    output at once (each sent publish is), only IN_FLIGHT_BYTES of them."""
+    from fedmq.broker.client import IN_FLIGHT_BYTES
+
+    topology = Topology(namespace)
+    size = IN_FLIGHT_BYTES // 4
+    with Client(BrokerSettings.from_url(amqp_url), topology) as client:
+        busy, release = threading.Event(), threading.Event()
+        client._submit(lambda: (busy.set(), release.wait(30)))  # hold the I/O thread inside an op
+        assert busy.wait(30)
+        pending = [client.publish_nowait(topology.tasks, bytes([i]) * size, message_id=f"c{i}") for i in range(10)]
+        release.set()
+        for pub in pending:
+            pub.wait(60)  # all confirmed: the ones held back went out as confirms came in
+        assert client.most_in_flight == 4
+        count = client.call(lambda ch: ch.queue_declare(topology.tasks, passive=True).method.message_count)
+        assert count == 10

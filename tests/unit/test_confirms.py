@@ -18,7 +18,7 @@ class Pub:
 
 
 def sent(*pubs: Pub) -> InFlight[Pub]:
-    inflight: InFlight[Pub] = InFlight(Pub.key)
+    inflight: InFlight[Pub] = InFlight(Pub.key, lambda p: 1)
     for n, pub in enumerate(pubs, 1):
         assert inflight.sent(pub) == n  # delivery tags count from 1 in the order sent
     return inflight
@@ -83,3 +83,18 @@ def test_forget_and_take_all() -> None:
     assert list(inflight) == [a, c]
     assert inflight.take_all() == [a, c] and len(inflight) == 0
     assert inflight.sent(Pub("", "d")) == 4  # tags go on counting on the same channel
+
+
+def test_the_bytes_in_flight_are_counted_as_sent_and_as_settled() -> None:
+    a, b, c = Pub("", "a"), Pub("", "b"), Pub("", "c")
+    sizes = {id(a): 10, id(b): 200, id(c): 3000}
+    inflight: InFlight[Pub] = InFlight(Pub.key, lambda p: sizes[id(p)])
+    for p in (a, b, c):
+        inflight.sent(p)
+    assert inflight.bytes == 3210
+    inflight.settle(1, multiple=False, acked=True)
+    assert inflight.bytes == 3200
+    inflight.forget(c)
+    assert inflight.bytes == 200
+    inflight.take_all()
+    assert inflight.bytes == 0
