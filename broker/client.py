@@ -133,7 +133,9 @@ IN_FLIGHT_BYTES = 16 * 1024 * 1024
 
 
 class _ChannelReset(Exception):
-    """The broker closed the channel because of one publish, which was failed already."""
+    """The broker closed the channel because of a publish: with the error it was failed with when
+    that publish is known, or with None when it was one of several in flight, which are then sent
+    again one at a time (see ``Client._refused``)."""
 
 
 def reply_code(exc: BaseException) -> int | None:
@@ -724,9 +726,15 @@ class Client:
         """
         with self._lock:
             where.append(item)
-            wake, self._woken = not self._woken, True
+            wake = self._claim_wake(True)
         if wake:
             self._wake()
+
+    def _claim_wake(self, needed: bool) -> bool:
+        """Under ``_lock``: whether to wake the I/O thread (``needed`` and no wake on its way yet)."""
+        wake = needed and not self._woken
+        self._woken = self._woken or wake
+        return wake
 
     def _wake(self) -> None:
         conn = self._conn
@@ -1015,7 +1023,7 @@ class Client:
         inflight = self._inflight
         if not len(inflight):
             return False
-        return bool(self._careful) or inflight.bytes + len(pub.body) > IN_FLIGHT_BYTES
+        return bool(self._careful) or inflight.bytes + pub.size() > IN_FLIGHT_BYTES
 
     def _confirm_on(self, chan: Any) -> InFlight[_Publish]:
         """Put ``chan`` in confirm mode, its confirms and returns kept by a new :class:`InFlight`.
@@ -1051,12 +1059,10 @@ class Client:
                 )
             else:
                 error = None
-            self._settle_publish(pub, error)
-            if self._careful:
-                self._careful -= 1
-        with self._lock:  # publishes held back (see _held_back) go now; close() waits for the last confirm
-            wake = (bool(self._publishes) or (self._closing.is_set() and not len(inflight))) and not self._woken
-            self._woken = self._woken or wake
+            self._settled_in_flight(pub, error)
+        # publishes held back (see _held_back) go now; close() waits for the last confirm
+        with self._lock:
+            wake = self._claim_wake(bool(self._publishes) or (self._closing.is_set() and not len(inflight)))
         if wake:
             self._wake()
 
@@ -1080,9 +1086,7 @@ class Client:
                 return
             log.error("%s", error)
             self._inflight.forget(culprit)
-            self._settle_publish(culprit, error)
-            if self._careful:
-                self._careful -= 1
+            self._settled_in_flight(culprit, error)
             raise _ChannelReset(error) from None
         if self._inflight.refused_a_publish:
             self._careful = len(self._inflight)
@@ -1106,6 +1110,12 @@ class Client:
             403: f"give user {self.settings.username!r} write permission on it",
             404: "declare the namespace first, or check --namespace",
         })
+
+    def _settled_in_flight(self, pub: _Publish, error: BrokerError | None) -> None:
+        """A publish that was in flight is settled: one fewer to send one at a time (see _refused)."""
+        self._settle_publish(pub, error)
+        if self._careful:
+            self._careful -= 1
 
     def _settle_publish(self, pub: _Publish, error: BrokerError | None) -> None:
         with self._lock:

@@ -56,8 +56,8 @@ class InFlight(Generic[P]):
         #: the body bytes of the unconfirmed publishes
         self.bytes = 0
         self._next = 1
-        self._sent: collections.OrderedDict[int, P] = collections.OrderedDict()
-        self._sizes: dict[int, int] = {}
+        #: delivery tag -> (publish, its body's bytes), oldest first
+        self._sent: collections.OrderedDict[int, tuple[P, int]] = collections.OrderedDict()
         self._returned: set[int] = set()
         #: the (class id, method id) the broker's ``channel.close`` named as its cause, once closed
         self.closed_by: tuple[int, int] | None = None
@@ -67,20 +67,20 @@ class InFlight(Generic[P]):
 
     def __iter__(self) -> Iterator[P]:
         """The unconfirmed publishes, oldest first."""
-        return iter(list(self._sent.values()))
+        return iter([pub for pub, _ in self._sent.values()])
 
     def sent(self, publish: P) -> int:
         """Note a publish just sent; return its delivery tag."""
         tag = self._next
         self._next += 1
-        self._sent[tag] = publish
-        self._sizes[tag] = size = self._size(publish)
+        size = self._size(publish)
+        self._sent[tag] = (publish, size)
         self.bytes += size
         return tag
 
     def returned(self, exchange: str, routing_key: str, message_id: str | None) -> P | None:
         """Note a ``basic.return``; return the publish it is for (None if none matches)."""
-        for tag, pub in self._sent.items():
+        for tag, (pub, _) in self._sent.items():
             ex, key, mid = self._target(pub)
             if tag not in self._returned and ex == exchange and key == routing_key and mid == message_id:
                 self._returned.add(tag)
@@ -95,8 +95,8 @@ class InFlight(Generic[P]):
             tags = [tag] if tag in self._sent else []
         done = []
         for t in tags:
-            pub = self._sent.pop(t)
-            self.bytes -= self._sizes.pop(t)
+            pub, size = self._sent.pop(t)
+            self.bytes -= size
             returned = t in self._returned
             self._returned.discard(t)
             done.append(Settled(pub, acked, returned))
@@ -104,17 +104,16 @@ class InFlight(Generic[P]):
 
     def forget(self, publish: P) -> None:
         """Drop one publish (the broker refused it by closing the channel)."""
-        for tag, pub in list(self._sent.items()):
+        for tag, (pub, size) in list(self._sent.items()):
             if pub is publish:
                 del self._sent[tag]
-                self.bytes -= self._sizes.pop(tag)
+                self.bytes -= size
                 self._returned.discard(tag)
 
     def take_all(self) -> list[P]:
         """Forget every unconfirmed publish (the channel is gone) and return them, oldest first."""
-        pubs = list(self._sent.values())
+        pubs = [pub for pub, _ in self._sent.values()]
         self._sent.clear()
-        self._sizes.clear()
         self._returned.clear()
         self.bytes = 0
         return pubs
@@ -127,5 +126,5 @@ class InFlight(Generic[P]):
     def culprit(self) -> P | None:
         """The publish the channel close refused, when that can be known: the only one in flight."""
         if self.refused_a_publish and len(self._sent) == 1:
-            return next(iter(self._sent.values()))
+            return next(iter(self._sent.values()))[0]
         return None
