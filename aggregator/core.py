@@ -49,7 +49,7 @@ from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
-from fedmq.aggregator import taskids
+from fedmq.aggregator import taskids, versions
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.strategies import Params, Strategy
 from fedmq.aggregator.timers import Stamps
@@ -143,10 +143,15 @@ class PublishModel:
 
 @dataclass(frozen=True)
 class Evaluate:
-    """Evaluate ``params`` (model ``version``) and answer with :meth:`Coordinator.evaluated`."""
+    """Evaluate ``params`` (model ``version``) and answer with :meth:`Coordinator.evaluated`.
+
+    ``renumbered_from``: the number this version would have had, had the aggregator before a
+    restart not published a version with that number and other parameters
+    (:mod:`fedmq.aggregator.versions`)."""
 
     version: int
     params: Params = field(compare=False, repr=False)
+    renumbered_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -505,6 +510,9 @@ class Coordinator:
         self._stop_sent = 0.0
         self._failing: dict[str, tuple[str, int]] = {}  # worker -> (its last failure, how often in a row)
         self._said_failing: set[tuple[str, str]] = set()
+        # versions an aggregator before a restart may have published past the checkpoint this
+        # one resumed from -> their parameters' digest (None: unknown); see versions.renumber
+        self.lost: dict[int, str | None] = {}
 
     @classmethod
     def from_meta(
@@ -653,8 +661,12 @@ class Coordinator:
             entry["worker_id"] = worker_id
         return [self.settle(token, entry, "incomplete", reason)]
 
-    def evaluated(self, version: int, loss: float, accuracy: float, now: float) -> list[Decision]:
-        """The answer to :class:`Evaluate`: record the version's history entry, then move on."""
+    def evaluated(self, version: int, loss: float, accuracy: float, now: float, *,
+                  digest: str | None = None) -> list[Decision]:
+        """The answer to :class:`Evaluate`: record the version's history entry, then move on.
+
+        ``digest``: :func:`versions.params_digest` of the version, kept in its entry (a sync
+        version is published before its checkpoint is written: see :mod:`fedmq.aggregator.versions`)."""
         st = self.state
         taus = st.staleness_since_version
         entry: dict[str, Any] = {
@@ -662,6 +674,8 @@ class Coordinator:
             "loss": float(loss), "updates_applied": st.counts["applied"],
             "staleness_mean": float(np.mean(taus)) if taus else 0.0,
         }
+        if digest is not None:
+            entry[versions.DIGEST_FIELD] = digest
         round_ = self.policy.round_of(st)
         if round_ is not None:
             entry["round"] = round_
@@ -833,11 +847,16 @@ class Coordinator:
         return PublishModel(self.state.version, round_, self.params)
 
     def new_version(self, params: Params) -> Evaluate:
-        """``params`` become the next version; its evaluation is due before the run moves on."""
+        """``params`` become the next version; its evaluation is due before the run moves on.
+
+        Its number is the next one, unless a version with that number and other parameters may
+        have been published before a restart (:attr:`lost`): then the next unused one."""
         self.params = params
-        self.state.version += 1
+        wanted = self.state.version + 1
+        digest = versions.params_digest(params) if self.lost else None
+        self.state.version, self.lost = versions.renumber(wanted, digest, self.lost)
         self._awaiting = self.state.version
-        return Evaluate(self.state.version, params)
+        return Evaluate(self.state.version, params, renumbered_from=wanted if self.state.version != wanted else None)
 
     def workers_ready(self, now: float) -> bool:
         """At least --min-workers are live (and the next wait will be announced again), and,

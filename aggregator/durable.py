@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.shared.errors import ConfigError, LockLost
-from fedmq.shared.files import atomic_write_bytes
+from fedmq.shared.files import atomic_write_bytes, json_objects
 
 LOCK_FILE = "aggregator.lock"
 CHECKPOINT_DIR = "checkpoint"
@@ -80,8 +80,14 @@ def write_npz(f: Any, arrays: Mapping[str, np.ndarray]) -> None:
                 member.write(arr.reshape(-1).view(np.uint8).data)
 
 
-def save_checkpoint(run_dir: Path, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    blob = np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)
+def meta_json(meta: Mapping[str, Any]) -> bytes:
+    """A checkpoint's meta as :func:`save_checkpoint` stores it (taking it is taking a snapshot)."""
+    return json.dumps(meta, default=_json_default).encode()
+
+
+def save_checkpoint(run_dir: Path, meta: Mapping[str, Any] | bytes, arrays: Mapping[str, np.ndarray]) -> None:
+    """``meta`` (or :func:`meta_json` of it) and ``arrays`` as the run's one checkpoint file."""
+    blob = np.frombuffer(meta if isinstance(meta, bytes) else meta_json(meta), dtype=np.uint8)
     atomic_write_bytes(
         run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE,
         lambda f: write_npz(f, {_META: blob, **arrays}),
@@ -180,13 +186,7 @@ class AppendLog:
             lines = f.read().split(b"\n")
         if size > max_bytes:
             lines = lines[1:]  # the first is likely cut
-        out = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                doc = json.loads(line)
-                if isinstance(doc, dict):
-                    out.append(doc)
-        return out
+        return json_objects(lines)
 
     def commit(self) -> int:
         """Flush and fsync; return the committed length in bytes."""

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.aggregator.durable import AppendLog, read_ledger
+from fedmq.aggregator.versions import entries_in
 
 HISTORY_LOG = "history.jsonl"
 #: evaluated versions history.json holds while the run is going (the rest are in history.jsonl)
@@ -80,6 +81,13 @@ class History:
             truncate_to = None
         if truncate_to is not None and not self.path.exists():
             truncate_to = None  # nothing to cut back (e.g. the file was removed)
+        #: the entries written after the checkpoint a resumed run starts from, cut away here:
+        #: versions the aggregator before the restart made (and, in sync mode, published)
+        self.past_checkpoint: list[dict[str, Any]] = []
+        if truncate_to is not None:
+            with open(self.path, "rb") as f:
+                f.seek(truncate_to)
+                self.past_checkpoint = entries_in(f.read())
         self._log = AppendLog(self.path, truncate_to=truncate_to)
         self.tail: deque[dict[str, Any]] = deque(maxlen=HISTORY_TAIL)
         if truncate_to is not None:

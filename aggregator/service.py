@@ -51,7 +51,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedmq.aggregator import durable
+from fedmq.aggregator import durable, versions
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.core import (
     BroadcastStop,
@@ -173,6 +173,7 @@ class Aggregator:
         self.incarnation = secrets.token_hex(3)
         self._models_published = 0
         self._model_ahead: dict[int, _Ahead] = {}  # version -> its message, made while a checkpoint is written
+        self._writing: _Writing | None = None  # a sync round's checkpoint, written on another thread
         self._takeovers: list[dict[str, Any]] = []  # standbys that took this run over (history.json)
         self.identities = IdentityBook()  # --require-user-id: worker id -> broker user
         self.lock: NamespaceLock | None = None
@@ -292,6 +293,11 @@ class Aggregator:
             self.ledger = durable.Ledger(self.out / "updates.jsonl", truncate_to=st.ledger_offset)
             self.history = History(self.out, truncate_to=st.history_offset, legacy=st.legacy_history)
             st.legacy_history = None
+            self.core.lost = versions.lost_versions(self.history.past_checkpoint, st.version)
+            if self.core.lost:
+                log.warning("the aggregator before this one made version(s) %s after its last checkpoint (version %d); "
+                            "a version made again with the same number keeps it only if its parameters are the same",
+                            ", ".join(map(str, sorted(self.core.lost))), st.version)
             log.info("resumed run %s from checkpoint: version %d, round %d, %d updates applied",
                      st.run_id, st.version, st.round, st.counts["applied"])
         else:
@@ -413,6 +419,8 @@ class Aggregator:
                     if self.cfg.export:
                         export_model(self.out, core.params, self.spec, self.trainer, self.cfg.export)
         finally:
+            if self._writing is not None:  # fenced, or failed before the last checkpoint: nothing more is acked
+                self._writing.job.wait()
             self.client.close()
             if self._fenced:
                 self.ledger.abandon()
@@ -465,6 +473,9 @@ class Aggregator:
             kind, item = self.inbox.get(timeout=max(0.0, timeout))
         except queue.Empty:
             kind, item = "wake", None
+        if kind == "written":
+            self._written(item)
+            kind = "wake"
         if client.failure is not None:  # permanent: out of run(), so the command fails
             raise client.failure
         self._raise_refused_publishes()
@@ -478,6 +489,8 @@ class Aggregator:
                 self._carry(self._receive(item))
             elif kind == "presence":
                 self._carry(core.presence(item, time.monotonic()))
+            elif kind == "written":
+                self._written(item)
             # once done (or told to stop) what is left in the inbox stays unacked, or is
             # recorded as late while the run drains
             if core.done or self._stop_news():
@@ -629,16 +642,27 @@ class Aggregator:
                                   headers={VERSION_HEADER: d.version, RUN_HEADER: run_id,
                                            **self._signed(msg, body, digest)})
                 case Evaluate():
+                    if d.renumbered_from is not None:
+                        log.warning("version %d is numbered %d: the aggregator before the restart may have published "
+                                    "a version %d with other parameters", d.renumbered_from, d.version,
+                                    d.renumbered_from)
+                    # a sync version is published before its checkpoint is written: its entry keeps
+                    # its digest (fedmq.aggregator.versions), taken on another thread meanwhile
+                    digest = (_Ahead(functools.partial(versions.params_digest, d.params), name="fedmq-digest")
+                              if self.cfg.synchronous else None)
                     loss, acc = self.trainer.evaluate(d.params, self.X_test, self.y_test)
-                    self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic()))
+                    self._carry(self._core.evaluated(d.version, loss, acc, time.monotonic(),
+                                                     digest=digest.result() if digest is not None else None))
                 case Checkpoint():
-                    # a sync round's next model is published right after this checkpoint: its
-                    # wire form (rounding, encoding) is made on another thread meanwhile, while
-                    # this one mostly waits for the disk. Published only after, as before.
+                    # a sync round's next model is published right after this checkpoint is begun:
+                    # its wire form (rounding, encoding) is made on another thread meanwhile, while
+                    # this one fsyncs the ledger and history.jsonl; the checkpoint itself is
+                    # written on a third while the workers train (see _checkpoint)
                     upcoming = next((x for x in decisions[i + 1:] if isinstance(x, PublishModel)), None)
                     if upcoming is not None and upcoming.version not in self._model_ahead:
-                        self._model_ahead[upcoming.version] = _Ahead(functools.partial(self._model_message, upcoming))
-                    self._checkpoint(force=True)
+                        self._model_ahead[upcoming.version] = _Ahead(functools.partial(self._model_message, upcoming),
+                                                                       name="fedmq-model-ahead")
+                    self._checkpoint(force=True, behind=True)
                 case BroadcastStop():
                     self._broadcast_stop(d.version)
                 case PurgeTasks():
@@ -760,8 +784,15 @@ class Aggregator:
             log.info("could not purge the task queue: %s", exc)
 
     # ------------------------------------------------------------------ durability
-    def _checkpoint(self, force: bool = False) -> None:
+    def _checkpoint(self, force: bool = False, *, behind: bool = False) -> None:
         """Publish confirms, ledger fsync, checkpoint, ack: the one durability order.
+
+        ``behind`` (a sync round's close): the checkpoint file is written on another thread, and
+        its deliveries acked once it is on disk (:meth:`_written`), while the next round's model
+        goes out. That model is safe to publish first: its history entry, with its digest, is
+        fsync'd here, so an aggregator resumed from the checkpoint before never publishes that
+        version number with other parameters (:mod:`fedmq.aggregator.versions`). At most one
+        checkpoint is being written: the next one waits for it.
 
         history.json is rewritten with it at most once a second (:class:`SnapshotSchedule`); one
         put off is written when its time comes (the main loop wakes for it): by a checkpoint if
@@ -769,6 +800,7 @@ class Aggregator:
         whatever: in a sync run with rounds under a second, a second write of the whole model
         and three fsyncs about once a second, in the middle of a round.)
         """
+        self._written()
         owed = self._history_json.owed(time.monotonic())
         if not self._pending and not force:
             if owed:  # nothing settled since the last checkpoint, which holds all history.json shows
@@ -791,23 +823,47 @@ class Aggregator:
         history_offset = self.history.commit()
         now = time.monotonic()
         strategy_meta, strategy_arrays = core.strategy.state()
+        # the model's arrays are never changed in place (a new version is new arrays); a
+        # strategy's may be, so a checkpoint written behind gets copies of those
         arrays = {f"model/{k}": v for k, v in core.params.items()}
-        arrays.update({f"strategy/{k}": v for k, v in strategy_arrays.items()})
+        arrays.update({f"strategy/{k}": v.copy() if behind else v for k, v in strategy_arrays.items()})
         meta = {"state": core.to_meta(now, ledger_offset=offset, history_offset=history_offset),
                 "strategy": strategy_meta,
                 "config": self.cfg.to_json(), "takeovers": self._takeovers,
                 "identities": self.identities.to_meta()}
-        durable.save_checkpoint(self.out, meta, arrays)
-        emit(log, "checkpoint_written", "checkpoint of version %d written; %d deliveries acked", core.state.version,
-             len(self._pending), level=logging.DEBUG, version=core.state.version, acked=len(self._pending))
-        if self._history_json.offer(now):
-            self._write_history()
-        assert self.client is not None
-        for delivery in self._pending:
-            self.client.ack(delivery)
+        blob = durable.meta_json(meta)  # a snapshot: the thread writing it shares nothing with us
+        version, acks = core.state.version, self._pending
         self._pending = []
         self._settled = 0
+        if self._history_json.offer(now):
+            self._write_history()
+        write = functools.partial(durable.save_checkpoint, self.out, blob, arrays)
+        if behind:
+            job = _Ahead(write, name="fedmq-checkpoint", then=lambda done: self.inbox.put(("written", done)))
+            self._writing = _Writing(version, acks, job)
+        else:
+            write()
+            self._done_writing(version, acks)
         self._last_checkpoint = time.monotonic()
+
+    def _written(self, job: _Ahead | None = None) -> None:
+        """Wait for the checkpoint being written, if one is (and it is ``job``, if given: the main
+        loop hears of each when it is done, maybe after it waited for it), and ack what it made
+        durable; raises what writing it raised (its deliveries then stay unacked: the broker
+        redelivers them)."""
+        written = self._writing
+        if written is None or (job is not None and written.job is not job):
+            return
+        self._writing = None
+        written.job.result()
+        self._done_writing(written.version, written.acks)
+
+    def _done_writing(self, version: int, acks: list[Delivery]) -> None:
+        emit(log, "checkpoint_written", "checkpoint of version %d written; %d deliveries acked", version,
+             len(acks), level=logging.DEBUG, version=version, acked=len(acks))
+        assert self.client is not None
+        for delivery in acks:
+            self.client.ack(delivery)
 
     def _guard(self) -> None:
         """Before the ledger is flushed and a checkpoint written: do we still own the run?
@@ -891,12 +947,15 @@ STOP_CONFIRM_S = 10.0
 
 class _Ahead:
     """``make()`` run on a thread of its own now; :meth:`result` waits for it and returns what it
-    returned or raises what it raised (on the caller's thread, as if called there)."""
+    returned or raises what it raised (on the caller's thread, as if called there). ``then(self)``
+    is called on that thread once ``make()`` returned or raised."""
 
-    def __init__(self, make: Callable[[], Any]) -> None:
+    def __init__(self, make: Callable[[], Any], *, name: str = "fedmq-ahead",
+                 then: Callable[[_Ahead], None] | None = None) -> None:
         self._out: Any = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(make,), name="fedmq-model-ahead", daemon=True)
+        self._then = then
+        self._thread = threading.Thread(target=self._run, args=(make,), name=name, daemon=True)
         self._thread.start()
 
     def _run(self, make: Callable[[], Any]) -> None:
@@ -904,12 +963,27 @@ class _Ahead:
             self._out = make()
         except BaseException as exc:  # noqa: BLE001 (handed to the caller by result())
             self._error = exc
+        if self._then is not None:
+            self._then(self)
+
+    def wait(self) -> None:
+        """Wait for ``make()`` to return or raise, whatever it did."""
+        self._thread.join()
 
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._out
+
+
+@dataclasses.dataclass
+class _Writing:
+    """A checkpoint of ``version`` being written (``job``), and the deliveries it makes durable."""
+
+    version: int
+    acks: list[Delivery]
+    job: _Ahead
 
 
 def _ack_handle(delivery: Delivery) -> Delivery:

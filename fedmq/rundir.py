@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.shared import events
+from fedmq.shared.files import json_objects
 
 
 def read_ledger(run_dir: Path) -> list[dict[str, Any]]:
@@ -50,15 +51,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text().splitlines()
     except OSError:
         return []
-    out: list[dict[str, Any]] = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
+    return json_objects(lines)
 
 
 def history_len(run_dir: Path) -> int:

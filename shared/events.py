@@ -18,7 +18,8 @@ update_settled         message_id, fate (applied|stale|duplicate|rejected|late|f
                        task_id?,
                        worker_id?, reason?, staleness?, weight?
 version_evaluated      version, accuracy, loss, updates_applied, staleness_mean, time_s, round?,
-                       dp_epsilon?, dp_delta?, dp_steps? (differential privacy: spent so far)
+                       dp_epsilon?, dp_delta?, dp_steps? (differential privacy: spent so far),
+                       params_crc32? (sync: the version's parameters, see fedmq.aggregator.versions)
 round_closed           round, version, updates
 checkpoint_written     version, acked                          (debug level: the state is on disk, that many
                        deliveries acked)
@@ -55,7 +56,7 @@ SCHEMA: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     ),
     "version_evaluated": (
         frozenset({"version", "accuracy", "loss", "updates_applied", "staleness_mean", "time_s"}),
-        frozenset({"round", "dp_epsilon", "dp_delta", "dp_steps"}),
+        frozenset({"round", "dp_epsilon", "dp_delta", "dp_steps", "params_crc32"}),
     ),
     "round_closed": (frozenset({"round", "version", "updates"}), frozenset()),
     "checkpoint_written": (frozenset({"version", "acked"}), frozenset()),

@@ -7,14 +7,15 @@ temp file behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -134,3 +135,17 @@ def payload_allocator(directory: str | os.PathLike[str], memory_bytes: int) -> C
         return buffer
 
     return allocate
+
+
+def json_objects(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The JSON objects among ``lines`` (of a JSON-lines file), in order; a line that is not one
+    (cut short by a crash or a read window, or being written by another process) is skipped."""
+    out: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out.append(doc)
+    return out

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedmq.aggregator import versions
 from fedmq.aggregator.config import AggregatorConfig
 from fedmq.aggregator.core import (
     DRAIN_GRACE_S,
@@ -100,7 +101,9 @@ class Driver:
             out.append(d)
             if isinstance(d, Evaluate):
                 acc = self.accuracy(d.version)
-                out += self._take(self.core.evaluated(d.version, 1.0 - acc, acc, now), now)
+                # a sync version's entry keeps its digest, as the shell has it
+                digest = versions.params_digest(d.params) if self.core.config.synchronous else None
+                out += self._take(self.core.evaluated(d.version, 1.0 - acc, acc, now, digest=digest), now)
         return out
 
     def _record(self, decisions: list[Decision], now: float) -> list[Decision]:

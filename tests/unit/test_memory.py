@@ -165,7 +165,7 @@ def test_a_model_made_ahead_is_handed_over_or_its_error_raised_on_the_callers_th
         made_on.append(threading.current_thread().name)
         return "body"
 
-    assert _Ahead(make).result() == "body" and made_on == ["fedmq-model-ahead"]
+    assert _Ahead(make, name="fedmq-model-ahead").result() == "body" and made_on == ["fedmq-model-ahead"]
 
     def broken() -> str:
         raise ValueError("dense_0/W holds values that are not finite (inf or nan)")
