@@ -800,7 +800,7 @@ class Aggregator:
         whatever: in a sync run with rounds under a second, a second write of the whole model
         and three fsyncs about once a second, in the middle of a round.)
         """
-        self._written()
+        self._written(wait=False)
         owed = self._history_json.owed(time.monotonic())
         if not self._pending and not force:
             if owed:  # nothing settled since the last checkpoint, which holds all history.json shows
@@ -816,6 +816,7 @@ class Aggregator:
         )
         if not due:
             return
+        self._written()  # at most one is being written: this one waits for it
         core = self._core
         self._confirm_publishes()
         self._guard()
@@ -846,13 +847,13 @@ class Aggregator:
             self._done_writing(version, acks)
         self._last_checkpoint = time.monotonic()
 
-    def _written(self, job: _Ahead | None = None) -> None:
+    def _written(self, job: _Ahead | None = None, *, wait: bool = True) -> None:
         """Wait for the checkpoint being written, if one is (and it is ``job``, if given: the main
-        loop hears of each when it is done, maybe after it waited for it), and ack what it made
-        durable; raises what writing it raised (its deliveries then stay unacked: the broker
-        redelivers them)."""
+        loop hears of each when it is done, maybe after it waited for it; without ``wait``, only
+        if it is done), and ack what it made durable; raises what writing it raised (its
+        deliveries then stay unacked: the broker redelivers them)."""
         written = self._writing
-        if written is None or (job is not None and written.job is not job):
+        if written is None or (job is not None and written.job is not job) or not (wait or written.job.done):
             return
         self._writing = None
         written.job.result()
@@ -965,6 +966,10 @@ class _Ahead:
             self._error = exc
         if self._then is not None:
             self._then(self)
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def wait(self) -> None:
         """Wait for ``make()`` to return or raise, whatever it did."""
