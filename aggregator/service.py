@@ -10,7 +10,9 @@ One thread does all the work; the broker client's I/O thread only puts deliverie
 ``self.inbox``. Every update message gets exactly one line in ``updates.jsonl`` and is acked
 only after a checkpoint that contains its effect is on disk, in one order kept by
 :meth:`Aggregator._checkpoint` alone: wait for the broker's confirms of model and task
-publishes, fsync the ledger, write the checkpoint, ack. A crash therefore loses nothing
+publishes, fsync the ledger, write the checkpoint, ack. (A sync round's checkpoint is written
+on a thread of its own while the next round's model goes out; see :meth:`_checkpoint` and
+:mod:`fedmq.aggregator.versions`.) A crash therefore loses nothing
 (unacked updates are redelivered) and applies nothing twice (the checkpoint holds the set of
 applied task ids an update can still claim, and the ledger and ``history.jsonl`` are truncated
 back to the checkpoint on ``--resume``).
