@@ -11,8 +11,9 @@ out with the same parameters (the same updates, averaged in the same order: the 
 and otherwise gives it the next number no lost version used. So a worker that fetched the lost
 version can never take it for the new one, and an update trained from it is stale.
 
-An asynchronous aggregator publishes versions between checkpoints; their entries carry no
-digest, so a resumed one numbers past every one of them it finds. Pure functions, no I/O.
+An asynchronous aggregator publishes versions between checkpoints too; their entries carry no
+digest, and a resumed one makes versions under those numbers again, as it always did (async
+updates are weighted by staleness, not tied to a version's bits). Pure functions, no I/O.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ def entries_in(tail: bytes) -> list[dict[str, Any]]:
 
 
 def lost_versions(entries: Iterable[Mapping[str, Any]], checkpoint_version: int) -> dict[int, str | None]:
-    """Version -> digest (None if the entry has none) of the versions in ``entries`` (history past
-    the checkpoint) newer than the checkpoint's: published, perhaps, by the aggregator that died."""
+    """Version -> digest of the sync versions in ``entries`` (history past the checkpoint) newer
+    than the checkpoint's: published, perhaps, by the aggregator that died. Entries without a
+    digest (async versions) are not counted."""
     lost: dict[int, str | None] = {}
     for e in entries:
-        version = e.get("version")
-        if type(version) is int and version > checkpoint_version:
-            digest = e.get(DIGEST_FIELD)
-            lost[version] = digest if isinstance(digest, str) else None
+        version, digest = e.get("version"), e.get(DIGEST_FIELD)
+        if type(version) is int and version > checkpoint_version and isinstance(digest, str):
+            lost[version] = digest
     return lost
 
 
