@@ -425,6 +425,7 @@ class Worker:
         self._fits: set[str] = set()  # runs whose model's size this worker checked it can hold (bounded)
         self._failures = 0
         self._fatal: FedmqError | None = None  # why the worker stopped on its own
+        self._leaving = False  # the task consumer is cancelled: the worker stops (see _stop_taking_tasks)
 
     # ------------------------------------------------------------------ hook
     def at(self, point: str, task_id: str) -> None:
@@ -479,7 +480,7 @@ class Worker:
         if self.follower is not None:
             self.follower.detach()  # a sync worker watching for a newer version: no more
         if self.client is not None:
-            self.client.resume(self.topology.tasks)  # a sync worker waiting for a newer version
+            self._take_tasks()  # a sync worker waiting for a newer version
 
     def _unverified(self, delivery: Delivery, msg: messages.Task | messages.Control) -> str | None:
         """With --aggregator-key: why ``msg`` (a task or a stop) is not the aggregator's, or None."""
@@ -569,6 +570,7 @@ class Worker:
                     self._still_waiting()
                     continue
                 if delivery is None or self.stop.is_set():
+                    self._stop_taking_tasks()
                     if delivery is not None:
                         client.reject(delivery, requeue=True)
                     break
@@ -579,6 +581,7 @@ class Worker:
             pulse.remove(self)
             if pulse is not self._pulse:
                 pulse.stop()
+            self._stop_taking_tasks()
             self._return_unstarted()
             self._presence("bye", tasks_done=self.tasks_done)
             client.close()
@@ -595,6 +598,24 @@ class Worker:
         models = ", ".join(f"run {run_name(r)} version {v}" for r, v in known.items()) or "none yet"
         log.info("worker %s: still waiting for a task on namespace %s (models read: %s)", self.config.worker_id,
                  self.topology.namespace, models)
+
+    def _stop_taking_tasks(self) -> None:
+        """Cancel the task consumer of a worker that stops, before it hands tasks back.
+
+        Otherwise the broker gives a task handed back straight back to it while its connection
+        is still open, and every return counts towards the task queue's delivery limit
+        (``x-delivery-limit`` 3): a task bounced a few times is dead-lettered, never trained.
+        The cancel is queued on the client before the rejects, so the broker sees it first."""
+        assert self.client is not None
+        if not self._leaving:
+            self._leaving = True
+            self.client.pause(self.topology.tasks)
+
+    def _take_tasks(self) -> None:
+        """Take tasks again after a pause, unless the worker is leaving."""
+        assert self.client is not None
+        if not self._leaving:
+            self.client.resume(self.topology.tasks)
 
     def _return_unstarted(self) -> None:
         assert self.client is not None
@@ -740,7 +761,7 @@ class Worker:
 
             def newer() -> None:
                 follower.detach()
-                client.resume(self.topology.tasks)
+                self._take_tasks()
 
             self.models.when_newer_than(run, model.version, newer)
 
@@ -870,6 +891,7 @@ class Worker:
         text = f"worker {self.config.worker_id} refuses run {run_name(run)}: {reason}"
         log.error("%s", text)
         self._presence("refused", run_id=run, reason=reason)
+        self._stop_taking_tasks()
         self.client.reject(delivery, requeue=True)
         self._stop_with(WorkerRefused(text))
 
@@ -929,7 +951,7 @@ class Worker:
         assert self.client is not None
         self.client.pause(self.topology.tasks)
         if not self.stop.wait(seconds):
-            self.client.resume(self.topology.tasks)
+            self._take_tasks()
 
     def _give_back(self, delivery: Delivery, task_id: str, reason: str, *, fatal: FedmqError | None = None) -> None:
         """Return a task this worker could not do to the queue, then pause (or stop with ``fatal``).
@@ -950,7 +972,7 @@ class Worker:
         if fatal is not None:
             self._stop_with(fatal)
         elif not self.stop.wait(backoff):
-            client.resume(self.topology.tasks)
+            self._take_tasks()
 
     def _dead_letter(self, delivery: Delivery, task_id: str, reason: str) -> None:
         """A task no worker can do (untrusted, undecodable): off to the dead-letter queue."""

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,38 @@ def test_a_worker_whose_shard_does_not_fit_the_model_refuses_the_run(
     assert bench.updates.empty()
     # back for a worker that fits (the broker requeues it a moment after the reject or the close)
     wait_for(lambda: bench.count(bench.topology.tasks) == 1, 30, "the task back in the queue")
+
+
+class _SlowToLeave(Worker):
+    """Counts the task deliveries it gets, and takes half a second to say bye: what a worker on
+    a busy machine may take between handing its tasks back and closing its connection."""
+
+    deliveries = 0
+
+    def _on_task(self, delivery: Delivery) -> None:
+        self.deliveries += 1
+        super()._on_task(delivery)
+
+    def _presence(self, kind: str, run_id: str = "", **info: object) -> bool:
+        if kind == "bye":
+            time.sleep(0.5)
+        return super()._presence(kind, run_id, **info)
+
+
+def test_a_worker_that_refuses_a_run_stops_taking_tasks_before_it_hands_its_task_back(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """The bug (a CI failure of the test above): the refusing worker handed its task back while
+    its consumer was still on, so the broker gave it straight back, and each return counts
+    towards the task queue's delivery limit (3: then dead-lettered, never trained)."""
+    bench.model(0, RUN_A)
+    bench.task("t1", RUN_A)
+    cfg = WorkerConfig(data=str(write_shard(tmp_path / "s13.npz", features=13)), worker_id="w0", failure_backoff_s=0.05)
+    w = Running(_SlowToLeave(cfg, bench.settings, bench.topology))
+    running.append(w)
+    assert isinstance(w.join(60).get("error"), WorkerRefused)
+    assert w.worker.deliveries == 1  # type: ignore[attr-defined]
+    wait_for(lambda: bench.count(bench.topology.tasks) == 1, 30, "the task back in the queue")
+    assert bench.count(bench.topology.tasks_dlq) == 0
 
 
 def test_a_worker_whose_trainer_is_not_the_models_refuses_the_run(
