@@ -13,7 +13,7 @@ import io
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,15 @@ def meta_json(meta: Mapping[str, Any]) -> bytes:
     return json.dumps(meta, default=_json_default).encode()
 
 
-def save_checkpoint(run_dir: Path, meta: Mapping[str, Any] | bytes, arrays: Mapping[str, np.ndarray]) -> None:
-    """``meta`` (or :func:`meta_json` of it) and ``arrays`` as the run's one checkpoint file."""
+def save_checkpoint(run_dir: Path, meta: Mapping[str, Any] | bytes, arrays: Mapping[str, np.ndarray], *,
+                    before_replace: Callable[[], object] | None = None) -> None:
+    """``meta`` (or :func:`meta_json` of it) and ``arrays`` as the run's one checkpoint file;
+    ``before_replace`` (e.g. :meth:`RunDirLock.check`) may still stop it just before the rename."""
     blob = np.frombuffer(meta if isinstance(meta, bytes) else meta_json(meta), dtype=np.uint8)
     atomic_write_bytes(
         run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE,
         lambda f: write_npz(f, {_META: blob, **arrays}),
+        before_replace=before_replace,
     )
 
 

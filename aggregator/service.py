@@ -840,7 +840,7 @@ class Aggregator:
         self._settled = 0
         if self._history_json.offer(now):
             self._write_history()
-        write = functools.partial(durable.save_checkpoint, self.out, blob, arrays)
+        write = functools.partial(self._save_checkpoint, blob, arrays)
         if behind:
             job = _Ahead(write, name="fedmq-checkpoint", then=lambda done: self.inbox.put(("written", done)))
             self._writing = _Writing(version, acks, job)
@@ -848,6 +848,15 @@ class Aggregator:
             write()
             self._done_writing(version, acks)
         self._last_checkpoint = time.monotonic()
+
+    def _save_checkpoint(self, blob: bytes, arrays: dict[str, Any]) -> None:
+        """Write the checkpoint file (on the main thread, or behind); the run directory's lock is
+        checked again just before the rename, since a checkpoint written behind takes a while."""
+        try:
+            durable.save_checkpoint(self.out, blob, arrays, before_replace=self.dirlock.check)
+        except LockLost:
+            self._fenced = True
+            raise
 
     def _written(self, job: _Ahead | None = None, *, wait: bool = True) -> None:
         """Wait for the checkpoint being written, if one is (and it is ``job``, if given: the main

@@ -28,8 +28,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` by calling ``write(fileobj)`` on a temp file beside it, then renaming."""
+def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object], *,
+                       before_replace: Callable[[], object] | None = None) -> None:
+    """Write ``path`` by calling ``write(fileobj)`` on a temp file beside it, then renaming.
+
+    ``before_replace()`` is called once the temp file is on disk, just before the rename: if it
+    raises, the temp file is removed and ``path`` is left as it was."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -39,6 +43,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Callable[[IO[bytes]]
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; run and shard files are read by other processes
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):

@@ -92,6 +92,25 @@ def test_run_dir_lock_stops_the_older_claimant(tmp_path: Path) -> None:
         second.check()
 
 
+def test_a_checkpoint_finished_after_the_run_directory_was_claimed_is_not_put_in_place(tmp_path: Path) -> None:
+    """A sync checkpoint is written behind, while the run goes on: the run directory's lock is
+    checked again just before the rename, so an aggregator that lost the directory meanwhile
+    leaves the new owner's checkpoint as it is, and no temp file behind."""
+    from fedmq.aggregator.durable import RunDirLock
+    from fedmq.shared.errors import LockLost
+
+    old, new = RunDirLock(tmp_path, "aaaaaa"), RunDirLock(tmp_path, "bbbbbb")
+    old.claim()
+    durable.save_checkpoint(tmp_path, {"v": 1}, {"a": np.zeros(3)}, before_replace=old.check)
+    new.claim()
+    durable.save_checkpoint(tmp_path, {"v": 2}, {"a": np.ones(3)}, before_replace=new.check)
+    with pytest.raises(LockLost, match="taken over by aggregator incarnation bbbbbb"):
+        durable.save_checkpoint(tmp_path, {"v": 3}, {"a": np.full(3, 3.0)}, before_replace=old.check)
+    loaded = durable.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded[0] == {"v": 2} and np.array_equal(loaded[1]["a"], np.ones(3))
+    assert [p.name for p in (tmp_path / durable.CHECKPOINT_DIR).iterdir()] == [durable.CHECKPOINT_FILE]
+
+
 def test_an_abandoned_ledger_keeps_only_what_was_committed(tmp_path: Path) -> None:
     from fedmq.aggregator.durable import Ledger, read_ledger
 
