@@ -119,7 +119,9 @@ class RunDirLock:
 
     An aggregator claims the directory (writes its incarnation, atomically) once it holds the
     namespace's lock and before it reads the checkpoint; it :meth:`check` s the file before it
-    flushes the ledger and writes each checkpoint, and stops (:class:`LockLost`) if another
+    flushes the ledger and writes each checkpoint, and again just before the checkpoint's
+    rename (a sync checkpoint is written behind, while the run goes on), and stops
+    (:class:`LockLost`) if another
     incarnation claimed it since. So even while the broker's view lags (an old aggregator that
     has not noticed its connection, and the token with it, is gone) two aggregators never
     both write the directory: the newer claim wins, the older one stops at its next write.
