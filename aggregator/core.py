@@ -510,9 +510,9 @@ class Coordinator:
         self._stop_sent = 0.0
         self._failing: dict[str, tuple[str, int]] = {}  # worker -> (its last failure, how often in a row)
         self._said_failing: set[tuple[str, str]] = set()
-        # versions an aggregator before a restart may have published past the checkpoint this
-        # one resumed from -> their parameters' digest (None: unknown); see versions.renumber
-        self.lost: dict[int, str | None] = {}
+        # sync versions an aggregator before a restart may have published past the checkpoint
+        # this one resumed from -> their parameters' digest; see versions.renumber
+        self.lost: dict[int, str] = {}
 
     @classmethod
     def from_meta(

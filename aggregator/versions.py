@@ -47,11 +47,11 @@ def entries_in(tail: bytes) -> list[dict[str, Any]]:
     return json_objects(tail.split(b"\n")[:-1])  # the last piece has no newline: cut short, or empty
 
 
-def lost_versions(entries: Iterable[Mapping[str, Any]], checkpoint_version: int) -> dict[int, str | None]:
+def lost_versions(entries: Iterable[Mapping[str, Any]], checkpoint_version: int) -> dict[int, str]:
     """Version -> digest of the sync versions in ``entries`` (history past the checkpoint) newer
     than the checkpoint's: published, perhaps, by the aggregator that died. Entries without a
     digest (async versions) are not counted."""
-    lost: dict[int, str | None] = {}
+    lost: dict[int, str] = {}
     for e in entries:
         version, digest = e.get("version"), e.get(DIGEST_FIELD)
         if type(version) is int and version > checkpoint_version and isinstance(digest, str):
@@ -59,7 +59,7 @@ def lost_versions(entries: Iterable[Mapping[str, Any]], checkpoint_version: int)
     return lost
 
 
-def renumber(version: int, digest: str | None, lost: Mapping[int, str | None]) -> tuple[int, dict[int, str | None]]:
+def renumber(version: int, digest: str | None, lost: Mapping[int, str]) -> tuple[int, dict[int, str]]:
     """The number for a new version that would be ``version`` (``digest``: its parameters'), and
     the lost versions still to compare against.
 
