@@ -172,12 +172,13 @@ def _wait(p: PendingPublish, timeout: float | None, stop: threading.Event | None
 class StreamFollower:
     """Hands ``handler`` the whole payloads read from stream ``queue`` (on the client's I/O thread).
 
-    Subscribe with ``handler=follower.on_delivery`` and ``arguments=follower.arguments``.
+    Subscribe with ``handler=follower.on_delivery`` and ``arguments=follower.arguments``; with
+    ``attached=False`` when the subscription is made ``paused`` (then :meth:`attach` starts it).
     """
 
     def __init__(self, client: Client, queue: str, handler: Callable[[Delivery], None], *,
                  max_payload_bytes: int, timeout_s: float = 600.0, max_open: int = 2,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, attached: bool = True) -> None:
         self.client = client
         self.queue = queue
         self.handler = handler
@@ -187,7 +188,7 @@ class StreamFollower:
         self._rewind: int | None = None
         self._rewound: set[str] = set()
         self._lock = threading.Lock()  # orders attach / detach (caller) against a rewind (I/O thread)
-        self._detached = False
+        self._detached = not attached  # False: the subscription is made ``paused``
         self._until: Callable[[], bool] | None = None
         self.satisfied = False  # it detached itself: ``until`` was true
         self.skipped = 0
@@ -214,6 +215,11 @@ class StreamFollower:
             self.first_offset = None
             self.attaches += 1
             self.client.resume(self.queue, fresh=fresh)
+
+    @property
+    def attached(self) -> bool:
+        """Whether it reads the stream now: attached, and not detached since (by itself or by a caller)."""
+        return not self._detached
 
     def detach(self) -> None:
         """Cancel the consumer (idempotent): nothing published from now on is delivered. Messages

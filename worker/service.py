@@ -11,7 +11,9 @@ version of a synchronous task, the newest it holds from the version an asynchron
 (the one current when it was issued). It does not follow the model stream: a task whose model
 it does not hold attaches it at ``last``, reads until that model is complete and valid, and
 detaches, so the versions it has no use for are never delivered to it (issue 15: bytes per
-update flat in the number of workers). A model that has not arrived is waited for, up to
+update flat in the number of workers). A sync worker that trains round after round reads on
+instead: after its update it stays attached for the run's next version, until a second version
+comes with no task for it (:meth:`Worker._read_on`). A model that has not arrived is waited for, up to
 ``model_wait_s`` (logged once), then the task goes back to the queue. A stop names its run: the worker leaves after the stop of the run it serves
 (the run of its last task), or with ``serve`` forgets that run and waits for the next one; a
 stop for another run is ignored. Nothing read from the model stream stops a worker: a message
@@ -426,6 +428,7 @@ class Worker:
         self._failures = 0
         self._fatal: FedmqError | None = None  # why the worker stopped on its own
         self._leaving = False  # the task consumer is cancelled: the worker stops (see _stop_taking_tasks)
+        self._started: tuple[str, int] | None = None  # (run, model version) of the last task it started training
 
     # ------------------------------------------------------------------ hook
     def at(self, point: str, task_id: str) -> None:
@@ -529,7 +532,8 @@ class Worker:
         control_queue = f"{self.topology.control}.{cfg.worker_id}.{uuid.uuid4().hex[:8]}"
         # whole model versions only: chunked ones put together, a late joiner re-reads from the first chunk;
         # read on demand (a task's model not at hand), not as versions are published
-        follower = StreamFollower(client, self.topology.models, self.models.offer, max_payload_bytes=cfg.max_model_bytes)
+        follower = StreamFollower(client, self.topology.models, self.models.offer, max_payload_bytes=cfg.max_model_bytes,
+                                  attached=False)
         self.follower = follower
         client.subscribe(
             self.topology.models,
@@ -726,6 +730,7 @@ class Worker:
                     task.task_id, model.version, run_name(run), task_id=task.task_id, worker_id=cfg.worker_id,
                     version=model.version, task_version=task.version)
         self.at("task_started", task.task_id)
+        self._started = (run, model.version)
         outcome = runner.run(task, model)
         if isinstance(outcome, Failed):
             self._report_failure(delivery, task, outcome.reason)
@@ -754,16 +759,33 @@ class Worker:
         client.ack(delivery)
         self.tasks_done += 1
         if sync:
-            # read on from where the last fetch stopped: the next version of the run is the next thing published
-            follower = self.follower
-            assert follower is not None
-            follower.attach(fresh=False)
+            self._read_on(run, model.version)
 
-            def newer() -> None:
+    def _read_on(self, run: str, version: int) -> None:
+        """After a sync update of ``version``: read the model stream on for the run's next version, the
+        next thing published, and take tasks again once it is held.
+
+        The worker stays attached from round to round while it trains each round: attaching anew
+        costs the broker a channel and a stream reader (about 9 ms of its CPU for a 4 MB version on
+        this machine's RabbitMQ 3.10, against 3 ms read by a consumer that stays). It detaches once
+        a second version arrives with no task started since ``version`` (a worker left out of a
+        round), so an idle worker reads at most two versions it has no task for."""
+        follower = self.follower
+        assert follower is not None
+        if not follower.attached:
+            follower.attach(fresh=False)  # from where the last read stopped
+
+        def idle() -> None:
+            started = self._started
+            if started is None or started[0] != run or started[1] <= version:
                 follower.detach()
-                self._take_tasks()
 
-            self.models.when_newer_than(run, model.version, newer)
+        def newer() -> None:
+            self._take_tasks()
+            # replaced when this worker's next sync update registers its own watch
+            self.models.when_newer_than(run, version + 1, idle)
+
+        self.models.when_newer_than(run, version, newer)
 
     def _stale(self, task: messages.Task, check: ModelCheck, delivery: Delivery) -> bool:
         """A synchronous task whose round is over (a newer usable version is held): ack it, True."""

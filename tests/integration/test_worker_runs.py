@@ -501,6 +501,39 @@ def test_a_worker_reads_only_the_version_its_task_needs_not_every_version_publis
     assert w.finish() == {"code": 0}
 
 
+def test_a_sync_worker_reads_each_round_on_one_attachment_and_leaves_the_stream_when_left_out(
+        bench: Bench, tmp_path: Path, running: list[Running]) -> None:
+    """A sync worker that trains every round stays attached to the model stream from round to
+    round (attaching anew costs the broker a channel and a stream reader per worker per round);
+    one left out of rounds detaches after the second version it has no task for."""
+    w = start_worker(bench, write_shard(tmp_path / "s.npz"))
+    seen = counting_offers(w.worker)
+    running.append(w)
+    bench.next_presence("hello")
+    bench.model(0, RUN_A)
+    follower = w.worker.follower
+    assert follower is not None
+    for r in range(5):
+        bench.task(f"t{r}", RUN_A, version=r, mode="sync", round=r)
+        assert expect_update(bench).base_version == r
+        bench.model(r + 1, RUN_A)
+        wait_for(lambda r=r: r + 1 in seen, 30, f"version {r + 1} read")
+    # one fetch for the first task, then one attachment that reads each next version
+    assert follower.attaches == 2 and follower.attached
+    assert seen == [0, 1, 2, 3, 4, 5]
+    bench.model(6, RUN_A)  # no task for this worker in rounds 5 and 6
+    wait_for(lambda: not follower.attached, 30, "the worker to leave the stream")
+    assert seen == [0, 1, 2, 3, 4, 5, 6]
+    bench.model(7, RUN_A)
+    bench.model(8, RUN_A)
+    bench.task("t8", RUN_A, version=8, mode="sync", round=8)  # fetched: attached at `last` again
+    assert expect_update(bench).base_version == 8
+    # `last` is the stream's last chunk, which may hold version 7 too (published together)
+    assert seen[:7] == [0, 1, 2, 3, 4, 5, 6] and set(seen[7:]) <= {7, 8}
+    wait_for(lambda: follower.attaches == 4, 30, "the worker to read on after its update")  # 3: the fetch
+    assert w.finish() == {"code": 0}
+
+
 def test_a_forged_version_far_ahead_of_the_tasks_is_never_trained_on_by_a_late_joiner(
         bench: Bench, tmp_path: Path, running: list[Running]) -> None:
     """README "Limits" (closed): a worker joining just after a forged far-ahead version reads it
