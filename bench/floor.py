@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import system_cpu
+from bench._common import AMQP_URL, broker_pid, cpu_seconds, system_cpu
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, chunk_count
 
 
@@ -184,6 +184,8 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     procs: list[Any] = []
     per_round: list[tuple[float, float]] = []
     busy: list[tuple[float, float]] = []  # the machine's (busy, total) CPU s at each round's start, and at the end
+    beam = broker_pid() if url == AMQP_URL else None  # the shared broker (not a private node)
+    broker: list[float] = []  # its CPU s at the same moments
     try:
         got = 0
 
@@ -200,6 +202,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
         props = pika.BasicProperties(delivery_mode=2)
         for r in range(1, rounds + 1):
             busy.append(system_cpu())
+            broker.append(cpu_seconds(beam) or 0.0 if beam is not None else 0.0)
             t0 = time.monotonic()
             for body in bodies:
                 ch.basic_publish("", stream, body, properties=props)
@@ -213,6 +216,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
             t_model = max(_collect(ready, procs, timeout_s, "read the model")) - t0
             per_round.append((t_end - t0, t_model))
         busy.append(system_cpu())
+        broker.append(cpu_seconds(beam) or 0.0 if beam is not None else 0.0)
         _join(procs, "floor workers", timeout_s)
     finally:
         for p in procs:
@@ -232,4 +236,5 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
             "model_per_round_s": [m for _, m in per_round], "rounds": rounds, "model_bytes": model_bytes,
             "update_bytes": update_bytes, "chunk_bytes": chunk_bytes, "model_messages": len(model_spans),
             "update_messages": len(update_spans), "workers": n, "machine_cpu_s": machine_cpu,
-            "machine_busy_share": machine_share}
+            "machine_busy_share": machine_share,
+            "broker_cpu_s": (broker[-1] - broker[first]) / (rounds - first) if beam is not None else None}

@@ -211,7 +211,8 @@ def floor_of(n: int, label: str, scheme: str, rounds: int, model_dtype: str = "f
 def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], bool]:
     """s/round against the raw-pika floor per row, and whether every lossless row met the goal."""
     headers = ["N", "model", "compress", "s/round", "floor s", "model to N", "N updates in", "ratio",
-               f"<={FLOOR_GOAL}", "machine CPU s/round", "floor's", "CPU ratio", "floor busy %", "load"]
+               f"<={FLOOR_GOAL}", "machine CPU s/round", "floor's", "CPU ratio", "broker CPU s/round", "floor's",
+               "floor busy %", "load"]
     body: list[list[Any]] = []
     met = True
     for r in rows:
@@ -228,6 +229,8 @@ def floor_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]],
                      ("PASS" if ok else "MISS") if lossless else ("yes" if ok else "no"),
                      "-" if cpu is None else cpu, "-" if floor_cpu is None else floor_cpu,
                      "-" if cpu_ratio is None else cpu_ratio,
+                     r.get("cpu_s_per_round", {}).get("rabbitmq", "-"),
+                     "-" if f.get("broker_cpu_s") is None else f["broker_cpu_s"],
                      "-" if f.get("machine_busy_share") is None else 100 * f["machine_busy_share"], f["loadavg"]])
     return headers, body, met
 

@@ -73,3 +73,5 @@ def test_the_floor_reports_its_rounds_and_the_machines_cpu_per_round(amqp_url: s
 
     assert 0 < got["machine_cpu_s"] <= (os.cpu_count() or 1) * max(got["per_round_s"]) + 0.05
     assert 0 < got["machine_busy_share"] <= 1
+    # the shared broker's own share of it (None on another broker: its process is not known)
+    assert got["broker_cpu_s"] is None or 0 <= got["broker_cpu_s"] <= got["machine_cpu_s"] + 0.05
