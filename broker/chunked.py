@@ -221,6 +221,11 @@ class StreamFollower:
         """Whether it reads the stream now: attached, and not detached since (by itself or by a caller)."""
         return not self._detached
 
+    @property
+    def fetching(self) -> bool:
+        """Whether it is attached with an ``until`` (reading for a caller that waits), not reading on."""
+        return not self._detached and self._until is not None
+
     def detach(self) -> None:
         """Cancel the consumer (idempotent): nothing published from now on is delivered. Messages
         already in flight still arrive and are handled."""

@@ -777,6 +777,8 @@ class Worker:
 
         def idle() -> None:
             started = self._started
+            if follower.fetching:  # a task came before its version and waits for it: the fetch detaches when done
+                return
             if started is None or started[0] != run or started[1] <= version:
                 follower.detach()
 

@@ -313,16 +313,20 @@ def test_a_stream_follower_told_until_what_stops_reading_there(amqp_url: str, na
             pub.publish(topo.models, f"model {i}".encode() * 1000, message_id=f"v{i}")
     got: list[Delivery] = []
     client = Client(settings, topo, declare=False)
-    follower = StreamFollower(client, topo.models, got.append, max_payload_bytes=1 << 20)
+    follower = StreamFollower(client, topo.models, got.append, max_payload_bytes=1 << 20, attached=False)
     client.subscribe(topo.models, follower.on_delivery, prefetch=1, arguments=follower.arguments,
                      settle_on_return=True, paused=True, own_channel=True)
     with client:
+        assert not follower.attached
         follower.attach(offset=0, until=lambda: len(got) >= 3)
+        assert follower.attached and follower.fetching
         wait_for(lambda: follower.satisfied, 30, "the third version")
+        assert not follower.attached and not follower.fetching
         client.publish(topo.presence, b"a round trip on the connection", timeout=10)
         assert [d.message_id for d in got] == ["v0", "v1", "v2"]
         assert follower.deliveries == 3  # nothing more dispatched: no ack of v2 gave credit for v3
         follower.attach(fresh=False)  # and it reads on from there when asked
+        assert follower.attached and not follower.fetching
         wait_for(lambda: len(got) == 20, 30, "the rest of the stream")
     assert [d.message_id for d in got] == [f"v{i}" for i in range(20)]
 
