@@ -18,7 +18,8 @@ with bare pika (no decoding, no training, no averaging, no checkpoint):
 The floor is the median round over rounds 2..R (round 1 warms the new stream and queue up, as
 fedmq's round 1 is left out of its median). Beside it: the whole machine's CPU seconds per round
 over the same rounds (``machine_cpu_s``, a mean; ``machine_busy_share``: of all cores), which
-on a machine of few cores bounds how close a round that does more work per byte can come to it.
+on a machine of few cores bounds how close a round that does more work per byte can come to it,
+and the shared broker's share of it (``broker_cpu_s``; None on a private node).
 
 Bodies travel as fedmq sends them: in messages of ``chunk_bytes`` (fedmq's ``--chunk-bytes``,
 default :data:`fedmq.shared.chunking.DEFAULT_CHUNK_BYTES`), a body that fits being one message.
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import AMQP_URL, broker_pid, cpu_seconds, system_cpu
+from bench._common import AMQP_URL, CpuSnapshots
 from fedmq.shared.chunking import DEFAULT_CHUNK_BYTES, chunk_count
 
 
@@ -183,9 +184,8 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     per_round: list[tuple[float, float]] = []
-    busy: list[tuple[float, float]] = []  # the machine's (busy, total) CPU s at each round's start, and at the end
-    beam = broker_pid() if url == AMQP_URL else None  # the shared broker (not a private node)
-    broker: list[float] = []  # its CPU s at the same moments
+    cpu = CpuSnapshots()  # the machine's and the shared broker's CPU seconds
+    snaps: list[dict[str, float]] = []  # at each round's start, and at the end
     try:
         got = 0
 
@@ -201,8 +201,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
         bodies = [bytes(b - a) for a, b in model_spans]
         props = pika.BasicProperties(delivery_mode=2)
         for r in range(1, rounds + 1):
-            busy.append(system_cpu())
-            broker.append(cpu_seconds(beam) or 0.0 if beam is not None else 0.0)
+            snaps.append(cpu.snapshot())
             t0 = time.monotonic()
             for body in bodies:
                 ch.basic_publish("", stream, body, properties=props)
@@ -215,8 +214,7 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
             t_end = time.monotonic()
             t_model = max(_collect(ready, procs, timeout_s, "read the model")) - t0
             per_round.append((t_end - t0, t_model))
-        busy.append(system_cpu())
-        broker.append(cpu_seconds(beam) or 0.0 if beam is not None else 0.0)
+        snaps.append(cpu.snapshot())
         _join(procs, "floor workers", timeout_s)
     finally:
         for p in procs:
@@ -230,11 +228,14 @@ def round_floor(url: str, model_bytes: int, n: int, *, update_bytes: int | None 
     model = float(np.median([m for _, m in steady]))
     # the whole machine's CPU per round over rounds 2..R (1..R when only one), as round_time's
     first = 1 if rounds > 1 else 0
-    machine_cpu = (busy[-1][0] - busy[first][0]) / (rounds - first)
-    machine_share = (busy[-1][0] - busy[first][0]) / max(1e-9, busy[-1][1] - busy[first][1])
+    used = CpuSnapshots.delta(snaps[first], snaps[-1])
+    machine_cpu = used["machine_busy"] / (rounds - first)
+    machine_share = used["machine_busy"] / max(1e-9, used["machine_total"])
+    # the shared broker's share: not known for a private node (its process is another beam)
+    broker_cpu = used["rabbitmq"] / (rounds - first) if url == AMQP_URL and "rabbitmq" in used else None
     return {"total_s": total, "model_s": model, "updates_s": total - model, "per_round_s": [t for t, _ in per_round],
             "model_per_round_s": [m for _, m in per_round], "rounds": rounds, "model_bytes": model_bytes,
             "update_bytes": update_bytes, "chunk_bytes": chunk_bytes, "model_messages": len(model_spans),
             "update_messages": len(update_spans), "workers": n, "machine_cpu_s": machine_cpu,
             "machine_busy_share": machine_share,
-            "broker_cpu_s": (broker[-1] - broker[first]) / (rounds - first) if beam is not None else None}
+            "broker_cpu_s": broker_cpu}

@@ -188,7 +188,7 @@ class StreamFollower:
         self._rewind: int | None = None
         self._rewound: set[str] = set()
         self._lock = threading.Lock()  # orders attach / detach (caller) against a rewind (I/O thread)
-        self._detached = not attached  # False: the subscription is made ``paused``
+        self._detached = not attached  # attached=False: the subscription is made ``paused``
         self._until: Callable[[], bool] | None = None
         self.satisfied = False  # it detached itself: ``until`` was true
         self.skipped = 0
